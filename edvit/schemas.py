@@ -1,0 +1,202 @@
+"""Payload schemas of the wire contract (v1) and their codecs.
+
+Binary payloads (frames, features, model files) are msgpack; the ones people and
+dashboards read (plan, status, predictions) are JSON. Every msgpack payload carries
+``"v": 1``. An empty payload on a retained topic means "cleared" and decodes to None.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edvit import WIRE_VERSION
+from edvit.errors import BadPayload
+
+Encoding = Literal["jpeg", "png", "raw"]
+FeatureDtype = Literal["float32", "float16"]
+State = Literal["online", "ready", "offline"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Preprocessing(_Message):
+    """How a node turns any frame into the model's input tensor [1, C, H, W]."""
+
+    channels: Literal[1, 3]
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: Literal["area", "linear", "nearest"] = "area"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> Preprocessing:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+
+class FrameMsg(_Message):
+    v: Literal[1] = WIRE_VERSION
+    camera: str
+    seq: int = Field(ge=0)
+    ts: float
+    enc: Encoding
+    data: bytes
+    shape: tuple[int, ...] | None = None
+    dtype: Literal["uint8"] | None = None
+    label: int | None = None
+
+    @model_validator(mode="after")
+    def _raw_needs_shape(self) -> FrameMsg:
+        if self.enc == "raw":
+            if self.shape is None or len(self.shape) not in (2, 3):
+                raise ValueError("raw frames need shape [H, W] or [H, W, C]")
+            if self.dtype is None:
+                raise ValueError("raw frames need dtype")
+        return self
+
+
+class SubmodelRef(_Message):
+    id: str
+    classes: tuple[int, ...]
+    sha256: str
+    feature_dim: int = Field(gt=0)
+
+
+class PlanMsg(_Message):
+    v: Literal[1] = WIRE_VERSION
+    plan_id: str
+    bundle_sha256: str
+    classes: tuple[str, ...]
+    submodels: tuple[SubmodelRef, ...]
+    assignments: dict[str, tuple[str, ...]]
+    fusion_sha256: str
+    # Not in the issue's minimal list but needed so nodes need only a broker and an id.
+    preprocessing: Preprocessing
+    created: float = Field(default_factory=time.time)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanMsg:
+        ids = [s.id for s in self.submodels]
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate sub-model ids in plan")
+        for node, assigned in self.assignments.items():
+            unknown = set(assigned) - set(ids)
+            if unknown:
+                raise ValueError(f"node {node} is assigned unknown sub-models {sorted(unknown)}")
+        return self
+
+    def submodel(self, submodel_id: str) -> SubmodelRef:
+        for ref in self.submodels:
+            if ref.id == submodel_id:
+                return ref
+        raise KeyError(submodel_id)
+
+    def submodels_of(self, node: str) -> tuple[str, ...]:
+        return self.assignments.get(node, ())
+
+
+class ModelMsg(_Message):
+    v: Literal[1] = WIRE_VERSION
+    sha256: str
+    onnx: bytes
+
+
+class StatusMsg(_Message):
+    state: State
+    plan_id: str | None = None
+    submodels: tuple[str, ...] = ()
+    ts: float = Field(default_factory=time.time)
+    counters: dict[str, int] = Field(default_factory=dict)
+
+
+class FeaturesMsg(_Message):
+    v: Literal[1] = WIRE_VERSION
+    camera: str
+    seq: int = Field(ge=0)
+    ts: float
+    submodel: str
+    plan_id: str
+    node: str
+    dtype: FeatureDtype
+    data: bytes
+    dim: int = Field(gt=0)
+    infer_ms: float
+    label: int | None = None  # the frame's true label, passed through when the camera knew it
+
+    @model_validator(mode="after")
+    def _size_matches(self) -> FeaturesMsg:
+        itemsize = 4 if self.dtype == "float32" else 2
+        if len(self.data) != self.dim * itemsize:
+            raise ValueError(f"data has {len(self.data)} bytes, expected dim*{itemsize}")
+        return self
+
+
+class PredictionMsg(_Message):
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    camera: str
+    seq: int
+    ts: float
+    label: int
+    class_name: str = Field(alias="class")
+    score: float
+    topk: tuple[tuple[str, float], ...]
+    latency_ms: float
+    submodels: tuple[str, ...]
+    missing: tuple[str, ...] = ()
+    degraded: bool = False
+    plan_id: str
+    true_label: int | None = None
+
+
+OFFLINE_STATUS = StatusMsg(state="offline", ts=0.0)
+
+M = TypeVar("M", bound=_Message)
+
+_JSON_MESSAGES = (PlanMsg, StatusMsg, PredictionMsg)
+
+
+def encode(message: _Message) -> bytes:
+    """Serialize a message as the contract says: JSON for plan/status/predictions, else msgpack."""
+    if isinstance(message, _JSON_MESSAGES):
+        return message.model_dump_json(by_alias=True).encode()
+    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
+
+
+def decode(kind: type[M], payload: bytes) -> M | None:
+    """Parse and validate a payload; None for an empty (cleared retained) payload.
+
+    Raises BadPayload with a one-line reason for anything else that is wrong.
+    """
+    if not payload:
+        return None
+    raw: Any
+    try:
+        if issubclass(kind, _JSON_MESSAGES):
+            raw = json.loads(payload)
+        else:
+            raw = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # msgpack and json raise many types for garbage
+        fmt = "JSON" if issubclass(kind, _JSON_MESSAGES) else "msgpack"
+        raise BadPayload(f"not valid {fmt}: {type(exc).__name__}") from None
+    if not isinstance(raw, dict):
+        raise BadPayload(f"expected a map, got {type(raw).__name__}")
+    if "v" in kind.model_fields and raw.get("v") != WIRE_VERSION:
+        raise BadPayload(f"unsupported wire version {raw.get('v')!r} (this build speaks v1)")
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or kind.__name__
+        raise BadPayload(f"{kind.__name__}: {where}: {first['msg']}") from None

@@ -1,0 +1,74 @@
+"""Topic names of the wire contract (v1).
+
+The prefix is added here and removed here, nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "edvit"
+FUSION_MODEL_ID = "fusion"
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "+#") or self.prefix.endswith("/"):
+            raise ValueError(f"invalid topic prefix {self.prefix!r}")
+
+    def _join(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts))
+
+    def frame(self, camera: str) -> str:
+        return self._join("cameras", camera, "frame")
+
+    def plan(self) -> str:
+        return self._join("plan")
+
+    def model(self, submodel_id: str) -> str:
+        return self._join("models", submodel_id)
+
+    def fusion_model(self) -> str:
+        return self.model(FUSION_MODEL_ID)
+
+    def node_status(self, node: str) -> str:
+        return self._join("nodes", node, "status")
+
+    def aggregator_status(self) -> str:
+        return self._join("aggregator", "status")
+
+    def features(self, camera: str, submodel_id: str) -> str:
+        return self._join("features", camera, submodel_id)
+
+    def predictions(self, camera: str) -> str:
+        return self._join("predictions", camera)
+
+    # Subscription filters.
+    def all_frames(self) -> str:
+        return self.frame("+")
+
+    def all_features(self) -> str:
+        return self.features("+", "+")
+
+    def all_predictions(self) -> str:
+        return self.predictions("+")
+
+    def all_node_statuses(self) -> str:
+        return self.node_status("+")
+
+    def strip(self, topic: str) -> list[str]:
+        """Split a received topic into its parts after the prefix."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            raise ValueError(f"topic {topic!r} is not under prefix {self.prefix!r}")
+        return topic[len(head) :].split("/")
+
+
+def validate_id(kind: str, value: str) -> str:
+    """Ids become topic levels: refuse what would break a topic."""
+    if not value or any(c in value for c in "/+#") or value != value.strip():
+        raise ValueError(f"{kind} id {value!r} must be non-empty and contain no '/', '+', '#'")
+    return value
