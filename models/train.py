@@ -1,0 +1,120 @@
+"""Plain, seeded training loops: AdamW, per-step cosine learning rate with a short warm-up,
+optional label smoothing, a tqdm bar per epoch on stderr."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+Forward = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    warmup_fraction: float = 0.05
+    seed: int = 0
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` intra-op threads (default: the cores this process may use)."""
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            threads = os.cpu_count() or 1
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base learning rate at ``step``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(
+    module: nn.Module,
+    forward: Forward,
+    inputs: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    config: TrainConfig,
+    desc: str,
+) -> list[float]:
+    """Train ``module`` so that ``forward(*batch_inputs)`` predicts ``labels``.
+
+    Returns the mean training loss of each epoch. The data order depends only on the seed.
+    """
+    n = len(labels)
+    if n == 0 or config.epochs <= 0:
+        return []
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = int(total * config.warmup_fraction)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_lr(step, total, warmup)
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    history: list[float] = []
+    module.train()
+    for epoch in range(config.epochs):
+        order = torch.randperm(n, generator=generator)
+        total_loss, seen = 0.0, 0
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            loss = loss_fn(forward(*(x[idx] for x in inputs)), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(idx)
+            seen += len(idx)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        bar.close()
+        history.append(total_loss / seen)
+        print(
+            f"[edvit build] {desc} epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}",
+            file=sys.stderr,
+        )
+    module.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(
+    forward: Forward, images: torch.Tensor, batch_size: int = 512, desc: str | None = None
+) -> np.ndarray:
+    """Run ``forward`` over ``images`` in batches (eval mode is the caller's job)."""
+    outputs = []
+    starts = range(0, len(images), batch_size)
+    bar = tqdm(starts, desc=desc, file=sys.stderr, leave=False, disable=desc is None)
+    for start in bar:
+        outputs.append(forward(images[start : start + batch_size]).numpy())
+    return np.concatenate(outputs)

@@ -1,0 +1,126 @@
+"""The networks: a timm VisionTransformer sized for small grey images, the sub-model wrapper
+that turns it into a feature extractor, and the fusion MLP."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VitSize:
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+
+
+# "test": CI on the 8x8 digits. "small": Fashion-MNIST 28x28 (~0.3M parameters).
+SIZES: dict[str, VitSize] = {
+    "test": VitSize(patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    "small": VitSize(patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0),
+}
+
+
+def make_vit(size: str, img_size: int, in_chans: int, num_classes: int) -> VisionTransformer:
+    """A timm ViT with a class token, for square images of ``img_size`` pixels."""
+    spec = SIZES[size]
+    if img_size % spec.patch_size:
+        raise ValueError(f"image size {img_size} is not a multiple of patch {spec.patch_size}")
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=spec.patch_size,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        global_pool="token",
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+    )
+
+
+def architecture_name(size: str, img_size: int, in_chans: int) -> str:
+    fields = ",".join(f"{k}={v}" for k, v in asdict(SIZES[size]).items())
+    return f"timm.VisionTransformer(size={size},img_size={img_size},in_chans={in_chans},{fields})"
+
+
+def replace_head(vit: VisionTransformer, num_classes: int) -> None:
+    """Give ``vit`` a fresh linear head with ``num_classes`` outputs."""
+    vit.reset_classifier(num_classes)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class SubModel(nn.Module):
+    """A ViT used as a feature extractor: image -> pre-logits features [B, embed_dim].
+
+    Training goes through ``logits`` (features then the ViT's own head); export uses forward.
+    """
+
+    def __init__(self, vit: VisionTransformer) -> None:
+        super().__init__()
+        self.vit = vit
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.vit.num_features)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_head(self.vit.forward_features(image), pre_logits=True)
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vit.head(self.forward(image))
+
+
+class FusionMLP(nn.Module):
+    """Concatenated sub-model features + presence flags -> class logits.
+
+    Each sub-model's block of features is multiplied by its presence flag (so a missing
+    block is exactly zero whatever the caller put there) and the flags are appended to the
+    input, so the MLP knows which blocks it got. With ``drop_prob`` > 0, training randomly
+    marks blocks missing (never all of them) to make the fusion robust to lost devices.
+    """
+
+    def __init__(
+        self,
+        feature_dims: tuple[int, ...],
+        num_classes: int,
+        hidden_dim: int = 256,
+        dropout: float = 0.1,
+        drop_prob: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.feature_dims = tuple(int(d) for d in feature_dims)
+        self.hidden_dim = hidden_dim
+        self.drop_prob = drop_prob
+        index = torch.repeat_interleave(
+            torch.arange(len(self.feature_dims)), torch.tensor(self.feature_dims)
+        )
+        self.register_buffer("block_index", index, persistent=False)
+        total = sum(self.feature_dims) + len(self.feature_dims)
+        self.net = nn.Sequential(
+            nn.Linear(total, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_prob > 0:
+            keep = (torch.rand_like(present) >= self.drop_prob).to(present.dtype)
+            none_left = keep.sum(dim=1, keepdim=True) == 0
+            keep = torch.where(none_left, torch.ones_like(keep), keep)
+            present = present * keep
+        mask = present[:, self.block_index]
+        return self.net(torch.cat([features * mask, present], dim=1))
