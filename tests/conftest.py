@@ -1,0 +1,60 @@
+"""Shared fixtures: real brokers on free ports (never 1883) and a probe to observe them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from edvit.broker.local import LocalBroker, mosquitto_path
+from helpers import MqttProbe
+
+__all__ = ["MqttProbe"]
+
+
+def _session_broker(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    log_path = tmp_path_factory.mktemp(f"{kind}-broker") / "broker.log"
+    broker = LocalBroker(kind=kind, log_path=log_path)  # type: ignore[arg-type]
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """A mosquitto child process on a free port for the whole session (skipped if absent)."""
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed")
+    yield from _session_broker("mosquitto", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def embedded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """An amqtt child process on a free port for the whole session."""
+    yield from _session_broker("embedded", tmp_path_factory)
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def broker(request: pytest.FixtureRequest) -> LocalBroker:
+    """Each test using this runs once per broker kind; the broker is up when the test starts."""
+    local: LocalBroker = request.getfixturevalue(f"{request.param}_broker")
+    if not local.running:
+        # A previous test killed it and failed before restarting it.
+        local.start()
+    return local
+
+
+@pytest.fixture
+def mqtt_probe(broker: LocalBroker) -> Iterator[Callable[[str], MqttProbe]]:
+    """A factory: `mqtt_probe("edvit/#")` returns a started probe, stopped after the test."""
+    probes: list[MqttProbe] = []
+
+    def make(topic_filter: str = "#") -> MqttProbe:
+        probe = MqttProbe(broker.host, broker.port, topic_filter).start()
+        probes.append(probe)
+        return probe
+
+    yield make
+    for probe in probes:
+        probe.stop()

@@ -1,0 +1,121 @@
+"""Test helpers that observe a broker from the outside, with plain paho and no sleeps."""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class MqttProbe:
+    """A paho client that subscribes to `topic_filter` and queues every message it receives.
+
+    Use as a context manager: it is connected and subscribed (SUBACK seen) on entry, so a
+    message published after `with` is guaranteed to be observed.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topic_filter: str = "#",
+        qos: int = 1,
+        client_id: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.topic_filter = topic_filter
+        self.qos = qos
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._subscribed: queue.Queue[bool] = queue.Queue()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}",
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> MqttProbe:
+        self.client.connect(self.host, self.port, keepalive=10)
+        self.client.loop_start()
+        try:
+            self._subscribed.get(timeout=timeout)
+        except queue.Empty:
+            self.stop()
+            raise TimeoutError(f"probe not subscribed to {self.topic_filter!r}") from None
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> MqttProbe:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def get(self, timeout: float = DEFAULT_TIMEOUT) -> mqtt.MQTTMessage:
+        """The next message; TimeoutError when none arrives in time."""
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(
+                f"no message on {self.topic_filter!r} within {timeout:g} s"
+            ) from None
+
+    def wait_for(
+        self,
+        predicate: Callable[[mqtt.MQTTMessage], bool],
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> mqtt.MQTTMessage:
+        """The first message matching `predicate` (others are dropped); TimeoutError if none."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no matching message on {self.topic_filter!r}")
+            message = self.get(left)
+            if predicate(message):
+                return message
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        # Subscribe on every connect, so the probe keeps observing across broker restarts.
+        if not rc.is_failure:
+            client.subscribe(self.topic_filter, self.qos)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any
+    ) -> None:
+        self._subscribed.put(True)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.messages.put(message)
+
+
+def clear_retained(host: str, port: int, topic: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Delete a retained message (empty retained payload), waiting for the broker's PUBACK."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
