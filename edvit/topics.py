@@ -25,6 +25,9 @@ class Topics:
     def frame(self, camera: str) -> str:
         return self._join("cameras", camera, "frame")
 
+    def camera_status(self, camera: str) -> str:
+        return self._join("cameras", camera, "status")
+
     def plan(self) -> str:
         return self._join("plan")
 
@@ -59,7 +62,7 @@ class Topics:
     def all_node_statuses(self) -> str:
         return self.node_status("+")
 
-    def strip(self, topic: str) -> list[str]:
+    def parts(self, topic: str) -> list[str]:
         """Split a received topic into its parts after the prefix."""
         head = self.prefix + "/"
         if not topic.startswith(head):

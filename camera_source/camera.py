@@ -1,0 +1,161 @@
+"""Camera source: publishes frames from a video file, a capture device, an RTSP stream or a
+dataset's test split (with true labels) at a fixed rate."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edvit.datasets import load_dataset
+from edvit.errors import ConfigError
+from edvit.mqtt import MqttClient
+from edvit.schemas import Encoding, FrameMsg, StatusMsg, encode
+from edvit.topics import Topics, validate_id
+
+log = logging.getLogger("edvit.camera")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Shot:
+    image: np.ndarray  # uint8 [H, W] or [H, W, 3] in BGR order
+    label: int | None = None
+
+
+def open_source(source: str, root: str | None = None) -> Iterator[Shot]:
+    """Yield frames from `dataset:NAME`, an image file, a video file, a device index or a URL."""
+    if source.startswith("dataset:"):
+        return _dataset_shots(source.removeprefix("dataset:"), root)
+    path = Path(source)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ConfigError(f"cannot read image file {source}")
+        return iter([Shot(image)])
+    if source.isdigit():
+        capture = cv2.VideoCapture(int(source))
+    elif "://" in source:
+        capture = cv2.VideoCapture(source)
+    elif path.is_file():
+        capture = cv2.VideoCapture(str(path))
+    else:
+        raise ConfigError(
+            f"source {source!r} is not dataset:NAME, an existing file, a device index or a URL"
+        )
+    if not capture.isOpened():
+        raise ConfigError(f"OpenCV cannot open video source {source!r}")
+    return _capture_shots(capture)
+
+
+def _dataset_shots(name: str, root: str | None) -> Iterator[Shot]:
+    dataset = load_dataset(name, "test", root)
+    for image, label in zip(dataset.images, dataset.labels, strict=True):
+        # Datasets hold RGB; frames on the wire are BGR like everything from OpenCV.
+        yield Shot(image if image.ndim == 2 else image[..., ::-1], int(label))
+
+
+def _capture_shots(capture: cv2.VideoCapture) -> Iterator[Shot]:
+    try:
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                return
+            yield Shot(image)
+    finally:
+        capture.release()
+
+
+def encode_image(image: np.ndarray, enc: Encoding, jpeg_quality: int = 90) -> tuple[bytes, dict]:
+    """Return the frame bytes and the extra FrameMsg fields the encoding needs."""
+    if enc == "raw":
+        return np.ascontiguousarray(image).tobytes(), {"shape": image.shape, "dtype": "uint8"}
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if enc == "jpeg" else []
+    ok, buffer = cv2.imencode(f".{'jpg' if enc == 'jpeg' else 'png'}", image, params)
+    if not ok:
+        raise ConfigError(f"OpenCV cannot encode a {image.shape} frame as {enc}")
+    return buffer.tobytes(), {"shape": image.shape}
+
+
+class Camera:
+    def __init__(
+        self,
+        camera_id: str,
+        broker: str,
+        source: str,
+        *,
+        fps: float = 10.0,
+        count: int | None = None,
+        loop: bool = False,
+        enc: Encoding | None = None,
+        data_dir: str | None = None,
+        topics: Topics | None = None,
+    ) -> None:
+        try:
+            self.camera_id = validate_id("camera", camera_id)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if fps <= 0:
+            raise ConfigError("--fps must be positive")
+        if count is not None and count < 0:
+            raise ConfigError("--count must not be negative")
+        self.source, self.data_dir = source, data_dir
+        self.fps, self.count, self.loop = fps, count, loop
+        # Dataset replay defaults to lossless PNG so fleet and offline results are comparable.
+        self.enc: Encoding = enc or ("png" if source.startswith("dataset:") else "jpeg")
+        self.topics = topics or Topics()
+        self.client = MqttClient(
+            f"edvit-camera-{camera_id}",
+            broker,
+            status_topic=self.topics.camera_status(camera_id),
+            logger=log,
+        )
+        self.sent = 0
+        self._shots = open_source(source, data_dir)  # fail fast on a bad source
+
+    def _frames(self) -> Iterator[Shot]:
+        shots = self._shots
+        while True:
+            produced = False
+            for shot in shots:
+                produced = True
+                yield shot
+            if not (self.loop and produced):
+                return
+            shots = open_source(self.source, self.data_dir)
+
+    def run(self, stop: threading.Event) -> int:
+        """Publish frames until the source ends, `count` frames are sent or `stop` is set."""
+        self.client.set_status(StatusMsg(state="online"))
+        self.client.start(required=True)
+        topic = self.topics.frame(self.camera_id)
+        period = 1.0 / self.fps
+        next_at = time.monotonic()
+        try:
+            for seq, shot in enumerate(self._frames()):
+                if stop.is_set() or (self.count is not None and seq >= self.count):
+                    break
+                delay = next_at - time.monotonic()
+                if delay > 0 and stop.wait(delay):
+                    break
+                next_at = max(next_at + period, time.monotonic() - period)
+                data, extra = encode_image(shot.image, self.enc)
+                frame = FrameMsg(
+                    camera=self.camera_id, seq=seq, ts=time.time(), enc=self.enc, data=data,
+                    label=shot.label, **extra,
+                )  # fmt: skip
+                self.client.publish(topic, encode(frame), qos=0)
+                self.sent += 1
+                if self.sent % 100 == 0:
+                    log.info("sent %d frames", self.sent)
+        finally:
+            log.info("camera %s sent %d frames", self.camera_id, self.sent)
+            self.client.stop()
+        return self.sent

@@ -1,0 +1,3 @@
+from edvit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""The `edvit` command: one subcommand per part of the system.
+
+Errors a user can fix (bad arguments, files, datasets, an unreachable broker) print one
+line and exit 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from edvit import __version__
+from edvit.errors import ConfigError, EdvitError
+from edvit.mqtt import DEFAULT_BROKER
+from edvit.service import configure_logging, stop_on_signals, wait_for_stop_signal
+from edvit.topics import DEFAULT_PREFIX, Topics
+
+log = logging.getLogger("edvit")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--broker",
+        default=os.environ.get("EDVIT_BROKER", DEFAULT_BROKER),
+        help="MQTT broker address, mqtt://HOST:PORT (env EDVIT_BROKER; default %(default)s)",
+    )
+    common.add_argument(
+        "--prefix", default=DEFAULT_PREFIX, help="topic prefix (default %(default)s)"
+    )
+    common.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return common
+
+
+def _run_service(service: object) -> int:
+    service.start()  # type: ignore[attr-defined]
+    try:
+        wait_for_stop_signal()
+    finally:
+        service.stop()  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from edvit.edge_node.node import EdgeNode
+
+    node = EdgeNode(
+        args.id, args.broker, topics=Topics(args.prefix), threads=args.threads,
+        queue_size=args.queue_size,
+    )  # fmt: skip
+    return _run_service(node)
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from edvit.aggregator.service import Aggregator
+
+    aggregator = Aggregator(
+        args.broker, topics=Topics(args.prefix), timeout_ms=args.timeout_ms, topk=args.topk,
+    )  # fmt: skip
+    return _run_service(aggregator)
+
+
+def cmd_camera(args: argparse.Namespace) -> int:
+    from edvit.camera_source.camera import Camera
+
+    camera = Camera(
+        args.id, args.broker, args.source, fps=args.fps, count=args.count, loop=args.loop,
+        enc=args.enc, data_dir=args.data_dir, topics=Topics(args.prefix),
+    )  # fmt: skip
+    camera.run(stop_on_signals())
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from edvit.bundle import Bundle
+    from edvit.deploy import clear, deploy
+
+    bundle = Bundle.load(args.bundle)
+    topics = Topics(args.prefix)
+    if args.clear:
+        clear(args.broker, topics, [s.id for s in bundle.manifest.submodels])
+        print(f"cleared the plan and models of {args.bundle} from {args.broker}")
+        return 0
+    nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
+    plan = deploy(bundle, args.broker, nodes, topics)
+    print(f"deployed plan {plan.plan_id} to {args.broker}")
+    for node, ids in plan.assignments.items():
+        print(f"  {node}: {', '.join(ids) or '(nothing)'}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from edvit.watch import watch
+
+    watch(
+        args.broker, camera=args.camera, count=args.count, as_json=args.json,
+        topics=Topics(args.prefix), stop=stop_on_signals(),
+    )  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edvit.demo import DEFAULT_BUNDLE, run_demo
+
+    summary = run_demo(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
+        frames=args.frames, fps=args.fps, broker_kind=args.broker_kind,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+    )  # fmt: skip
+    complete = summary.unique_frames == len(summary.predictions) == summary.frames_sent
+    if not complete:
+        print("edvit demo: not every frame got exactly one prediction", file=sys.stderr)
+    return 0 if complete else 1
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from edvit.broker import cli as broker_cli
+
+    return broker_cli.run(args)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from edvit.models import cli as build_cli
+
+    return build_cli.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edvit.broker import cli as broker_cli
+    from edvit.models import cli as build_cli
+
+    parser = argparse.ArgumentParser(
+        prog="edvit", description="Vision Transformers split across IoT boards over MQTT."
+    )
+    parser.add_argument("--version", action="version", version=f"edvit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], text: str):
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("broker", cmd_broker, "start a local MQTT broker (mosquitto, else embedded amqtt)")
+    broker_cli.add_arguments(p)
+
+    p = add("build", cmd_build, "train a ViT, make class-wise sub-models and fusion, export ONNX")
+    build_cli.add_arguments(p)
+
+    p = add("deploy", cmd_deploy, "publish a bundle's plan and model files as retained messages")
+    p.add_argument("bundle", help="bundle folder written by `edvit build`")
+    p.add_argument("--nodes", help="comma-separated node ids (default node-0..node-N-1)")
+    p.add_argument("--clear", action="store_true", help="remove the plan and models instead")
+
+    p = add("node", cmd_node, "edge node: run assigned sub-models, publish feature vectors")
+    p.add_argument("--id", required=True, help="this node's id, as the plan names it")
+    p.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime threads")
+    p.add_argument(
+        "--queue-size", type=_positive_int, default=32,
+        help="frames waiting at most; the oldest is dropped beyond this",
+    )  # fmt: skip
+
+    p = add("aggregator", cmd_aggregator, "fuse features into predictions")
+    p.add_argument(
+        "--timeout-ms", type=_positive_float, default=1000.0,
+        help="answer with the features that arrived after this long (degraded)",
+    )  # fmt: skip
+    p.add_argument("--topk", type=_positive_int, default=3)
+
+    p = add("camera", cmd_camera, "publish frames from a video, device, stream or dataset")
+    p.add_argument("--id", required=True, help="camera id")
+    p.add_argument(
+        "--source", required=True,
+        help="dataset:NAME (test split with labels), a video or image FILE, a DEVICE_INDEX "
+        "or an rtsp://… URL",
+    )  # fmt: skip
+    p.add_argument("--fps", type=_positive_float, default=10.0)
+    p.add_argument("--count", type=_positive_int, help="stop after this many frames")
+    p.add_argument("--loop", action="store_true", help="start the source again at its end")
+    p.add_argument("--enc", choices=["jpeg", "png", "raw"], help="default png for datasets")
+    p.add_argument("--data-dir", help="dataset folder (e.g. Fashion-MNIST IDX files)")
+
+    p = add("watch", cmd_watch, "print live predictions")
+    p.add_argument("--camera", default="+", help="only this camera")
+    p.add_argument("--count", type=_positive_int, help="exit after this many predictions")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")
+    p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
+    p.add_argument("--frames", type=_positive_int, default=200)
+    p.add_argument("--fps", type=_positive_float, default=25.0)
+    p.add_argument("--broker-kind", choices=["auto", "mosquitto", "embedded"], default="auto")
+    p.add_argument("--log-dir", help="where the processes' logs go (default a temp folder)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        try:
+            Topics(args.prefix)
+        except ValueError as exc:
+            raise ConfigError(f"--prefix: {exc}") from None
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"edvit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except EdvitError as exc:
+        print(f"edvit {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""`edvit deploy`: publish a bundle's model files and its plan as retained messages.
+
+Models go out first and the plan last, so a node that sees the plan finds every model
+it names already retained on the broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from edvit.bundle import Bundle
+from edvit.errors import ConfigError
+from edvit.mqtt import MqttClient
+from edvit.schemas import ModelMsg, PlanMsg, SubmodelRef, encode
+from edvit.topics import Topics, validate_id
+
+log = logging.getLogger("edvit.deploy")
+
+
+def default_nodes(bundle: Bundle) -> list[str]:
+    return [f"node-{i}" for i in range(len(bundle.manifest.submodels))]
+
+
+def round_robin(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[str, ...]]:
+    """Spread sub-models over nodes in order; every node gets at least one when it can."""
+    if not nodes:
+        raise ConfigError("at least one node id is needed")
+    for node in nodes:
+        try:
+            validate_id("node", node)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if len(set(nodes)) != len(nodes):
+        raise ConfigError(f"node ids must be unique: {nodes}")
+    assigned: dict[str, list[str]] = {node: [] for node in nodes}
+    for i, sid in enumerate(submodel_ids):
+        assigned[nodes[i % len(nodes)]].append(sid)
+    return {node: tuple(ids) for node, ids in assigned.items()}
+
+
+def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMsg:
+    m = bundle.manifest
+    placed = sorted(sid for ids in assignments.values() for sid in ids)
+    if placed != sorted(s.id for s in m.submodels):
+        raise ConfigError("the assignment must place every sub-model exactly once")
+    identity = bundle.sha256 + repr(sorted(assignments.items()))
+    return PlanMsg(
+        plan_id=hashlib.sha256(identity.encode()).hexdigest()[:12],
+        bundle_sha256=bundle.sha256,
+        classes=m.class_names,
+        submodels=tuple(
+            SubmodelRef(
+                id=s.id,
+                classes=s.classes,
+                sha256=bundle.file_sha256(s.file),
+                feature_dim=s.feature_dim,
+            )
+            for s in m.submodels
+        ),
+        assignments=assignments,
+        fusion_sha256=bundle.file_sha256(m.fusion.file),
+        preprocessing=m.preprocessing,
+    )
+
+
+def deploy(
+    bundle: Bundle,
+    broker: str,
+    nodes: list[str] | None = None,
+    topics: Topics | None = None,
+    timeout: float = 30.0,
+) -> PlanMsg:
+    topics = topics or Topics()
+    m = bundle.manifest
+    nodes = nodes or default_nodes(bundle)
+    plan = make_plan(bundle, round_robin([s.id for s in m.submodels], nodes))
+    client = MqttClient(f"edvit-deploy-{plan.plan_id}", broker, logger=log)
+    client.start(wait=timeout, required=True)
+    try:
+        files = [(topics.model(s.id), s.file) for s in m.submodels]
+        files.append((topics.fusion_model(), m.fusion.file))
+        for topic, relative in files:
+            message = ModelMsg(
+                sha256=bundle.file_sha256(relative), onnx=bundle.path(relative).read_bytes()
+            )
+            client.publish_and_wait(topic, encode(message), qos=1, retain=True, timeout=timeout)
+            log.info("published %s (%d bytes) on %s", relative, len(message.onnx), topic)
+        client.publish_and_wait(topics.plan(), encode(plan), qos=1, retain=True, timeout=timeout)
+        log.info("published plan %s: %s", plan.plan_id, dict(plan.assignments))
+    finally:
+        client.stop()
+    return plan
+
+
+def clear(broker: str, topics: Topics | None = None, submodel_ids: list[str] = ()) -> None:
+    """Remove the retained plan (and the named model files) from the broker."""
+    topics = topics or Topics()
+    client = MqttClient("edvit-deploy-clear", broker, logger=log)
+    client.start(required=True)
+    try:
+        client.publish_and_wait(topics.plan(), b"", qos=1, retain=True)
+        for sid in [*submodel_ids, "fusion"]:
+            client.publish_and_wait(topics.model(sid), b"", qos=1, retain=True)
+    finally:
+        client.stop()

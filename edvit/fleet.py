@@ -1,0 +1,109 @@
+"""A fleet of edvit services as local processes: what `edvit demo` and the integration
+tests start, so both exercise the same real processes talking over a real broker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edvit.errors import EdvitError
+from edvit.mqtt import MqttClient
+from edvit.schemas import PlanMsg, StatusMsg, decode
+from edvit.topics import Topics
+
+log = logging.getLogger("edvit.fleet")
+
+
+class LocalFleet:
+    """Starts `python -m edvit <service> ...` processes with their logs in `log_dir`."""
+
+    def __init__(self, broker_url: str, log_dir: Path, topics: Topics | None = None) -> None:
+        self.broker_url = broker_url
+        self.log_dir = log_dir
+        self.topics = topics or Topics()
+        self.processes: dict[str, subprocess.Popen] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "edvit", *args,
+            "--broker", self.broker_url, "--prefix", self.topics.prefix,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(self.log_path(name), "wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.processes[name] = process
+        log.info("started %s (pid %d): %s", name, process.pid, " ".join(command[2:]))
+        return process
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None and process.returncode != 0:
+                raise EdvitError(
+                    f"{name} exited with code {process.returncode}:\n{self.log_tail(name)}"
+                )
+
+    def wait_ready(self, plan: PlanMsg, timeout: float = 60.0) -> None:
+        """Wait until every node in the plan and the aggregator report ready for this plan."""
+        statuses: queue.Queue[tuple[str, StatusMsg]] = queue.Queue()
+
+        def on_status(topic: str, payload: bytes) -> None:
+            status = decode(StatusMsg, payload)
+            if status is not None:
+                statuses.put((topic, status))
+
+        waiting = {self.topics.node_status(node) for node in plan.assignments}
+        waiting.add(self.topics.aggregator_status())
+        probe = MqttClient(f"edvit-fleet-probe-{os.getpid()}", self.broker_url, logger=log)
+        probe.route(self.topics.all_node_statuses(), on_status, qos=1)
+        probe.route(self.topics.aggregator_status(), on_status, qos=1)
+        probe.start(required=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while waiting:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise EdvitError(f"not ready after {timeout:.0f} s: {sorted(waiting)}")
+                try:
+                    topic, status = statuses.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if status.state == "ready" and status.plan_id == plan.plan_id:
+                    waiting.discard(topic)
+        finally:
+            probe.stop()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGINT for a clean offline status, then escalate."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        for name, process in self.processes.items():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop on SIGINT; killing it", name)
+                process.kill()
+                process.wait()

@@ -1,0 +1,231 @@
+"""The one place that imports paho-mqtt.
+
+Services see `MqttClient`: `route` a topic filter to a handler, `publish`, `set_status`,
+`start`, `stop`. The client sets its Will (retained "offline" status) before connecting,
+and on every (re)connect subscribes again and republishes its retained status, so a
+broker restart loses nothing but the messages in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from edvit.errors import BadPayload, BrokerError, ConfigError
+from edvit.schemas import OFFLINE_STATUS, StatusMsg, encode
+
+Handler = Callable[[str, bytes], None]
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+# Model files travel as retained messages; paho's default of unlimited in-flight bytes is
+# fine, but the broker must accept messages this large (mosquitto's default is 256 MB).
+PUBLISH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Accept mqtt://host:port, host:port or host (port 1883)."""
+        text = url if "://" in url else f"mqtt://{url}"
+        try:
+            parsed = urlparse(text)
+            port = parsed.port or 1883
+        except ValueError as exc:
+            raise ConfigError(f"bad broker address {url!r}: {exc}") from None
+        if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
+            raise ConfigError(f"bad broker address {url!r}: expected mqtt://HOST:PORT")
+        return cls(parsed.hostname, port)
+
+    def __str__(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+class MqttClient:
+    """A paho client with a retained status topic, a Will, routing and counters."""
+
+    def __init__(
+        self,
+        client_id: str,
+        broker: str | BrokerAddress,
+        *,
+        status_topic: str | None = None,
+        logger: logging.Logger | None = None,
+        keepalive: int = 30,
+    ) -> None:
+        self.client_id = client_id
+        self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
+        self.log = logger or logging.getLogger(f"edvit.mqtt.{client_id}")
+        self.counters: Counter[str] = Counter()
+        self._status_topic = status_topic
+        self._status: StatusMsg | None = None
+        self._routes: dict[str, tuple[Handler, int]] = {}
+        self._connect_hooks: list[Callable[[], None]] = []
+        self._connected = threading.Event()
+        self._keepalive = keepalive
+        self._lock = threading.Lock()
+
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=True,
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.max_queued_messages_set(1000)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        if status_topic:
+            self._client.will_set(status_topic, encode(OFFLINE_STATUS), qos=1, retain=True)
+
+    # -- wiring -----------------------------------------------------------------------
+    def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
+        """Call handler(topic, payload) for messages matching topic_filter; subscribed on every
+        connect. A handler raising BadPayload has the message dropped with one log line."""
+        with self._lock:
+            self._routes[topic_filter] = (handler, qos)
+        self._client.message_callback_add(topic_filter, self._guarded(handler))
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def unroute(self, topic_filter: str) -> None:
+        with self._lock:
+            if self._routes.pop(topic_filter, None) is None:
+                return
+        self._client.message_callback_remove(topic_filter)
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Run hook after every (re)connect, once subscriptions and status are restored."""
+        self._connect_hooks.append(hook)
+
+    def _guarded(self, handler: Handler) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
+        def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+            self.counters["messages_in"] += 1
+            try:
+                handler(msg.topic, msg.payload)
+            except BadPayload as exc:
+                self.counters["bad_payloads"] += 1
+                self.log.warning(
+                    "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
+                    msg.topic,
+                    len(msg.payload),
+                    exc,
+                    self.counters["bad_payloads"],
+                )
+            except Exception:  # a bug must not kill the network thread
+                self.counters["handler_errors"] += 1
+                self.log.exception("handler for %s failed", msg.topic)
+
+        return dispatch
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self, wait: float | None = 10.0, required: bool = False) -> bool:
+        """Connect in the background (paho reconnects on its own). Wait up to `wait` seconds
+        for the first connection; if `required`, raise BrokerError when it does not come."""
+        try:
+            self._client.connect_async(self.address.host, self.address.port, self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot connect to {self.address}: {exc}") from None
+        self._client.loop_start()
+        if wait is None:
+            return False
+        if self._connected.wait(wait):
+            return True
+        if required:
+            self._client.loop_stop()
+            raise BrokerError(f"no MQTT broker answered at {self.address} within {wait:.0f} s")
+        self.log.warning("broker %s not reachable yet; retrying in the background", self.address)
+        return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish the offline status (if any), then disconnect cleanly."""
+        if self._status_topic and self._connected.is_set():
+            info = self._client.publish(self._status_topic, encode(self._offline()), 1, True)
+            # If the connection drops meanwhile, the broker sends the Will instead.
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # -- publishing -------------------------------------------------------------------
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False
+    ) -> paho.MQTTMessageInfo:
+        info = self._client.publish(topic, payload, qos, retain)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            self.counters["messages_out"] += 1
+        else:
+            self.counters["publish_failed"] += 1
+        return info
+
+    def publish_and_wait(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+        timeout: float = PUBLISH_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        info = self.publish(topic, payload, qos, retain)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise BrokerError(f"publish to {topic} failed: {exc}") from None
+        if not info.is_published():
+            raise BrokerError(f"publish to {topic} not acknowledged within {timeout:.0f} s")
+
+    def set_status(self, status: StatusMsg) -> None:
+        """Publish a retained status now and again after every reconnect."""
+        if not self._status_topic:
+            raise ValueError("this client has no status topic")
+        self._status = status
+        if self._connected.is_set():
+            self.publish(self._status_topic, encode(status), qos=1, retain=True)
+
+    def _offline(self) -> StatusMsg:
+        base = self._status or OFFLINE_STATUS
+        return base.model_copy(update={"state": "offline", "ts": time.time()})
+
+    # -- paho callbacks -----------------------------------------------------------------
+    def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            self.log.error("broker %s refused connection: %s", self.address, reason_code)
+            return
+        self.counters["connects"] += 1
+        with self._lock:
+            routes = list(self._routes.items())
+        for topic_filter, (_handler, qos) in routes:
+            client.subscribe(topic_filter, qos)
+        if self._status_topic and self._status is not None:
+            client.publish(self._status_topic, encode(self._status), 1, True)
+        self._connected.set()
+        self.log.info("connected to %s as %s", self.address, self.client_id)
+        for hook in self._connect_hooks:
+            try:
+                hook()
+            except Exception:
+                self.log.exception("on-connect hook failed")
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and reason_code != 0:
+            self.counters["disconnects"] += 1
+            self.log.warning("lost broker %s (%s); reconnecting", self.address, reason_code)

@@ -1,0 +1,76 @@
+"""`edvit watch`: print live predictions, for people and for scripts (--json)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from edvit.mqtt import MqttClient
+from edvit.schemas import PredictionMsg, decode
+from edvit.topics import Topics
+
+log = logging.getLogger("edvit.watch")
+
+
+def format_prediction(p: PredictionMsg) -> str:
+    truth = ""
+    if p.true_label is not None:
+        truth = "  ok " if p.true_label == p.label else f"  MISS (true {p.true_label})"
+    degraded = f"  degraded, missing {','.join(p.missing)}" if p.degraded else ""
+    return (
+        f"{p.camera} #{p.seq:<5d} {p.class_name:<14s} {p.score:5.3f}  "
+        f"{p.latency_ms:7.1f} ms{truth}{degraded}"
+    )
+
+
+class PredictionStream:
+    """Subscribes to predictions and hands them out in arrival order."""
+
+    def __init__(self, broker: str, camera: str = "+", topics: Topics | None = None) -> None:
+        self.topics = topics or Topics()
+        self.queue: queue.Queue[PredictionMsg] = queue.Queue()
+        self.client = MqttClient(f"edvit-watch-{id(self):x}", broker, logger=log)
+        self.client.route(self.topics.predictions(camera), self._on_prediction, qos=1)
+
+    def _on_prediction(self, _topic: str, payload: bytes) -> None:
+        prediction = decode(PredictionMsg, payload)
+        if prediction is not None:
+            self.queue.put(prediction)
+
+    def start(self) -> None:
+        self.client.start(required=True)
+
+    def stop(self) -> None:
+        self.client.stop()
+
+
+def watch(
+    broker: str,
+    *,
+    camera: str = "+",
+    count: int | None = None,
+    as_json: bool = False,
+    topics: Topics | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    stop = stop or threading.Event()
+    stream = PredictionStream(broker, camera, topics)
+    stream.start()
+    shown = 0
+    try:
+        while not stop.is_set() and (count is None or shown < count):
+            try:
+                prediction = stream.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            line = (
+                prediction.model_dump_json(by_alias=True)
+                if as_json
+                else format_prediction(prediction)
+            )
+            print(line, flush=True)
+            shown += 1
+    finally:
+        stream.stop()
+    return shown
