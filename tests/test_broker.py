@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from edvit.broker import cli
-from edvit.broker.local import LocalBroker, find_free_port, port_is_free, wait_for_port
-from helpers import MqttProbe, clear_retained
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edvit.broker import cli
+from edvit.broker.local import LocalBroker, find_free_port, port_is_free, wait_for_port
 from edvit.errors import BrokerError, ConfigError
+from helpers import MqttProbe, clear_retained
 
 TIMEOUT = 5.0
 MODEL_SIZE = 4 * 1024 * 1024
