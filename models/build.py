@@ -23,17 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edvit.models.export import export_fusion, export_image_model
-from edvit.models.train import TrainConfig, fit, predict, set_threads
-from edvit.models.vit import (
-    SIZES,
-    FusionMLP,
-    SubModel,
-    architecture_name,
-    count_params,
-    make_vit,
-    replace_head,
-)
 
 import edvit
 from edvit.bundle import MANIFEST_NAME, REPORT_NAME, Bundle, Manifest, sha256_file
@@ -42,6 +31,18 @@ from edvit.errors import ConfigError
 from edvit.inference import Classifier, FeatureExtractor, OfflinePredictor
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import Preprocessing
+
+from .export import export_fusion, export_image_model
+from .train import TrainConfig, fit, predict, set_threads
+from .vit import (
+    SIZES,
+    FusionMLP,
+    SubModel,
+    architecture_name,
+    count_params,
+    make_vit,
+    replace_head,
+)
 
 ORIGINAL_FILE = "original.onnx"
 FUSION_FILE = "fusion.onnx"
@@ -402,3 +403,14 @@ def extract_features(bundle: Bundle, images: np.ndarray, threads: int = 1) -> li
         batched(FeatureExtractor(bundle.path(s.file), threads), images)
         for s in bundle.manifest.submodels
     ]
+
+
+TINY_DIGITS = dict(size="test", epochs=15, sub_epochs=3, fusion_epochs=20, batch_size=64)
+
+
+def build_tiny_digits_bundle(out: str | Path, **overrides: object) -> dict:
+    """A small digits bundle in a few seconds, for tests; returns its report."""
+    values = {**TINY_DIGITS, **overrides}
+    command = ("edvit", "build", "--dataset", "digits", "--out", str(out))
+    settings = default_settings("digits", command=command, **values)
+    return build_bundle(settings, out, force=bool(values.get("force", False)))
