@@ -82,6 +82,7 @@ def mosquitto_config(host: str, port: int) -> str:
             f"listener {port} {host}",
             "allow_anonymous true",
             "persistence false",
+            "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",

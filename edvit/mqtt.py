@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,13 @@ class BrokerAddress:
         return f"mqtt://{self.host}:{self.port}"
 
 
+def _disable_nagle(_client: paho.Client, _userdata: object, sock: object) -> None:
+    # paho leaves Nagle on; small messages (features, predictions) then wait for the
+    # peer's delayed ACK, adding up to ~40 ms per hop even on loopback.
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class MqttClient:
     """A paho client with a retained status topic, a Will, routing and counters."""
 
@@ -87,6 +95,7 @@ class MqttClient:
         self._client.max_queued_messages_set(1000)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_socket_open = _disable_nagle
         if status_topic:
             self._client.will_set(status_topic, encode(OFFLINE_STATUS), qos=1, retain=True)
 
