@@ -56,10 +56,12 @@ def open_source(source: str, root: str | None = None) -> Iterator[Shot]:
 
 
 def _dataset_shots(name: str, root: str | None) -> Iterator[Shot]:
-    dataset = load_dataset(name, "test", root)
-    for image, label in zip(dataset.images, dataset.labels, strict=True):
-        # Datasets hold RGB; frames on the wire are BGR like everything from OpenCV.
-        yield Shot(image if image.ndim == 2 else image[..., ::-1], int(label))
+    dataset = load_dataset(name, "test", root)  # here, not in the generator: fail at start
+    # Datasets hold RGB; frames on the wire are BGR like everything from OpenCV.
+    return (
+        Shot(image if image.ndim == 2 else image[..., ::-1], int(label))
+        for image, label in zip(dataset.images, dataset.labels, strict=True)
+    )
 
 
 def _capture_shots(capture: cv2.VideoCapture) -> Iterator[Shot]:

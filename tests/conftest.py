@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,16 @@ def mqtt_probe(broker: LocalBroker) -> Iterator[Callable[[str], MqttProbe]]:
     yield make
     for probe in probes:
         probe.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-sub-model digits bundle made by the real `edvit build` command (tiny settings)."""
+    out = tmp_path_factory.mktemp("fleet-bundle") / "digits-3"
+    command = [
+        sys.executable, "-m", "edvit", "build", "--dataset", "digits", "--num-devices", "3",
+        "--out", str(out), "--epochs", "15", "--sub-epochs", "3", "--fusion-epochs", "20",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

@@ -1,0 +1,225 @@
+"""End to end over a real broker: deploy a bundle, run nodes, aggregator and camera as real
+processes, and check every frame gets exactly one prediction equal to the offline one."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from edvit.broker.local import LocalBroker
+from edvit.bundle import Bundle
+from edvit.datasets import load_dataset
+from edvit.deploy import deploy, make_plan, round_robin
+from edvit.fleet import LocalFleet
+from edvit.inference import OfflinePredictor, softmax
+from edvit.mqtt import MqttClient
+from edvit.preprocess import dataset_to_model_input
+from edvit.schemas import FrameMsg, ModelMsg, PredictionMsg, StatusMsg, decode, encode
+from edvit.topics import Topics
+from edvit.watch import PredictionStream
+
+FRAMES = 40
+
+
+def _topics() -> Topics:
+    return Topics(f"t{uuid.uuid4().hex[:8]}")  # retained state of other tests stays out
+
+
+def _collect(stream: PredictionStream, count: int, timeout: float) -> list[PredictionMsg]:
+    got: list[PredictionMsg] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            got.append(stream.queue.get(timeout=0.2))
+    return got
+
+
+def _start_fleet(fleet: LocalFleet, bundle: Bundle, broker: LocalBroker, topics: Topics):
+    plan = deploy(bundle, broker.url, topics=topics)
+    for node in plan.assignments:
+        fleet.spawn(node, "node", "--id", node)
+    fleet.spawn("aggregator", "aggregator")
+    stream = PredictionStream(broker.url, topics=topics)
+    stream.start()
+    fleet.wait_ready(plan, timeout=60)
+    return plan, stream
+
+
+def test_every_frame_gets_one_prediction_equal_to_offline(
+    broker: LocalBroker, digits_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = Bundle.load(digits_bundle)
+    topics = _topics()
+    with LocalFleet(broker.url, tmp_path, topics) as fleet:
+        plan, stream = _start_fleet(fleet, bundle, broker, topics)
+        try:
+            fleet.spawn(
+                "camera", "camera", "--id", "cam0", "--source", "dataset:digits",
+                "--count", str(FRAMES), "--fps", "40",
+            )  # fmt: skip
+            predictions = _collect(stream, FRAMES, timeout=60)
+            # Anything answered twice would arrive right behind the first answer.
+            predictions += _collect(stream, 1, timeout=1.0)
+        finally:
+            stream.stop()
+
+    seqs = sorted(p.seq for p in predictions)
+    assert seqs == list(range(FRAMES)), "every frame exactly one prediction"
+    assert not any(p.degraded for p in predictions)
+    assert {p.plan_id for p in predictions} == {plan.plan_id}
+
+    test = load_dataset("digits", "test")
+    images = dataset_to_model_input(test.images[:FRAMES], bundle.manifest.preprocessing)
+    offline = softmax(OfflinePredictor(bundle).fused_logits(images))
+    by_seq = {p.seq: p for p in predictions}
+    fleet_labels = np.array([by_seq[i].label for i in range(FRAMES)])
+    np.testing.assert_array_equal(fleet_labels, offline.argmax(axis=1))
+    fleet_scores = np.array([by_seq[i].score for i in range(FRAMES)])
+    np.testing.assert_allclose(fleet_scores, offline.max(axis=1), atol=1e-5)
+    assert [by_seq[i].true_label for i in range(FRAMES)] == test.labels[:FRAMES].tolist()
+    assert all(p.latency_ms > 0 for p in predictions)
+
+
+def test_bad_payloads_are_dropped_and_the_fleet_keeps_serving(
+    mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
+) -> None:
+    broker, bundle, topics = mosquitto_broker, Bundle.load(digits_bundle), _topics()
+    with LocalFleet(broker.url, tmp_path, topics) as fleet:
+        plan, stream = _start_fleet(fleet, bundle, broker, topics)
+        sender = MqttClient(f"bad-{uuid.uuid4().hex[:6]}", broker.url)
+        sender.start(required=True)
+        try:
+            frame_topic = topics.frame("cam9")
+            bad_frames = [
+                b"\x00garbage",
+                msgpack.packb({"v": 7, "camera": "cam9"}),
+                encode(FrameMsg(camera="cam9", seq=0, ts=time.time(), enc="png", data=b"nope")),
+            ]
+            for payload in bad_frames:
+                sender.publish(frame_topic, payload)
+            sender.publish(topics.features("cam9", "sub0"), b"\x93\x01\x02")
+            sender.publish(topics.predictions("cam9"), b"")  # not ours to judge; ignored
+            good = load_dataset("digits", "test").images[0]
+            frame = FrameMsg(camera="cam9", seq=1, ts=time.time(), enc="raw",
+                             data=good.tobytes(), shape=good.shape, dtype="uint8")  # fmt: skip
+            sender.publish(frame_topic, encode(frame))
+            predictions = [p for p in _collect(stream, 1, timeout=20) if p.camera == "cam9"]
+        finally:
+            sender.stop()
+            stream.stop()
+        assert [p.seq for p in predictions] == [1]
+        fleet.check_alive()
+    for node in plan.assignments:
+        text = fleet.log_path(node).read_text()
+        assert text.count("dropped message on") == 2, text  # garbage and wrong version
+        assert text.count("dropped frame cam9/0: frame data is not a decodable png") == 1
+    aggregator_log = fleet.log_path("aggregator").read_text()
+    assert aggregator_log.count("dropped message on") == 1
+    assert "bad_payloads=1" in aggregator_log
+
+
+def test_node_refuses_a_model_whose_sha256_does_not_match(
+    mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
+) -> None:
+    broker, bundle, topics = mosquitto_broker, Bundle.load(digits_bundle), _topics()
+    plan = make_plan(bundle, round_robin(["sub0", "sub1", "sub2"], ["node-0"]))
+    client = MqttClient(f"tamper-{uuid.uuid4().hex[:6]}", broker.url)
+    client.start(required=True)
+    statuses: queue.Queue[StatusMsg] = queue.Queue()
+    client.route(topics.node_status("node-0"),
+                 lambda _t, p: statuses.put(decode(StatusMsg, p)), qos=1)  # fmt: skip
+    try:
+        for spec in bundle.manifest.submodels:
+            onnx = bundle.path(spec.file).read_bytes()
+            if spec.id == "sub1":
+                onnx = onnx[:-1] + bytes([onnx[-1] ^ 0xFF])  # one flipped byte in transit
+            message = ModelMsg(sha256=bundle.file_sha256(spec.file), onnx=onnx)
+            client.publish_and_wait(topics.model(spec.id), encode(message), retain=True)
+        client.publish_and_wait(topics.plan(), encode(plan), retain=True)
+        with LocalFleet(broker.url, tmp_path, topics) as fleet:
+            fleet.spawn("node-0", "node", "--id", "node-0")
+            deadline = time.monotonic() + 20
+            seen: list[StatusMsg] = []
+            while time.monotonic() < deadline:
+                try:
+                    status = statuses.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                seen.append(status)
+                if status.state == "online" and set(status.submodels) == {"sub0", "sub2"}:
+                    break
+            else:
+                pytest.fail(f"node never settled with sub0 and sub2 only: {seen}")
+            time.sleep(0.5)  # let anything else the node would do reach the log
+        log = fleet.log_path("node-0").read_text()
+        assert log.count("refusing model sub1") == 1, log
+        assert not any(s.state == "ready" for s in seen)
+        # Clean stop published an explicit offline status.
+        offline = _collect_status(statuses, lambda s: s.state == "offline", 10)
+        assert offline.plan_id == plan.plan_id
+    finally:
+        client.stop()
+
+
+def _collect_status(statuses: queue.Queue, predicate, timeout: float) -> StatusMsg:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = statuses.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if status is not None and predicate(status):
+            return status
+    raise AssertionError("status not seen")
+
+
+def test_killed_node_goes_offline_through_its_will(
+    mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
+) -> None:
+    broker, bundle, topics = mosquitto_broker, Bundle.load(digits_bundle), _topics()
+    client = MqttClient(f"will-{uuid.uuid4().hex[:6]}", broker.url)
+    statuses: queue.Queue[StatusMsg] = queue.Queue()
+    client.route(topics.node_status("node-0"),
+                 lambda _t, p: statuses.put(decode(StatusMsg, p)), qos=1)  # fmt: skip
+    client.start(required=True)
+    try:
+        deploy(bundle, broker.url, nodes=["node-0"], topics=topics)
+        with LocalFleet(broker.url, tmp_path, topics) as fleet:
+            node = fleet.spawn("node-0", "node", "--id", "node-0")
+            _collect_status(statuses, lambda s: s.state == "ready", 30)
+            node.kill()
+            node.wait()
+            assert _collect_status(statuses, lambda s: s.state == "offline", 10).ts == 0.0
+    finally:
+        client.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["camera", "--id", "c", "--source", "missing.mp4"], "is not dataset:NAME"),
+        (["camera", "--id", "c/x", "--source", "dataset:digits"], "must be non-empty"),
+        (["camera", "--id", "c", "--source", "dataset:imagenet"], "unknown dataset"),
+        (["deploy", "/nonexistent/bundle"], "manifest.json not found"),
+        (["node", "--id", "n", "--prefix", "a/"], "--prefix"),
+        (["deploy", "/nonexistent", "--broker", "http://x"], "manifest.json not found"),
+        (["demo", "--bundle", "/nonexistent"], "no bundle at /nonexistent"),
+    ],
+)
+def test_bad_cli_input_gives_one_line_and_exit_2(args: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "edvit", *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
