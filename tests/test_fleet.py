@@ -223,3 +223,42 @@ def test_bad_cli_input_gives_one_line_and_exit_2(args: list[str], message: str) 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_fleet_reconnects_and_resubscribes_after_broker_restart(
+    mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
+) -> None:
+    broker, bundle, topics = mosquitto_broker, Bundle.load(digits_bundle), _topics()
+    with LocalFleet(broker.url, tmp_path, topics) as fleet:
+        _plan, stream = _start_fleet(fleet, bundle, broker, topics)
+        stream.stop()
+        broker.restart(hard=True)  # a crash: no clean disconnects, retained state gone
+        stream = PredictionStream(broker.url, topics=topics)
+        stream.start()
+        probe = MqttClient(f"restart-{uuid.uuid4().hex[:6]}", broker.url)
+        ready: queue.Queue[str] = queue.Queue()
+
+        def on_status(topic: str, payload: bytes) -> None:
+            status = decode(StatusMsg, payload)
+            if status is not None and status.state == "ready":
+                ready.put(topic)
+
+        probe.route(topics.all_node_statuses(), on_status, qos=1)
+        probe.route(topics.aggregator_status(), on_status, qos=1)
+        probe.start(required=True)
+        try:
+            # Every service republishes its retained status once it is back.
+            back: set[str] = set()
+            while len(back) < 4:
+                back.add(ready.get(timeout=30))
+            fleet.spawn(
+                "camera", "camera", "--id", "cam1", "--source", "dataset:digits",
+                "--count", "10", "--fps", "20",
+            )  # fmt: skip
+            predictions = _collect(stream, 10, timeout=30)
+        finally:
+            probe.stop()
+            stream.stop()
+    assert sorted(p.seq for p in predictions) == list(range(10))
+    for node in ("node-0", "node-1", "node-2"):
+        assert "lost broker" in fleet.log_path(node).read_text()
