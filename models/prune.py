@@ -12,8 +12,9 @@ biases): zeroing them all removes c from the stream, and |sum(W * dL/dW)| over t
 Taylor estimate of that. Scores are |.| per batch, summed over batches.
 
 Pruning keeps timm classes: ``prune_vit`` returns a new ``VisionTransformer`` whose layers are
-sliced. A branch left with no unit becomes ``ZeroBranch`` (exports as one Add of a constant 0)
-with its LayerNorm removed; a block left with neither branch becomes ``SkipBlock``.
+sliced. A branch left with no unit becomes ``ZeroBranch`` with its LayerNorm removed (the block
+computes ``x + 0``, which the dynamo ONNX exporter folds away: no op left); a block left with
+neither branch becomes ``SkipBlock``.
 """
 
 from __future__ import annotations
@@ -297,8 +298,10 @@ def score_units(
     was_training = vit.training
     index = {id(p): i for i, p in enumerate(params)}
     count = 0
+    grad_enabled = torch.is_grad_enabled()
     try:
         vit.eval()
+        torch.set_grad_enabled(True)
         for p in params:
             p.requires_grad_(True)
         for batch in batches:
@@ -322,6 +325,7 @@ def score_units(
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         vit.train(was_training)
+        torch.set_grad_enabled(grad_enabled)
     return Importance(heads=heads, mlp=mlp, embed=embed_score, num_batches=count)
 
 
