@@ -262,3 +262,20 @@ def test_fleet_reconnects_and_resubscribes_after_broker_restart(
     assert sorted(p.seq for p in predictions) == list(range(10))
     for node in ("node-0", "node-1", "node-2"):
         assert "lost broker" in fleet.log_path(node).read_text()
+
+
+@pytest.mark.parametrize("bundle_kind", ["digits", "shipped"])
+def test_demo_command_prints_summary_and_exits_0(
+    bundle_kind: str, digits_bundle: Path, tmp_path: Path
+) -> None:
+    args = ["--bundle", str(digits_bundle)] if bundle_kind == "digits" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "edvit", "demo", "--frames", "30", "--fps", "30",
+         "--log-dir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = done.stdout[done.stdout.index("summary") :]
+    assert "frames sent          30" in summary
+    assert "predictions received 30 (30 distinct frames)" in summary
+    assert "accuracy" in summary and "p95" in summary
