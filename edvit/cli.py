@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive_float, default=25.0)
     p.add_argument("--broker-kind", choices=["auto", "mosquitto", "embedded"], default="auto")
     p.add_argument("--log-dir", help="where the processes' logs go (default a temp folder)")
+    p.set_defaults(log_level="WARNING")  # the demo's own output is the story; logs go to files
     return parser
 
 
