@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -29,6 +29,9 @@ from edvit.schemas import Preprocessing
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "report.json"
+# Written by `edvit build --devices` and `edvit plan`; not part of the verified files because
+# re-planning a bundle for another fleet must not change the models' identity.
+ASSIGNMENT_NAME = "assignment.json"
 
 IMAGE_INPUT = "image"
 FEATURES_OUTPUT = "features"
@@ -47,6 +50,8 @@ class SubmodelSpec(_Frozen):
     file: str
     feature_dim: int = Field(gt=0)
     params: int = Field(ge=0)
+    # What pruning left: embed_dim and per block heads / MLP width (models.prune.describe).
+    architecture: dict[str, Any] | None = None
 
 
 class FusionSpec(_Frozen):
@@ -60,6 +65,8 @@ class OriginalSpec(_Frozen):
     file: str = "original.onnx"
     architecture: str
     params: int = Field(ge=0)
+    # Where the original came from: "trained" by edvit build, or the --checkpoint path given.
+    source: str = "trained"
 
 
 class Manifest(_Frozen):
