@@ -72,6 +72,7 @@ class MqttClient:
         status_topic: str | None = None,
         logger: logging.Logger | None = None,
         keepalive: int = 30,
+        status_interval_s: float = 15.0,
     ) -> None:
         self.client_id = client_id
         self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
@@ -80,7 +81,8 @@ class MqttClient:
         self._status_topic = status_topic
         self._status: StatusMsg | None = None
         self._routes: dict[str, tuple[Handler, int]] = {}
-        self._connect_hooks: list[Callable[[], None]] = []
+        self._status_interval_s = status_interval_s
+        self._stopping = threading.Event()
         self._connected = threading.Event()
         self._keepalive = keepalive
         self._lock = threading.Lock()
@@ -117,10 +119,6 @@ class MqttClient:
         if self._connected.is_set():
             self._client.unsubscribe(topic_filter)
 
-    def on_connect(self, hook: Callable[[], None]) -> None:
-        """Run hook after every (re)connect, once subscriptions and status are restored."""
-        self._connect_hooks.append(hook)
-
     def _guarded(self, handler: Handler) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
         def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
             self.counters["messages_in"] += 1
@@ -150,6 +148,8 @@ class MqttClient:
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self.address}: {exc}") from None
         self._client.loop_start()
+        if self._status_topic and self._status_interval_s > 0:
+            threading.Thread(target=self._heartbeat, name="status", daemon=True).start()
         if wait is None:
             return False
         if self._connected.wait(wait):
@@ -162,8 +162,10 @@ class MqttClient:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish the offline status (if any), then disconnect cleanly."""
+        self._stopping.set()
         if self._status_topic and self._connected.is_set():
-            info = self._client.publish(self._status_topic, encode(self._offline()), 1, True)
+            offline = self._stamped(self._status or OFFLINE_STATUS, state="offline")
+            info = self._client.publish(self._status_topic, encode(offline), 1, True)
             # If the connection drops meanwhile, the broker sends the Will instead.
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
@@ -201,16 +203,26 @@ class MqttClient:
             raise BrokerError(f"publish to {topic} not acknowledged within {timeout:.0f} s")
 
     def set_status(self, status: StatusMsg) -> None:
-        """Publish a retained status now and again after every reconnect."""
+        """Publish a retained status now, after every reconnect, and every status interval
+        (with fresh counters, so a dashboard sees dropped payloads without reading logs)."""
         if not self._status_topic:
             raise ValueError("this client has no status topic")
         self._status = status
-        if self._connected.is_set():
-            self.publish(self._status_topic, encode(status), qos=1, retain=True)
+        self._publish_status()
 
-    def _offline(self) -> StatusMsg:
-        base = self._status or OFFLINE_STATUS
-        return base.model_copy(update={"state": "offline", "ts": time.time()})
+    def _stamped(self, status: StatusMsg, **update: object) -> StatusMsg:
+        return status.model_copy(
+            update={"ts": time.time(), "counters": dict(self.counters), **update}
+        )
+
+    def _publish_status(self) -> None:
+        if self._status_topic and self._status is not None and self._connected.is_set():
+            payload = encode(self._stamped(self._status))
+            self._client.publish(self._status_topic, payload, qos=1, retain=True)
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.wait(self._status_interval_s):
+            self._publish_status()
 
     # -- paho callbacks -----------------------------------------------------------------
     def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, _props) -> None:
@@ -222,15 +234,9 @@ class MqttClient:
             routes = list(self._routes.items())
         for topic_filter, (_handler, qos) in routes:
             client.subscribe(topic_filter, qos)
-        if self._status_topic and self._status is not None:
-            client.publish(self._status_topic, encode(self._status), 1, True)
         self._connected.set()
+        self._publish_status()
         self.log.info("connected to %s as %s", self.address, self.client_id)
-        for hook in self._connect_hooks:
-            try:
-                hook()
-            except Exception:
-                self.log.exception("on-connect hook failed")
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         was_connected = self._connected.is_set()

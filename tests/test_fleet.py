@@ -166,6 +166,7 @@ def test_node_refuses_a_model_whose_sha256_does_not_match(
         # Clean stop published an explicit offline status.
         offline = _collect_status(statuses, lambda s: s.state == "offline", 10)
         assert offline.plan_id == plan.plan_id
+        assert offline.counters["models_refused"] == 1 and offline.counters["bad_payloads"] == 1
     finally:
         client.stop()
 
