@@ -145,9 +145,22 @@ def cmd_build(args: argparse.Namespace) -> int:
     return build_cli.run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from edvit.models import plan
+
+    return plan.run(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from edvit.models import evaluate
+
+    return evaluate.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
     from edvit.models import cli as build_cli
+    from edvit.models import evaluate, plan
 
     parser = argparse.ArgumentParser(
         prog="edvit", description="Vision Transformers split across IoT boards over MQTT."
@@ -167,9 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("build", cmd_build, "train a ViT, make class-wise sub-models and fusion, export ONNX")
     build_cli.add_arguments(p)
 
+    p = add("plan", cmd_plan, "place a bundle's sub-models on a device inventory (no retraining)")
+    plan.add_arguments(p)
+
+    p = add("evaluate", cmd_evaluate, "size, FLOPs, latency and accuracy figures of a bundle")
+    evaluate.add_arguments(p)
+
     p = add("deploy", cmd_deploy, "publish a bundle's plan and model files as retained messages")
     p.add_argument("bundle", help="bundle folder written by `edvit build`")
-    p.add_argument("--nodes", help="comma-separated node ids (default node-0..node-N-1)")
+    p.add_argument(
+        "--nodes",
+        help="comma-separated node ids, sub-models round-robin (default: the bundle's "
+        "assignment.json, else node-0..node-N-1)",
+    )
     p.add_argument("--clear", action="store_true", help="remove the plan and models instead")
 
     p = add("node", cmd_node, "edge node: run assigned sub-models, publish feature vectors")

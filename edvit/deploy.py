@@ -64,6 +64,25 @@ def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMs
     )
 
 
+def bundle_assignments(bundle: Bundle, nodes: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """Named nodes get the sub-models round-robin; otherwise the bundle's assignment.json
+    (from `edvit build --devices` or `edvit plan`); otherwise node-i runs sub-model i."""
+    ids = [s.id for s in bundle.manifest.submodels]
+    if nodes:
+        return round_robin(ids, nodes)
+    from edvit.models.plan import read_assignment  # torch-free
+
+    placed = read_assignment(bundle)
+    if placed is not None:
+        for node in placed.assignments:
+            try:
+                validate_id("node", node)
+            except ValueError as exc:
+                raise ConfigError(f"assignment.json: {exc}") from None
+        return dict(placed.assignments)
+    return round_robin(ids, default_nodes(bundle))
+
+
 def deploy(
     bundle: Bundle,
     broker: str,
@@ -73,8 +92,7 @@ def deploy(
 ) -> PlanMsg:
     topics = topics or Topics()
     m = bundle.manifest
-    nodes = nodes or default_nodes(bundle)
-    plan = make_plan(bundle, round_robin([s.id for s in m.submodels], nodes))
+    plan = make_plan(bundle, bundle_assignments(bundle, nodes))
     client = MqttClient(f"edvit-deploy-{plan.plan_id}", broker, logger=log)
     client.start(wait=timeout, required=True)
     try:

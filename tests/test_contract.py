@@ -166,3 +166,18 @@ def test_undecodable_or_inconsistent_frames() -> None:
         decode_frame(_frame(enc="png", data=b"garbage"))
     with pytest.raises(BadPayload, match="shape needs 64"):
         decode_frame(_frame(data=bytes(10)))
+
+
+def test_runtime_services_import_neither_torch_nor_timm() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edvit.cli; edvit.cli.build_parser();"
+        "import edvit.edge_node.node, edvit.aggregator.service, edvit.camera_source.camera,"
+        " edvit.deploy, edvit.demo, edvit.watch, edvit.models.plan, edvit.models.evaluate;"
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
