@@ -175,9 +175,9 @@ def _einsum_macs(node: onnx.NodeProto, ins: list[Any], out: list[int]) -> int:
             sizes.update(zip(tail, shape[len(shape) - len(tail) :], strict=True))
     if "->" in equation:
         output = equation.split("->")[1]
-    else:  # implicit output: the letters that occur once
+    else:  # implicit output: the letters that occur once, in alphabetical order
         letters = "".join(lhs).replace(".", "")
-        output = "".join(c for c in letters if letters.count(c) == 1)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     contracted = set(sizes) - set(output)
     return int(np.prod(out, dtype=np.int64)) * int(
         np.prod([sizes[c] for c in contracted], dtype=np.int64)
@@ -423,6 +423,7 @@ def plot_accuracy_vs_size(points: list[dict[str, Any]], path: str | Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     points = sorted(points, key=lambda p: p["size_reduction"])
     xs = [p["size_reduction"] for p in points]
@@ -449,6 +450,10 @@ def plot_accuracy_vs_size(points: list[dict[str, Any]], path: str | Path) -> Non
                 label="original ViT (per point)",
             )
         ax.set_xscale("log")
+        # Plain "2x" ticks rather than 2x10^0 on the log axis, minor ticks included.
+        ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.xaxis.set_major_formatter(ticks)
+        ax.xaxis.set_minor_formatter(ticks)
         ax.set_xlabel("size reduction (original params / largest sub-model params)")
         ax.set_ylabel("test accuracy")
         ax.set_title("Accuracy vs. model size reduction")
