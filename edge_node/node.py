@@ -2,14 +2,14 @@
 per frame per sub-model.
 
 Network callbacks only decode and enqueue; one worker thread runs inference, so a slow
-model never stalls the MQTT keepalive. When frames arrive faster than the node can serve
-them, the oldest waiting frame is dropped and counted.
+model never stalls the MQTT keepalive. Frames from all cameras are batched (one ONNX
+Runtime call per batch per sub-model, see batcher.py); when frames arrive faster than the
+node can serve them, a camera's waiting frame is replaced by its newest one and counted.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +23,8 @@ from edvit.mqtt import MqttClient
 from edvit.preprocess import decode_frame, to_model_input
 from edvit.schemas import FeaturesMsg, FrameMsg, ModelMsg, PlanMsg, StatusMsg, decode, encode
 from edvit.topics import Topics, validate_id
+
+from .batcher import DynamicBatcher
 
 log = logging.getLogger("edvit.node")
 
@@ -48,14 +50,22 @@ class EdgeNode:
         *,
         topics: Topics | None = None,
         threads: int = 1,
-        queue_size: int = 32,
+        queue_size: int = 64,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+        newest_only: bool = True,
     ) -> None:
         try:
             self.node_id = validate_id("node", node_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if queue_size < 1:
-            raise ConfigError("--queue-size must be at least 1")
+        try:
+            self._batcher: DynamicBatcher[FrameMsg] = DynamicBatcher(
+                max_batch=max_batch, max_wait_ms=max_wait_ms, capacity=queue_size,
+                newest_only=newest_only,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(f"node batching: {exc}") from None
         self.topics = topics or Topics()
         self.threads = threads
         self.client = MqttClient(
@@ -67,7 +77,6 @@ class EdgeNode:
         self.counters = self.client.counters
         self._state: _Loaded | None = None
         self._lock = threading.Lock()
-        self._frames: queue.Queue[FrameMsg] = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._serve, name="inference", daemon=True)
 
@@ -167,57 +176,60 @@ class EdgeNode:
             return
         if frame.camera != self.topics.parts(topic)[1]:
             raise BadPayload(f"frame says camera {frame.camera!r} but came on {topic}")
-        while True:
-            try:
-                self._frames.put_nowait(frame)
-                return
-            except queue.Full:
-                try:
-                    self._frames.get_nowait()
-                    self.counters["frames_dropped_overload"] += 1
-                except queue.Empty:
-                    pass
+        self._batcher.put(frame.camera, frame)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            try:
-                frame = self._frames.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            frames = self._batcher.take(timeout=0.2)
+            self.counters["frames_replaced_overload"] = self._batcher.dropped
             with self._lock:
                 state = self._state
-            if state is None or not state.extractors:
+            if not frames or state is None or not state.extractors:
                 continue
             try:
-                self._infer(frame, state)
+                self._infer(self._decode(frames, state), state)
+            except Exception:
+                self.counters["inference_errors"] += 1
+                log.exception("inference failed on a batch of %d frames", len(frames))
+
+    def _decode(self, frames: list[FrameMsg], state: _Loaded) -> list[tuple[FrameMsg, np.ndarray]]:
+        decoded = []
+        for frame in frames:
+            try:
+                image = to_model_input(decode_frame(frame), state.plan.preprocessing)
             except BadPayload as exc:
                 self.counters["bad_payloads"] += 1
                 log.warning(
                     "dropped frame %s/%d: %s [bad_payloads=%d]",
                     frame.camera, frame.seq, exc, self.counters["bad_payloads"],
                 )  # fmt: skip
-            except Exception:
-                self.counters["inference_errors"] += 1
-                log.exception("inference failed on frame %s/%d", frame.camera, frame.seq)
+                continue
+            decoded.append((frame, image))
+        return decoded
 
-    def _infer(self, frame: FrameMsg, state: _Loaded) -> None:
-        image = to_model_input(decode_frame(frame), state.plan.preprocessing)[None]
+    def _infer(self, decoded: list[tuple[FrameMsg, np.ndarray]], state: _Loaded) -> None:
+        if not decoded:
+            return
+        batch = np.stack([image for _, image in decoded])
         for submodel_id, extract in sorted(state.extractors.items()):
             started = time.perf_counter()
-            features = extract(image)[0].astype(np.float32, copy=False)
-            infer_ms = (time.perf_counter() - started) * 1000.0
-            msg = FeaturesMsg(
-                camera=frame.camera,
-                seq=frame.seq,
-                ts=frame.ts,
-                submodel=submodel_id,
-                plan_id=state.plan.plan_id,
-                node=self.node_id,
-                dtype="float32",
-                data=features.tobytes(),
-                dim=features.shape[0],
-                infer_ms=round(infer_ms, 3),
-                label=frame.label,
-            )
-            self.client.publish(self.topics.features(frame.camera, submodel_id), encode(msg))
-        self.counters["frames_served"] += 1
+            features = extract(batch).astype(np.float32, copy=False)
+            infer_ms = round((time.perf_counter() - started) * 1000.0, 3)
+            for (frame, _), vector in zip(decoded, features, strict=True):
+                msg = FeaturesMsg(
+                    camera=frame.camera,
+                    seq=frame.seq,
+                    ts=frame.ts,
+                    submodel=submodel_id,
+                    plan_id=state.plan.plan_id,
+                    node=self.node_id,
+                    dtype="float32",
+                    data=vector.tobytes(),
+                    dim=vector.shape[0],
+                    infer_ms=infer_ms,
+                    batch=len(decoded),
+                    label=frame.label,
+                )
+                self.client.publish(self.topics.features(frame.camera, submodel_id), encode(msg))
+        self.counters["frames_served"] += len(decoded)
+        self.counters["batches"] += 1

@@ -36,6 +36,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -66,7 +73,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     node = EdgeNode(
         args.id, args.broker, topics=Topics(args.prefix), threads=args.threads,
-        queue_size=args.queue_size,
+        queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        newest_only=not args.keep_all_frames,
     )  # fmt: skip
     return _run_service(node)
 
@@ -199,8 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", required=True, help="this node's id, as the plan names it")
     p.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime threads")
     p.add_argument(
-        "--queue-size", type=_positive_int, default=32,
+        "--queue-size", type=_positive_int, default=64,
         help="frames waiting at most; the oldest is dropped beyond this",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=8,
+        help="run a batch when this many frames wait (1 = batching off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-wait-ms", type=_non_negative_float, default=2.0,
+        help="or when the oldest waiting frame has waited this long",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep-all-frames", action="store_true",
+        help="queue every frame instead of keeping only each camera's newest waiting one",
     )  # fmt: skip
 
     p = add("aggregator", cmd_aggregator, "fuse features into predictions")

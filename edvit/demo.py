@@ -93,7 +93,8 @@ def run_demo(
         say(f"deployed  {manifest.name}: plan {plan.plan_id}, {dict(plan.assignments)}")
         with LocalFleet(broker.url, log_dir) as fleet:
             for node in plan.assignments:
-                fleet.spawn(node, "node", "--id", node)
+                # Replay scores every test image, so no frame may be replaced by a newer one.
+                fleet.spawn(node, "node", "--id", node, "--keep-all-frames")
             fleet.spawn("aggregator", "aggregator")
             stream = PredictionStream(broker.url)
             stream.start()

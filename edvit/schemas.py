@@ -131,7 +131,8 @@ class FeaturesMsg(_Message):
     dtype: FeatureDtype
     data: bytes
     dim: int = Field(gt=0)
-    infer_ms: float
+    infer_ms: float  # the whole batch's inference time
+    batch: int = Field(default=1, ge=1)  # how many frames shared that inference call
     label: int | None = None  # the frame's true label, passed through when the camera knew it
 
     @model_validator(mode="after")

@@ -46,7 +46,7 @@ def _collect(stream: PredictionStream, count: int, timeout: float) -> list[Predi
 def _start_fleet(fleet: LocalFleet, bundle: Bundle, broker: LocalBroker, topics: Topics):
     plan = deploy(bundle, broker.url, topics=topics)
     for node in plan.assignments:
-        fleet.spawn(node, "node", "--id", node)
+        fleet.spawn(node, "node", "--id", node, "--keep-all-frames")
     fleet.spawn("aggregator", "aggregator")
     stream = PredictionStream(broker.url, topics=topics)
     stream.start()

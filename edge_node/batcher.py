@@ -1,0 +1,96 @@
+"""Dynamic batching for the node: Triton-style `max_batch` / `max_wait_ms`.
+
+Requests wait in one bounded queue. A batch is released when `max_batch` requests wait or
+when the oldest has waited `max_wait_ms`. With `newest_only`, a camera has at most one
+waiting request: a newer frame replaces the waiting one (which is counted as dropped) but
+keeps its place and its deadline, so a fast camera cannot starve the others and latency
+cannot grow without bound when the node falls behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Slot(Generic[T]):
+    arrived: float
+    item: T
+
+
+class DynamicBatcher(Generic[T]):
+    def __init__(
+        self,
+        *,
+        max_batch: int = 8,
+        max_wait_ms: float = 2.0,
+        capacity: int = 256,
+        newest_only: bool = True,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must not be negative")
+        if capacity < max_batch:
+            raise ValueError("capacity must be at least max_batch")
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.capacity = capacity
+        self.newest_only = newest_only
+        self.dropped = 0
+        self._slots: OrderedDict[object, _Slot[T]] = OrderedDict()
+        self._serial = 0
+        self._ready = threading.Condition()
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._slots)
+
+    def put(self, source: str, item: T, now: float | None = None) -> None:
+        """Queue a request from `source` (a camera id)."""
+        now = time.monotonic() if now is None else now
+        with self._ready:
+            if self.newest_only and source in self._slots:
+                self._slots[source].item = item  # keeps its place and its deadline
+                self.dropped += 1
+            else:
+                if len(self._slots) >= self.capacity:
+                    self._slots.popitem(last=False)
+                    self.dropped += 1
+                key: object = source if self.newest_only else self._next_serial()
+                self._slots[key] = _Slot(now, item)
+            self._ready.notify()
+
+    def _next_serial(self) -> int:
+        self._serial += 1
+        return self._serial
+
+    def take(self, timeout: float = 0.5) -> list[T]:
+        """Wait (at most `timeout` seconds) for a due batch; [] if none became due."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while True:
+                now = time.monotonic()
+                if self._slots:
+                    oldest = next(iter(self._slots.values())).arrived
+                    due_at = oldest + self.max_wait_s
+                    if len(self._slots) >= self.max_batch or now >= due_at:
+                        return self._pop(self.max_batch)
+                    wait = min(due_at, deadline) - now
+                else:
+                    wait = deadline - now
+                if wait <= 0:
+                    return []
+                self._ready.wait(wait)
+
+    def _pop(self, count: int) -> list[T]:
+        batch = []
+        while self._slots and len(batch) < count:
+            batch.append(self._slots.popitem(last=False)[1].item)
+        return batch

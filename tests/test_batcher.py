@@ -1,0 +1,92 @@
+"""The node's dynamic batcher: batches by size and by deadline, newest frame wins, nothing
+lost or doubled when the consumer keeps up."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from edvit.edge_node.batcher import DynamicBatcher
+
+
+def test_batch_released_when_full() -> None:
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=4, max_wait_ms=60_000)
+    for i in range(6):
+        batcher.put(f"cam{i}", i)
+    started = time.monotonic()
+    assert batcher.take(timeout=5) == [0, 1, 2, 3]
+    assert time.monotonic() - started < 1.0  # did not wait for the 60 s deadline
+    assert len(batcher) == 2
+
+
+def test_partial_batch_released_at_deadline() -> None:
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=50)
+    started = time.monotonic()
+    batcher.put("cam0", 1)
+    batcher.put("cam1", 2)
+    assert batcher.take(timeout=5) == [1, 2]
+    assert time.monotonic() - started >= 0.05
+
+
+def test_take_times_out_empty() -> None:
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=2, max_wait_ms=1)
+    assert batcher.take(timeout=0.05) == []
+
+
+def test_newest_frame_wins_and_keeps_its_place() -> None:
+    batcher: DynamicBatcher[str] = DynamicBatcher(max_batch=8, max_wait_ms=0)
+    batcher.put("cam0", "cam0#1", now=10.0)
+    batcher.put("cam1", "cam1#1", now=10.1)
+    batcher.put("cam0", "cam0#2", now=10.2)
+    assert batcher.dropped == 1
+    assert batcher.take(timeout=1) == ["cam0#2", "cam1#1"]
+
+
+def test_keep_all_frames_and_capacity() -> None:
+    batcher: DynamicBatcher[int] = DynamicBatcher(
+        max_batch=2, max_wait_ms=0, capacity=3, newest_only=False
+    )
+    for i in range(5):
+        batcher.put("cam0", i)
+    assert batcher.dropped == 2  # the two oldest
+    assert batcher.take(timeout=1) == [2, 3]
+    assert batcher.take(timeout=1) == [4]
+
+
+@pytest.mark.parametrize("newest_only", [True, False])
+def test_nothing_lost_or_doubled_when_consumer_keeps_up(newest_only: bool) -> None:
+    batcher: DynamicBatcher[tuple[str, int]] = DynamicBatcher(
+        max_batch=8, max_wait_ms=1, capacity=512, newest_only=newest_only
+    )
+    cameras, per_camera = 4, 200
+    received: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set() or len(batcher):
+            received.extend(batcher.take(timeout=0.05))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    for seq in range(per_camera):
+        for cam in range(cameras):
+            batcher.put(f"cam{cam}", (f"cam{cam}", seq))
+        # Not overloaded: a camera's next frame comes after its previous one was taken.
+        deadline = time.monotonic() + 5
+        while len(batcher) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+    done.set()
+    consumer.join(timeout=10)
+    assert sorted(received) == sorted(
+        (f"cam{c}", s) for c in range(cameras) for s in range(per_camera)
+    )
+    assert batcher.dropped == 0
+
+
+def test_bad_settings_refused() -> None:
+    with pytest.raises(ValueError):
+        DynamicBatcher(max_batch=0)
+    with pytest.raises(ValueError):
+        DynamicBatcher(max_batch=4, capacity=2)
