@@ -28,8 +28,8 @@ class DynamicBatcher(Generic[T]):
     def __init__(
         self,
         *,
-        max_batch: int = 8,
-        max_wait_ms: float = 2.0,
+        max_batch: int = 4,
+        max_wait_ms: float = 1.0,
         capacity: int = 256,
         newest_only: bool = True,
     ) -> None:

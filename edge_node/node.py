@@ -51,8 +51,8 @@ class EdgeNode:
         topics: Topics | None = None,
         threads: int = 1,
         queue_size: int = 64,
-        max_batch: int = 8,
-        max_wait_ms: float = 2.0,
+        max_batch: int = 4,
+        max_wait_ms: float = 1.0,
         newest_only: bool = True,
     ) -> None:
         try:

@@ -165,6 +165,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate.run(args)
 
 
+def cmd_bench_batching(args: argparse.Namespace) -> int:
+    from edvit.bench import bench_batching
+    from edvit.demo import DEFAULT_BUNDLE
+
+    bench_batching(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, args.cameras, args.fps,
+        args.seconds, Path(args.json) if args.json else None,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
     from edvit.models import cli as build_cli
@@ -211,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames waiting at most; the oldest is dropped beyond this",
     )  # fmt: skip
     p.add_argument(
-        "--max-batch", type=_positive_int, default=8,
+        "--max-batch", type=_positive_int, default=4,
         help="run a batch when this many frames wait (1 = batching off)",
     )  # fmt: skip
     p.add_argument(
-        "--max-wait-ms", type=_non_negative_float, default=2.0,
+        "--max-wait-ms", type=_non_negative_float, default=1.0,
         help="or when the oldest waiting frame has waited this long",
     )  # fmt: skip
     p.add_argument(
@@ -247,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", default="+", help="only this camera")
     p.add_argument("--count", type=_positive_int, help="exit after this many predictions")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = add("bench", cmd_bench_batching, "benchmarks of the node (see `edvit bench batching -h`)")
+    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    p = benches.add_parser(
+        "batching", parents=[common], help="K simulated cameras against one node",
+        description="K simulated cameras against one node, batching off and on",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_batching)
+    p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
+    p.add_argument("--cameras", type=_positive_int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--fps", type=_positive_float, default=30.0, help="frames per second per camera")
+    p.add_argument("--seconds", type=_positive_float, default=8.0, help="measured time per run")
+    p.add_argument("--json", help="also write the results here")
 
     p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")
     p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")

@@ -64,8 +64,10 @@ class LocalFleet:
                     f"{name} exited with code {process.returncode}:\n{self.log_tail(name)}"
                 )
 
-    def wait_ready(self, plan: PlanMsg, timeout: float = 60.0) -> None:
-        """Wait until every node in the plan and the aggregator report ready for this plan."""
+    def wait_ready(
+        self, plan: PlanMsg, timeout: float = 60.0, include_aggregator: bool = True
+    ) -> None:
+        """Wait until every node in the plan (and the aggregator) report ready for this plan."""
         statuses: queue.Queue[tuple[str, StatusMsg]] = queue.Queue()
 
         def on_status(topic: str, payload: bytes) -> None:
@@ -74,7 +76,8 @@ class LocalFleet:
                 statuses.put((topic, status))
 
         waiting = {self.topics.node_status(node) for node in plan.assignments}
-        waiting.add(self.topics.aggregator_status())
+        if include_aggregator:
+            waiting.add(self.topics.aggregator_status())
         probe = MqttClient(f"edvit-fleet-probe-{os.getpid()}", self.broker_url, logger=log)
         probe.route(self.topics.all_node_statuses(), on_status, qos=1)
         probe.route(self.topics.aggregator_status(), on_status, qos=1)
