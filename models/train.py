@@ -1,5 +1,6 @@
 """Plain, seeded training loops: AdamW, per-step cosine learning rate with a short warm-up,
-optional label smoothing, a tqdm bar per epoch on stderr."""
+optional label smoothing or a caller's loss (knowledge distillation), a tqdm bar per epoch on
+stderr."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 Forward = Callable[..., torch.Tensor]
+# loss(outputs, labels, *per-sample targets) for one batch
+Criterion = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,16 @@ def fit(
     labels: torch.Tensor,
     config: TrainConfig,
     desc: str,
+    *,
+    criterion: Criterion | None = None,
+    targets: Sequence[torch.Tensor] = (),
 ) -> list[float]:
     """Train ``module`` so that ``forward(*batch_inputs)`` predicts ``labels``.
 
-    Returns the mean training loss of each epoch. The data order depends only on the seed.
+    The loss is cross-entropy (with the config's label smoothing) unless ``criterion`` is
+    given: then it is ``criterion(outputs, labels, *batch_targets)``, ``targets`` being extra
+    per-sample tensors (e.g. a teacher's logits). Returns the mean training loss of each
+    epoch. The data order depends only on the seed.
     """
     n = len(labels)
     if n == 0 or config.epochs <= 0:
@@ -71,7 +80,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_lr(step, total, warmup)
     )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    loss_fn = criterion or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     history: list[float] = []
@@ -88,7 +97,8 @@ def fit(
         )
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            loss = loss_fn(forward(*(x[idx] for x in inputs)), labels[idx])
+            outputs = forward(*(x[idx] for x in inputs))
+            loss = loss_fn(outputs, labels[idx], *(t[idx] for t in targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -118,3 +128,53 @@ def predict(
     for start in bar:
         outputs.append(forward(images[start : start + batch_size]).numpy())
     return np.concatenate(outputs)
+
+
+def fold_log_probs(
+    logits: torch.Tensor, subset: Sequence[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities of the sub-task: each class of ``subset``, then 'other'.
+
+    'other' is the total probability of every class outside ``subset`` (a log-sum-exp of
+    their log-probabilities); with no class outside, there is no 'other' column.
+    """
+    log_probs = torch.log_softmax(logits / temperature, dim=1)
+    own = log_probs[:, list(subset)]
+    rest = [c for c in range(logits.shape[1]) if c not in set(subset)]
+    if not rest:
+        return own
+    other = torch.logsumexp(log_probs[:, rest], dim=1, keepdim=True)
+    return torch.cat([own, other], dim=1)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """alpha * CE(sub-task labels) + (1 - alpha) * T^2 * KL(teacher || student), on the
+    sub-task's folded probabilities (``fold_log_probs``) of 10-way student/teacher logits."""
+
+    subset: tuple[int, ...]
+    alpha: float = 0.5
+    temperature: float = 2.0
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> torch.Tensor:
+        ce = nn.functional.nll_loss(fold_log_probs(logits, self.subset), labels)
+        t = self.temperature
+        student = fold_log_probs(logits, self.subset, t)
+        teacher = fold_log_probs(teacher_logits, self.subset, t)
+        kl = nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        return self.alpha * ce + (1.0 - self.alpha) * t * t * kl
+
+
+@dataclass(frozen=True)
+class SubtaskCrossEntropy:
+    """Cross-entropy of the sub-task labels on folded probabilities (the pruning criterion's
+    loss: at the start the student is the teacher, so a distillation loss has no gradient)."""
+
+    subset: tuple[int, ...]
+
+    def __call__(
+        self, logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        return nn.functional.nll_loss(fold_log_probs(logits, self.subset), batch[1])
