@@ -4,10 +4,13 @@ that turns it into a feature extractor, and the fusion MLP."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from edvit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,64 @@ def make_vit(size: str, img_size: int, in_chans: int, num_classes: int) -> Visio
         drop_rate=0.0,
         drop_path_rate=0.0,
     )
+
+
+def check_patch_size(size: str, height: int, width: int) -> None:
+    """A ConfigError unless the preset's patch size tiles a ``height`` x ``width`` image."""
+    patch = SIZES[size].patch_size
+    if height != width:
+        raise ConfigError(f"only square images are supported, got {height}x{width}")
+    if height % patch:
+        raise ConfigError(
+            f"image size {height}x{width} is not a multiple of ViT size {size!r}'s patch "
+            f"size {patch}: resize the images or choose another --size"
+        )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict saved with torch.save, bare or under a "state_dict" / "model" key."""
+    try:
+        raw = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {path} not found") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"checkpoint {path} is not a torch state_dict: {first}") from None
+    if isinstance(raw, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(raw.get(key), dict):
+                raw = raw[key]
+                break
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ConfigError(f"checkpoint {path} holds no state_dict of tensors")
+    return raw
+
+
+def load_checkpoint(
+    path: str | Path, size: str, img_size: int, in_chans: int, num_classes: int
+) -> VisionTransformer:
+    """The ViT of preset ``size`` with the weights of checkpoint ``path``; a one-line
+    ConfigError naming the first missing, unexpected or mis-shaped tensor otherwise."""
+    state = read_state_dict(path)
+    vit = make_vit(size, img_size, in_chans, num_classes)
+    expected = vit.state_dict()
+    where = (
+        f"checkpoint {path} does not match ViT size {size!r} for {img_size}x{img_size}x{in_chans}"
+    )
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ConfigError(f"{where}: {len(missing)} tensors missing, first {missing[0]}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ConfigError(f"{where}: unexpected tensor {unexpected[0]}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"{where}: {key} is {list(state[key].shape)} in the checkpoint but "
+                f"{list(tensor.shape)} in the model"
+            )
+    vit.load_state_dict(state)
+    return vit.eval()
 
 
 def architecture_name(size: str, img_size: int, in_chans: int) -> str:
