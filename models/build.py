@@ -1,54 +1,105 @@
-"""`edvit build`: train the original ViT, split it into class-specific sub-models, train the
-fusion MLP, export everything to ONNX and write a verified bundle with its report.
+"""`edvit build`: the ED-ViT pipeline. Train (or load) the original ViT, split its classes over
+N devices, prune one class-specific sub-model per subset, fine-tune it with distillation,
+place the sub-models on the devices, train the fusion MLP, export everything to ONNX and
+write a verified bundle with its report.
 
-No pruning yet: every sub-model is a full copy of the original, fine-tuned to tell its own
-classes apart from 'other' (every class outside its subset).
+Sub-models (``make_submodel``). For a class subset S, the data is every training image of S
+plus an equal-sized sample of 'other' images; its task is |S| classes + 'other'. A sub-model
+keeps the original's 10-way head during training and reads it *folded* to the sub-task
+(``train.fold_log_probs``: the classes of S, then 'other' = the sum of the rest), so the
+teacher and the student speak the same sub-task with no new head to learn.
 
-Preprocessing: one grey channel at the dataset's own size, normalised with the mean and std
-of the training images (computed here, stored in the manifest), through
+1. Branch dropping. The original's heads and MLP neurons are scored on the subset's data
+   (first-order Taylor, ``prune.score_units``) with the *sub-task cross-entropy*: at this
+   point the student is the teacher, so a distillation loss would have zero gradient. Whole
+   attention / MLP branches with the lowest summed scores are removed until
+   ``keep_branches`` remain (default ``max(2, floor(2 * branches / N))``, at least one
+   attention branch). Why: on the ORT CPU runtime at batch 1 the latency of these small ViTs
+   is mostly per-operator overhead (measured: the 'small' preset pruned to 1/10 of its
+   parameters but keeping all 12 branches is only 2.3x faster; keeping 4 branches 4.7x), so
+   the latency target (original / slowest sub-model >= N/2) needs fewer operators, not only
+   fewer parameters.
+2. Parameter budget. Then ``prune.iterative_prune`` removes heads and neurons (ranked by
+   Taylor score per parameter freed) and embedding channels in ``prune_steps`` geometric
+   steps down to ``param_budget`` (default ``floor(0.95 * original_params / N)``: every
+   sub-model is at least N times smaller and their sum stays below the original), with
+   ``recover_epochs`` of distillation fine-tuning after each step. The embedding keeps
+   ``embed_keep_ratio`` of its channels (by N: 1.0 up to 2 devices, 0.75 up to 4, else 0.5),
+   narrowed further if the budget cannot be met otherwise.
+3. Recovery. ``sub_epochs`` of fine-tuning with knowledge distillation from the original:
+   ``alpha * CE + (1 - alpha) * T^2 * KL`` on the folded probabilities (``train.Distillation``).
+
+Placement. Each exported sub-model is an item (ONNX file MB, measured ORT latency at batch 1,
+one thread) for ``assignment.assign`` on the inventory (``--devices`` file or N identical
+devices). When nothing fits, ``assignment.shrink_budgets`` gives smaller memory budgets; the
+sub-models concerned are pruned again from the original to the matching parameter budget
+(MB over the sub-model's bytes per parameter) and retrained, up to ``budget_rounds`` times.
+
+Fusion. The MLP over the concatenated features is trained with whole sub-model blocks dropped
+at random (``fusion_drop_prob``), so the fleet still answers with a node down.
+
+Preprocessing: the dataset's own channels (grey or RGB) and size, normalised with the
+per-channel mean and std of the training images, through
 ``edvit.preprocess.dataset_to_model_input`` exactly as the edge nodes do.
-
-Evaluation runs the exported ONNX files through ``edvit.inference`` on the full test split.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 import edvit
-from edvit.bundle import MANIFEST_NAME, REPORT_NAME, Bundle, Manifest, sha256_file
+from edvit.bundle import ASSIGNMENT_NAME, MANIFEST_NAME, REPORT_NAME, Bundle, Manifest, sha256_file
 from edvit.datasets import Dataset, load_dataset
 from edvit.errors import ConfigError
-from edvit.inference import Classifier, FeatureExtractor, OfflinePredictor
+from edvit.inference import FeatureExtractor
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import Preprocessing
 
+from .assignment import Assignment, Infeasible, Item, assign, shrink_budgets
+from .devices import Inventory, identical_devices, load_inventory
 from .export import export_fusion, export_image_model
-from .train import TrainConfig, fit, predict, set_threads
+from .prune import PruneSpec, describe, full_spec, iterative_prune, prune_vit, score_units
+from .train import (
+    Distillation,
+    SubtaskCrossEntropy,
+    TrainConfig,
+    fit,
+    fold_log_probs,
+    predict,
+    set_threads,
+)
 from .vit import (
     SIZES,
     FusionMLP,
     SubModel,
     architecture_name,
+    check_patch_size,
     count_params,
+    load_checkpoint,
     make_vit,
-    replace_head,
 )
 
 ORIGINAL_FILE = "original.onnx"
+ORIGINAL_WEIGHTS = "original.pt"  # the original's state_dict, for --checkpoint reuse
 FUSION_FILE = "fusion.onnx"
 SUBMODEL_DIR = "submodels"
 PARITY_SAMPLES = 64
 EVAL_BATCH = 500
+SCORE_BATCHES = 8  # batches of scoring data per Taylor importance estimate
+SCORE_BATCH_SIZE = 128
+BUDGET_SHARE = 0.95  # default budget: this share of original_params / N
+MIN_EMBED = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +108,8 @@ class BuildSettings:
 
     dataset: str
     num_devices: int = 3
+    devices_file: str | None = None
+    checkpoint: str | None = None
     size: str = "test"
     epochs: int = 20
     sub_epochs: int = 5
@@ -67,18 +120,28 @@ class BuildSettings:
     fusion_lr: float = 2e-3
     label_smoothing: float = 0.1
     fusion_hidden: int = 256
-    fusion_drop_prob: float = 0.0
+    fusion_drop_prob: float = 0.25
+    param_budget: int | None = None  # per sub-model; default floor(0.95 * original / N)
+    embed_keep_ratio: float | None = None  # default by N (default_embed_keep_ratio)
+    keep_branches: int | None = None  # default by N (default_keep_branches)
+    prune_steps: int = 2
+    recover_epochs: int = 1
+    kd_alpha: float = 0.5
+    kd_temperature: float = 2.0
+    budget_rounds: int = 3
+    latency_runs: int = 50
     seed: int = 0
     threads: int | None = None
     data_dir: str | None = None
     command: tuple[str, ...] = field(default=())
 
 
-# Digits: ~17 s for CI and integration tests. Fashion-MNIST: ~18 min on 2 (shared) cores; the
-# shipped bundle models/bundles/fashion-mnist-3 was built with these defaults.
+# Digits: a few seconds for CI and the integration tests. Fashion-MNIST: see benchmarks/ed_vit.py.
 DEFAULTS: dict[str, dict[str, object]] = {
     "digits": dict(size="test", epochs=20, sub_epochs=4, fusion_epochs=30, batch_size=32, lr=3e-3),
     "fashion-mnist": dict(size="small", epochs=8, sub_epochs=2, fusion_epochs=10, batch_size=128),
+    "cifar10": dict(size="small", epochs=10, sub_epochs=2, fusion_epochs=10, batch_size=128),
+    "imagefolder": dict(size="small", epochs=10, sub_epochs=2, fusion_epochs=10, batch_size=64),
 }
 
 
@@ -107,17 +170,33 @@ def split_classes(num_classes: int, num_devices: int) -> list[tuple[int, ...]]:
     ]
 
 
+def default_param_budget(original_params: int, num_devices: int) -> int:
+    return math.floor(BUDGET_SHARE * original_params / num_devices)
+
+
+def default_embed_keep_ratio(num_devices: int) -> float:
+    if num_devices <= 2:
+        return 1.0
+    return 0.75 if num_devices <= 4 else 0.5
+
+
+def default_keep_branches(total_branches: int, num_devices: int) -> int:
+    return max(2, min(total_branches, math.floor(2 * total_branches / num_devices)))
+
+
 def compute_preprocessing(train: Dataset) -> Preprocessing:
-    if train.images.ndim != 3:
-        raise ConfigError(f"{train.name}: only grey datasets are supported by edvit build")
-    pixels = train.images.astype(np.float64) / 255.0
-    _, height, width = train.images.shape
+    """Channels and size from the data; per-channel mean and std of the training images."""
+    images = train.images
+    if images.ndim == 3:
+        images = images[..., None]
+    _, height, width, channels = images.shape
+    pixels = images.reshape(-1, channels).astype(np.float64) / 255.0
     return Preprocessing(
-        channels=1,
+        channels=channels,
         height=height,
         width=width,
-        mean=(float(pixels.mean()),),
-        std=(float(max(pixels.std(), 1e-6)),),
+        mean=tuple(float(m) for m in pixels.mean(axis=0)),
+        std=tuple(float(max(s, 1e-6)) for s in pixels.std(axis=0)),
         interpolation="area",
     )
 
@@ -125,14 +204,18 @@ def compute_preprocessing(train: Dataset) -> Preprocessing:
 def validate(settings: BuildSettings) -> None:
     if settings.size not in SIZES:
         raise ConfigError(f"unknown --size {settings.size!r}: choose one of {', '.join(SIZES)}")
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "prune_steps", "budget_rounds"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("sub_epochs", "fusion_epochs"):
+    for name in ("sub_epochs", "fusion_epochs", "recover_epochs"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
     if settings.threads is not None and settings.threads < 1:
         raise ConfigError("--threads must be at least 1")
+    if not 0.0 <= settings.fusion_drop_prob < 1.0:
+        raise ConfigError("--fusion-drop-prob must be in [0, 1)")
+    if settings.embed_keep_ratio is not None and not 0.0 < settings.embed_keep_ratio <= 1.0:
+        raise ConfigError("--embed-keep-ratio must be in (0, 1]")
 
 
 def own_task_labels(labels: np.ndarray, subset: tuple[int, ...]) -> np.ndarray:
@@ -149,6 +232,8 @@ def balanced_subset_indices(
     """All images of ``subset`` plus an 'other' sample as large as one of its classes on average."""
     own = np.flatnonzero(np.isin(labels, subset))
     other = np.flatnonzero(~np.isin(labels, subset))
+    if len(other) == 0:
+        return own
     n_other = min(len(other), max(1, len(own) // len(subset)))
     return np.sort(np.concatenate([own, rng.choice(other, n_other, replace=False)]))
 
@@ -160,7 +245,14 @@ def prepare_out_dir(out: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ConfigError(f"--out {out} is not empty; pass --force to overwrite the bundle")
-        for name in (MANIFEST_NAME, REPORT_NAME, ORIGINAL_FILE, FUSION_FILE):
+        for name in (
+            MANIFEST_NAME,
+            REPORT_NAME,
+            ASSIGNMENT_NAME,
+            ORIGINAL_FILE,
+            ORIGINAL_WEIGHTS,
+            FUSION_FILE,
+        ):
             (out / name).unlink(missing_ok=True)
         sub_dir = out / SUBMODEL_DIR
         if sub_dir.is_dir():
@@ -173,10 +265,223 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def batched(fn, images: np.ndarray) -> np.ndarray:  # noqa: ANN001 - any batch callable
+def batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
     return np.concatenate(
         [fn(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)]
     )
+
+
+def train_config(settings: BuildSettings, epochs: int, lr: float, seed_offset: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=settings.batch_size,
+        lr=lr,
+        label_smoothing=settings.label_smoothing,
+        seed=settings.seed + seed_offset,
+    )
+
+
+def load_inventory_for(settings: BuildSettings) -> Inventory:
+    """The --devices file's inventory, or --num-devices identical devices."""
+    if settings.devices_file is not None:
+        return load_inventory(settings.devices_file)
+    return identical_devices(settings.num_devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The original
+
+
+def make_original(
+    settings: BuildSettings,
+    pp: Preprocessing,
+    num_classes: int,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    loaded: VisionTransformer | None,
+) -> VisionTransformer:
+    """The --checkpoint's ViT (``loaded``), or a new one trained on every class."""
+    if loaded is not None:
+        log(f"the original ViT is {settings.checkpoint} ({count_params(loaded)} params)")
+        return loaded
+    vit = make_vit(settings.size, pp.height, pp.channels, num_classes)
+    log(f"training the original ViT ({count_params(vit)} params, {settings.epochs} epochs)")
+    config = train_config(settings, settings.epochs, settings.lr, 0)
+    fit(vit, vit, [x_train], y_train, config, "original")
+    return vit.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-models: prune, recover, fine-tune
+
+
+@dataclass(frozen=True)
+class SubsetData:
+    """One subset's training data: images, sub-task labels and the teacher's 10-way logits."""
+
+    subset: tuple[int, ...]
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor
+
+
+def subset_data(
+    subset: tuple[int, ...],
+    x_train: torch.Tensor,
+    labels: np.ndarray,
+    teacher_logits: torch.Tensor,
+    rng: np.random.Generator,
+) -> SubsetData:
+    chosen = balanced_subset_indices(labels, subset, rng)
+    index = torch.from_numpy(chosen)
+    return SubsetData(
+        subset=subset,
+        images=x_train[index],
+        labels=torch.from_numpy(own_task_labels(labels[chosen], subset)),
+        teacher_logits=teacher_logits[index],
+    )
+
+
+def scoring_batches(data: SubsetData, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A few random batches of the subset's data for one importance estimate."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.labels), generator=generator)
+    for b in range(SCORE_BATCHES):
+        idx = order[b * SCORE_BATCH_SIZE : (b + 1) * SCORE_BATCH_SIZE]
+        if len(idx) == 0:
+            return
+        yield data.images[idx], data.labels[idx]
+
+
+def branch_spec(
+    vit: VisionTransformer, heads: list[torch.Tensor], mlp: list[torch.Tensor], keep: int
+) -> PruneSpec:
+    """Keep the ``keep`` branches (attention or MLP of a block) with the highest summed
+    Taylor scores, at least one of them attention; every unit of a kept branch stays."""
+    spec = full_spec(vit)
+    branches = [(float(s.sum()), "heads", b) for b, s in enumerate(heads) if len(s)]
+    branches += [(float(s.sum()), "mlp", b) for b, s in enumerate(mlp) if len(s)]
+    branches.sort(key=lambda branch: branch[0], reverse=True)
+    kept = branches[:keep]
+    if not any(kind == "heads" for _, kind, _ in kept):
+        best_attention = next(branch for branch in branches if branch[1] == "heads")
+        kept = [*kept[: max(0, keep - 1)], best_attention]
+    chosen = {(kind, b) for _, kind, b in kept}
+    for _, kind, b in branches:
+        if (kind, b) not in chosen:
+            getattr(spec, kind)[b] = []
+    return spec
+
+
+def count_branches(vit: VisionTransformer) -> int:
+    arch = describe(vit)
+    return sum(int(blk["heads"] > 0) + int(blk["mlp"] > 0) for blk in arch["blocks"])
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """How far to prune one sub-model."""
+
+    param_budget: int
+    embed_keep_ratio: float
+    keep_branches: int
+
+
+def make_submodel(
+    original: VisionTransformer,
+    data: SubsetData,
+    plan: PrunePlan,
+    settings: BuildSettings,
+    seed_offset: int,
+    name: str,
+) -> VisionTransformer:
+    """Prune ``original`` for ``data``'s sub-task to ``plan`` and fine-tune it (see module doc).
+
+    Raises ValueError when the budget cannot be met even with the narrowest embedding.
+    """
+    criterion = Distillation(data.subset, settings.kd_alpha, settings.kd_temperature)
+    score_loss = SubtaskCrossEntropy(data.subset)
+
+    def tune(vit: VisionTransformer, epochs: int, what: str) -> VisionTransformer:
+        config = train_config(settings, epochs, settings.sub_lr, seed_offset)
+        fit(vit, vit, [data.images], data.labels, config, f"{name} {what}",
+            criterion=criterion, targets=[data.teacher_logits])  # fmt: skip
+        return vit.eval()
+
+    importance = score_units(
+        original, scoring_batches(data, settings.seed), score_loss, embed=False
+    )
+    spec = branch_spec(original, importance.heads, importance.mlp, plan.keep_branches)
+    vit = prune_vit(original, spec)
+    if count_branches(vit) < count_branches(original):
+        vit = tune(vit, settings.recover_epochs, "recover")
+    step = iter(range(1, 1000))
+    embed_ratio = plan.embed_keep_ratio
+    while True:
+        try:
+            vit = iterative_prune(
+                vit,
+                lambda: scoring_batches(data, settings.seed + next(step)),
+                score_loss,
+                param_budget=plan.param_budget,
+                steps=settings.prune_steps,
+                embed_keep_ratio=embed_ratio,
+                min_embed=MIN_EMBED,
+                recover=lambda v: tune(v, settings.recover_epochs, "recover"),
+            )
+            break
+        except ValueError:
+            narrower = max(MIN_EMBED / int(vit.embed_dim), embed_ratio * 0.75)
+            if narrower >= embed_ratio:
+                raise
+            log(f"{name}: budget {plan.param_budget} needs a narrower embedding ({narrower:.2f})")
+            embed_ratio = narrower
+    return tune(vit, settings.sub_epochs, "fine-tune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement
+
+
+def measure_items(
+    out: Path, ids: list[str], files: list[str], input_shape: tuple[int, ...], runs: int
+) -> list[Item]:
+    from .evaluate import measure_latency_ms
+
+    return [
+        Item(
+            id=sid,
+            memory_mb=(out / rel).stat().st_size / 1e6,
+            latency_ms=measure_latency_ms(out / rel, input_shape, runs=runs, warmup=10, threads=1),
+        )
+        for sid, rel in zip(ids, files, strict=True)
+    ]
+
+
+def budget_from_mb(budget_mb: float, file_bytes: int, params: int) -> int:
+    """A parameter budget for ``budget_mb`` at the sub-model's own bytes per parameter."""
+    bytes_per_param = file_bytes / max(1, params)
+    return int(budget_mb * 1e6 / bytes_per_param)
+
+
+def write_assignment(out: Path, inventory: Inventory, placed: Assignment) -> None:
+    document = {
+        "devices": [d.model_dump() for d in inventory.devices],
+        "assignments": {k: list(v) for k, v in placed.as_plan_assignments().items()},
+        "makespan_ms": placed.makespan_ms,
+        "loads_ms": placed.loads_ms,
+        "memory_used_mb": placed.memory_used_mb,
+    }
+    (out / ASSIGNMENT_NAME).write_text(json.dumps(document, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+
+
+def feature_params(vit: VisionTransformer) -> int:
+    """Parameters of the exported feature extractor (the training head is not shipped)."""
+    return count_params(vit) - count_params(vit.head)
 
 
 def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = False) -> dict:
@@ -185,95 +490,117 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     out = Path(out)
     started = time.time()
     threads = set_threads(settings.threads)
-    log(f"{settings.dataset}: loading train and test splits")
+    inventory = load_inventory_for(settings)
+    num_devices = len(inventory.devices)
     train = load_dataset(settings.dataset, "train", settings.data_dir)
     test = load_dataset(settings.dataset, "test", settings.data_dir)
     class_names = train.class_names
     num_classes = len(class_names)
-    subsets = split_classes(num_classes, settings.num_devices)
-    prepare_out_dir(out, force)
-
+    subsets = split_classes(num_classes, num_devices)
     pp = compute_preprocessing(train)
-    if pp.height != pp.width:
-        raise ConfigError(f"{settings.dataset}: only square images are supported")
+    check_patch_size(settings.size, pp.height, pp.width)
+    loaded = None  # checked before any output, so that a wrong checkpoint fails in one line
+    if settings.checkpoint is not None:
+        loaded = load_checkpoint(
+            settings.checkpoint, settings.size, pp.height, pp.channels, num_classes
+        )
+    prepare_out_dir(out, force)
+    log(f"{settings.dataset}: {len(train)} train and {len(test)} test images, N={num_devices}")
+
     x_train_np = dataset_to_model_input(train.images, pp)
     x_test_np = dataset_to_model_input(test.images, pp)
     x_train = torch.from_numpy(x_train_np)
     y_train = torch.from_numpy(train.labels)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    timings: dict[str, float] = {}
 
-    def config(epochs: int, lr: float, seed_offset: int) -> TrainConfig:
-        return TrainConfig(
-            epochs=epochs,
-            batch_size=settings.batch_size,
-            lr=lr,
-            label_smoothing=settings.label_smoothing,
-            seed=settings.seed + seed_offset,
-        )
+    # 1. The original ViT on all classes (trained, or the user's checkpoint).
+    mark = time.time()
+    vit = make_original(settings, pp, num_classes, x_train, y_train, loaded)
+    torch.save(vit.state_dict(), out / ORIGINAL_WEIGHTS)
+    timings["original"] = time.time() - mark
+    original_params = count_params(vit)
+    teacher_logits = torch.from_numpy(predict(vit, x_train, desc="teacher logits"))
 
-    # 1. The original ViT on all classes.
-    vit = make_vit(settings.size, pp.height, pp.channels, num_classes)
-    log(f"training the original ViT ({count_params(vit)} params, {settings.epochs} epochs)")
-    train_start = time.time()
-    fit(vit, vit, [x_train], y_train, config(settings.epochs, settings.lr, 0), "original")
-
-    # 2. One sub-model per class subset: a copy of the original with a (k+1)-way head.
-    submodels: list[SubModel] = []
+    # 2. One pruned, distilled sub-model per class subset.
+    mark = time.time()
     ids = [f"sub{i}" for i in range(len(subsets))]
-    for i, subset in enumerate(subsets):
-        sub_vit = copy.deepcopy(vit)
-        replace_head(sub_vit, len(subset) + 1)
-        sub = SubModel(sub_vit)
-        chosen = balanced_subset_indices(train.labels, subset, rng)
-        labels = torch.from_numpy(own_task_labels(train.labels[chosen], subset))
-        log(f"fine-tuning {ids[i]} on classes {list(subset)} + other ({len(chosen)} images)")
-        fit(
-            sub,
-            sub.logits,
-            [x_train[chosen]],
-            labels,
-            config(settings.sub_epochs, settings.sub_lr, i + 1),
-            ids[i],
-        )
-        submodels.append(sub)
+    data = [subset_data(s, x_train, train.labels, teacher_logits, rng) for s in subsets]
+    total_branches = count_branches(vit)
+    plan = PrunePlan(
+        param_budget=settings.param_budget or default_param_budget(original_params, num_devices),
+        embed_keep_ratio=settings.embed_keep_ratio or default_embed_keep_ratio(num_devices),
+        keep_branches=settings.keep_branches or default_keep_branches(total_branches, num_devices),
+    )
+    plans = {sid: plan for sid in ids}
+    log(f"pruning plan per sub-model: {asdict(plan)} (original {original_params} params)")
 
-    # 3. Fusion MLP on the cached features of every training image.
-    feature_dims = tuple(s.feature_dim for s in submodels)
-    train_features = np.concatenate(
-        [
-            predict(s, x_train, desc=f"{sid} features")
-            for s, sid in zip(submodels, ids, strict=True)
-        ],
-        axis=1,
-    )
-    fusion = FusionMLP(
-        feature_dims, num_classes, settings.fusion_hidden, drop_prob=settings.fusion_drop_prob
-    )
-    present = torch.ones(len(train_features), len(submodels))
-    log(f"training the fusion MLP ({count_params(fusion)} params, {settings.fusion_epochs} epochs)")
-    fit(
-        fusion,
-        fusion,
-        [torch.from_numpy(train_features), present],
-        y_train,
-        config(settings.fusion_epochs, settings.fusion_lr, 100),
-        "fusion",
-    )
-    train_seconds = time.time() - train_start
+    def build_one(i: int) -> VisionTransformer:
+        sid = ids[i]
+        log(f"{sid}: classes {list(subsets[i])} + other ({len(data[i].labels)} images)")
+        return make_submodel(vit, data[i], plans[sid], settings, i + 1, sid)
 
-    # 4. Export and parity-check every model on real test inputs.
+    sub_vits = [build_one(i) for i in range(len(subsets))]
+    timings["submodels"] = time.time() - mark
+
+    # 3. Export the sub-models and place them; shrink and rebuild what does not fit.
     sample = x_test_np[:PARITY_SAMPLES]
-    files: dict[str, str] = {}
+    sub_files = [f"{SUBMODEL_DIR}/{sid}.onnx" for sid in ids]
     parity: dict[str, float] = {}
     exporters: dict[str, str] = {}
+
+    def export_sub(i: int) -> None:
+        rel = sub_files[i]
+        exporters[rel], parity[rel] = export_image_model(
+            SubModel(sub_vits[i]), out / rel, sample, features=True
+        )
+
+    mark = time.time()
+    for i in range(len(subsets)):
+        export_sub(i)
+    image_shape = (1, pp.channels, pp.height, pp.width)
+    rounds: list[dict] = []
+    for round_index in range(settings.budget_rounds + 1):
+        items = measure_items(out, ids, sub_files, image_shape, settings.latency_runs)
+        try:
+            placed = assign(items, inventory)
+            break
+        except Infeasible as exc:
+            if round_index == settings.budget_rounds:
+                raise
+            budgets_mb = shrink_budgets(items, inventory, exc)
+            rounds.append({"infeasible": str(exc), "budgets_mb": budgets_mb})
+            log(f"placement: {exc}; shrinking {sorted(budgets_mb)}")
+            for sid, mb in budgets_mb.items():
+                i = ids.index(sid)
+                params = budget_from_mb(
+                    mb, (out / sub_files[i]).stat().st_size, feature_params(sub_vits[i])
+                )
+                params = min(params, plans[sid].param_budget - 1)
+                plans[sid] = PrunePlan(
+                    params, plans[sid].embed_keep_ratio, plans[sid].keep_branches
+                )
+                try:
+                    sub_vits[i] = make_submodel(vit, data[i], plans[sid], settings, i + 1, sid)
+                except ValueError:
+                    log(f"{sid}: cannot be pruned to {params} params")
+                    raise exc from None
+                export_sub(i)
+    write_assignment(out, inventory, placed)
+    timings["placement"] = time.time() - mark
+    submodels = [SubModel(v) for v in sub_vits]
+
+    # 4. Fusion MLP on the cached features of every training image, blocks dropped at random.
+    mark = time.time()
+    fusion = train_fusion(settings, submodels, ids, x_train, y_train, num_classes)
+    timings["fusion"] = time.time() - mark
+
+    # 5. Export the original and the fusion; parity-check on real test inputs.
     log("exporting ONNX files and checking parity with torch")
     exporters[ORIGINAL_FILE], parity[ORIGINAL_FILE] = export_image_model(
         vit, out / ORIGINAL_FILE, sample, features=False
     )
-    sub_files = [f"{SUBMODEL_DIR}/{sid}.onnx" for sid in ids]
-    for sub, rel in zip(submodels, sub_files, strict=True):
-        exporters[rel], parity[rel] = export_image_model(sub, out / rel, sample, features=True)
     with torch.no_grad():
         sample_features = np.concatenate(
             [s(torch.from_numpy(sample)).numpy() for s in submodels], axis=1
@@ -283,15 +610,15 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     exporters[FUSION_FILE], parity[FUSION_FILE] = export_fusion(
         fusion, out / FUSION_FILE, sample_features, sample_present
     )
-    for rel in (ORIGINAL_FILE, *sub_files, FUSION_FILE):
-        files[rel] = sha256_file(out / rel)
+    files = {rel: sha256_file(out / rel) for rel in (ORIGINAL_FILE, *sub_files, FUSION_FILE)}
 
-    # 5. Manifest.
+    # 6. Manifest.
     params = {
-        "original": count_params(vit),
-        "submodels": {sid: count_params(s) for s, sid in zip(submodels, ids, strict=True)},
+        "original": original_params,
+        "submodels": {sid: feature_params(v) for sid, v in zip(ids, sub_vits, strict=True)},
         "fusion": count_params(fusion),
     }
+    architectures = {sid: describe(v) for sid, v in zip(ids, sub_vits, strict=True)}
     manifest = Manifest(
         name=f"{settings.dataset}-{len(subsets)}",
         dataset=settings.dataset,
@@ -303,6 +630,7 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
             "file": ORIGINAL_FILE,
             "architecture": architecture_name(settings.size, pp.height, pp.channels),
             "params": params["original"],
+            "source": settings.checkpoint or "trained",
         },
         submodels=tuple(
             {
@@ -311,12 +639,13 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
                 "file": rel,
                 "feature_dim": s.feature_dim,
                 "params": params["submodels"][sid],
+                "architecture": architectures[sid],
             }
             for sid, subset, rel, s in zip(ids, subsets, sub_files, submodels, strict=True)
         ),
         fusion={
             "file": FUSION_FILE,
-            "feature_dims": feature_dims,
+            "feature_dims": tuple(s.feature_dim for s in submodels),
             "hidden_dim": fusion.hidden_dim,
             "params": params["fusion"],
         },
@@ -328,74 +657,92 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     )
     (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
 
-    # 6. Evaluate the exported files on the full test split, as the fleet would run them.
+    # 7. Evaluate the exported files on the full test split, as the fleet would run them.
+    from .evaluate import evaluate_bundle
+
     log(f"evaluating the ONNX files on {len(test)} test images")
-    report_data = evaluate(out, x_test_np, test.labels, submodels, subsets, threads)
+    mark = time.time()
+    bundle = Bundle.load(out)
+    evaluation = evaluate_bundle(
+        bundle, images=x_test_np, labels=test.labels, threads=1, latency_runs=settings.latency_runs
+    )
+    own = own_task_accuracies(bundle, x_test_np, test.labels, sub_vits, threads)
+    timings["evaluate"] = time.time() - mark
     report = {
+        **evaluation,
         "dataset": settings.dataset,
         "num_devices": len(subsets),
         "test_images": int(len(test)),
-        **report_data,
+        "submodel_accuracy_on_own_task": own,
         "params": params,
+        "architectures": architectures,
+        "prune_plans": {sid: asdict(p) for sid, p in plans.items()},
+        "placement_rounds": rounds,
+        "assignment": json.loads((out / ASSIGNMENT_NAME).read_text()),
         "bytes": {rel: (out / rel).stat().st_size for rel in files},
         "bytes_total": int(sum((out / rel).stat().st_size for rel in files)),
         "onnx_parity_max_abs_diff": parity,
         "onnx_exporter": exporters,
-        "train_seconds": round(train_seconds, 1),
+        "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "train_seconds": round(sum(v for k, v in timings.items() if k != "evaluate"), 1),
         "build_seconds": round(time.time() - started, 1),
         "threads": threads,
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("command",)},
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    acc = report["accuracy"]
-    seconds = report["build_seconds"]
-    log(f"done in {seconds} s: original {acc['original']:.4f}, fused {acc['fused']:.4f}")
+    acc, ratios = report["accuracy"], report["ratios"]
+    log(
+        f"done in {report['build_seconds']} s: original {acc['original']:.4f}, fused "
+        f"{acc['fused']:.4f}, size {ratios['size']:.1f}x, latency {ratios['latency']:.1f}x"
+    )
     return report
 
 
-def evaluate(
-    out: Path,
+def train_fusion(
+    settings: BuildSettings,
+    submodels: list[SubModel],
+    ids: list[str],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    num_classes: int,
+) -> FusionMLP:
+    features = np.concatenate(
+        [
+            predict(s, x_train, desc=f"{sid} features")
+            for s, sid in zip(submodels, ids, strict=True)
+        ],
+        axis=1,
+    )
+    fusion = FusionMLP(
+        tuple(s.feature_dim for s in submodels),
+        num_classes,
+        settings.fusion_hidden,
+        drop_prob=settings.fusion_drop_prob if len(submodels) > 1 else 0.0,
+    )
+    present = torch.ones(len(features), len(submodels))
+    log(f"training the fusion MLP ({count_params(fusion)} params, {settings.fusion_epochs} epochs)")
+    config = train_config(settings, settings.fusion_epochs, settings.fusion_lr, 100)
+    fit(fusion, fusion, [torch.from_numpy(features), present], y_train, config, "fusion")
+    return fusion.eval()
+
+
+def own_task_accuracies(
+    bundle: Bundle,
     images: np.ndarray,
     labels: np.ndarray,
-    submodels: list[SubModel],
-    subsets: list[tuple[int, ...]],
+    sub_vits: list[VisionTransformer],
     threads: int,
-) -> dict:
-    """Accuracies from the exported ONNX files (through edvit.inference) on ``images``.
-
-    A sub-model's own-task accuracy uses its ONNX features and its (k+1)-way training head,
-    applied here in numpy since the head is not part of the exported sub-model.
-    """
-    bundle = Bundle.load(out)
-    original = Classifier(bundle.path(bundle.manifest.original.file), threads)
-    predictor = OfflinePredictor(bundle, threads)
-    blocks = [batched(extract, images) for extract in predictor.extractors]
+) -> dict[str, float]:
+    """Each sub-model's accuracy on its own sub-task: ONNX features through its training head,
+    folded to the subset's classes + 'other'."""
     own: dict[str, float] = {}
-    missing: dict[str, float] = {}
-    for i, (spec, sub, subset) in enumerate(
-        zip(bundle.manifest.submodels, submodels, subsets, strict=True)
-    ):
-        head = sub.vit.head
-        weight = head.weight.detach().numpy()
-        bias = head.bias.detach().numpy()
-        own[spec.id] = accuracy(blocks[i] @ weight.T + bias, own_task_labels(labels, subset))
-        without = [None if j == i else blk for j, blk in enumerate(blocks)]
-        if len(blocks) > 1:
-            missing[spec.id] = accuracy(predictor.fusion(without), labels)
-    fused_logits = np.concatenate(
-        [
-            predictor.fused_logits(images[i : i + EVAL_BATCH])
-            for i in range(0, len(images), EVAL_BATCH)
-        ]
-    )
-    return {
-        "accuracy": {
-            "original": accuracy(batched(original, images), labels),
-            "fused": accuracy(fused_logits, labels),
-        },
-        "submodel_accuracy_on_own_task": own,
-        "fused_accuracy_without_submodel": missing,
-    }
+    for spec, vit in zip(bundle.manifest.submodels, sub_vits, strict=True):
+        features = batched(FeatureExtractor(bundle.path(spec.file), threads), images)
+        with torch.no_grad():
+            logits = vit.head(torch.from_numpy(features))
+            folded = fold_log_probs(logits, spec.classes).numpy()
+        own[spec.id] = accuracy(folded, own_task_labels(labels, tuple(spec.classes)))
+    return own
 
 
 def extract_features(bundle: Bundle, images: np.ndarray, threads: int = 1) -> list[np.ndarray]:
@@ -412,6 +759,7 @@ TINY_DIGITS = dict(size="test", epochs=15, sub_epochs=3, fusion_epochs=20, batch
 def build_tiny_digits_bundle(out: str | Path, **overrides: object) -> dict:
     """A small digits bundle in a few seconds, for tests; returns its report."""
     values = {**TINY_DIGITS, **overrides}
+    force = bool(values.pop("force", False))
     command = ("edvit", "build", "--dataset", "digits", "--out", str(out))
     settings = default_settings("digits", command=command, **values)
-    return build_bundle(settings, out, force=bool(values.get("force", False)))
+    return build_bundle(settings, out, force=force)
