@@ -1,0 +1,164 @@
+"""ED-ViT benchmark: one original ViT, one bundle per device count N, the issue's bars checked.
+
+    python benchmarks/ed_vit.py --dataset fashion-mnist --devices 2 3 5 10 --out runs/ed_vit
+
+The first build trains the original (unless --checkpoint) and saves original.pt; every other
+N reuses it through --checkpoint, so the rows differ only by the split. Writes
+benchmarks/results/ed_vit_<dataset>.json and .md after every N (a partial run keeps what it
+measured) and docs/accuracy_vs_size.png at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from edvit.models.build import ORIGINAL_WEIGHTS, build_bundle, default_settings  # noqa: E402
+from edvit.models.evaluate import plot_accuracy_vs_size  # noqa: E402
+
+MAX_ACCURACY_DROP = 0.01  # fused at most 1.0 point below the original
+MIN_MISSING_ONE_ACCURACY_AT_5 = 0.70
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--devices", type=int, nargs="+", default=[2, 3, 5, 10])
+    parser.add_argument("--out", default="runs/ed_vit", help="folder for the bundles")
+    parser.add_argument("--checkpoint", help="original ViT state_dict to reuse for every N")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--sub-epochs", type=int, default=2)
+    parser.add_argument("--recover-epochs", type=int, default=1)
+    parser.add_argument("--prune-steps", type=int, default=1)
+    parser.add_argument("--fusion-epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--plot", default=str(REPO / "docs" / "accuracy_vs_size.png"))
+    return parser.parse_args(argv)
+
+
+def row_of(n: int, report: dict[str, Any]) -> dict[str, Any]:
+    """The table's figures for one bundle, with a PASS/FAIL per bar of the issue."""
+    acc, ratios = report["accuracy"], report["ratios"]
+    missing = acc["fused_without"]
+    worst_missing = min(missing.values()) if missing else None
+    bars = {
+        "accuracy_within_1_point": acc["fused"] >= acc["original"] - MAX_ACCURACY_DROP,
+        "size_reduction_at_least_n": ratios["size"] >= n and (n != 10 or ratios["size"] >= 10),
+        "latency_reduction_at_least_n_over_2": ratios["latency"] >= n / 2,
+        "sum_params_at_most_original": ratios["sum_params_over_original"] <= 1.0,
+    }
+    if n == 5:
+        bars["missing_one_above_70_percent"] = (
+            worst_missing is not None and worst_missing > MIN_MISSING_ONE_ACCURACY_AT_5
+        )
+    return {
+        "num_devices": n,
+        "original_accuracy": acc["original"],
+        "fused_accuracy": acc["fused"],
+        "delta": acc["fused"] - acc["original"],
+        "size_reduction": ratios["size"],
+        "latency_reduction": ratios["latency"],
+        "sum_params_over_original": ratios["sum_params_over_original"],
+        "worst_missing_one_accuracy": worst_missing,
+        "original_latency_ms": report["original"]["latency_ms"],
+        "slowest_submodel_latency_ms": max(s["latency_ms"] for s in report["submodels"].values()),
+        "build_seconds": report["build_seconds"],
+        "bars": bars,
+    }
+
+
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def markdown(dataset: str, rows: list[dict[str, Any]], command: str, seconds: float) -> str:
+    lines = [
+        f"# ED-ViT on {dataset}",
+        "",
+        f"Command: `{command}` ({seconds / 60:.1f} min wall time so far).",
+        "Latency: ONNX Runtime, batch 1, one thread, median; size: ONNX parameters of the",
+        "original over the largest sub-model.",
+        "",
+        "| N | original acc | fused acc | delta | size red. | latency red. | sum params / orig "
+        "| worst missing-one acc | acc bar | size bar | latency bar | sum bar | missing-one bar |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = r["bars"]
+        worst = r["worst_missing_one_accuracy"]
+        missing_bar = (
+            mark(b["missing_one_above_70_percent"]) if "missing_one_above_70_percent" in b else "-"
+        )
+        lines.append(
+            f"| {r['num_devices']} | {r['original_accuracy']:.4f} | {r['fused_accuracy']:.4f} "
+            f"| {100 * r['delta']:+.2f} pt | {r['size_reduction']:.2f}x "
+            f"| {r['latency_reduction']:.2f}x | {r['sum_params_over_original']:.3f} "
+            f"| {'-' if worst is None else f'{worst:.4f}'} "
+            f"| {mark(b['accuracy_within_1_point'])} | {mark(b['size_reduction_at_least_n'])} "
+            f"| {mark(b['latency_reduction_at_least_n_over_2'])} "
+            f"| {mark(b['sum_params_at_most_original'])} | {missing_bar} |"
+        )
+    lines += [
+        "",
+        "Bars: fused accuracy at most 1.0 point below the original; size reduction >= N (and",
+        ">= 10 at N=10); latency reduction >= N/2; sum of sub-model params <= original; at N=5",
+        "fused accuracy with any one sub-model missing > 70%.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    args: argparse.Namespace, rows: list[dict[str, Any]], command: str, started: float
+) -> None:
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = f"ed_vit_{args.dataset.replace('-', '_')}"
+    seconds = time.time() - started
+    document = {"command": command, "wall_seconds": round(seconds, 1), "rows": rows}
+    (results / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(markdown(args.dataset, rows, command, seconds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/ed_vit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    checkpoint = args.checkpoint
+    rows: list[dict[str, Any]] = []
+    for n in args.devices:
+        out = Path(args.out) / f"{args.dataset}-{n}"
+        print(f"[ed_vit] N={n}: building {out} ({time.time() - started:.0f} s so far)", flush=True)
+        settings = default_settings(
+            args.dataset,
+            num_devices=n,
+            checkpoint=checkpoint,
+            epochs=args.epochs,
+            sub_epochs=args.sub_epochs,
+            recover_epochs=args.recover_epochs,
+            prune_steps=args.prune_steps,
+            fusion_epochs=args.fusion_epochs,
+            threads=args.threads,
+            data_dir=args.data_dir,
+            command=("python", "benchmarks/ed_vit.py", "--devices", str(n)),
+        )
+        report = build_bundle(settings, out, force=True)
+        checkpoint = checkpoint or str(out / ORIGINAL_WEIGHTS)
+        rows.append(row_of(n, report))
+        write_results(args, rows, command, started)
+        print(f"[ed_vit] N={n}: {json.dumps(rows[-1])}", flush=True)
+    plot_accuracy_vs_size(rows, args.plot)
+    print(f"[ed_vit] done in {(time.time() - started) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
