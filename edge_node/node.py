@@ -1,10 +1,11 @@
-"""Edge node agent: loads the sub-models its plan names and publishes one feature vector
-per frame per sub-model.
+"""Edge node agent: loads the models its plan names and publishes one feature vector per
+frame per sub-model.
 
 Network callbacks only decode and enqueue; one worker thread runs inference, so a slow
-model never stalls the MQTT keepalive. Frames from all cameras are batched (one ONNX
-Runtime call per batch per sub-model, see batcher.py); when frames arrive faster than the
-node can serve them, a camera's waiting frame is replaced by its newest one and counted.
+model never stalls the MQTT keepalive. Frames (and, for sliced bundles, tokens) from all
+cameras are batched (batcher.py) and run with one ONNX Runtime call per model per batch
+(runners.py); when requests arrive faster than the node can serve them, a camera's
+waiting request is replaced by its newest one and counted.
 """
 
 from __future__ import annotations
@@ -13,33 +14,88 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from edvit.bundle import sha256_bytes
 from edvit.errors import BadPayload, ConfigError, IntegrityError
-from edvit.inference import FeatureExtractor
 from edvit.mqtt import MqttClient
 from edvit.preprocess import decode_frame, to_model_input
-from edvit.schemas import FeaturesMsg, FrameMsg, ModelMsg, PlanMsg, StatusMsg, decode, encode
+from edvit.schemas import (
+    FeaturesMsg,
+    FrameMsg,
+    ModelMsg,
+    PlanMsg,
+    StatusMsg,
+    StemRef,
+    TokensMsg,
+    decode,
+    encode,
+)
 from edvit.topics import Topics, validate_id
 
 from .batcher import DynamicBatcher
+from .runners import IMAGE_ENTRY, Merged, PerEntry, Request, WholeModels
 
 log = logging.getLogger("edvit.node")
+
+Strategy = Literal["per-entry", "merged"]
+STRATEGIES: tuple[Strategy, ...] = ("per-entry", "merged")
+Runner = WholeModels | PerEntry | Merged
+
+
+def required_models(plan: PlanMsg, node_id: str, strategy: Strategy) -> dict[str, str]:
+    """Model id -> sha256 of every ONNX file this node needs for its share of the plan."""
+    assigned = plan.submodels_of(node_id)
+    if not assigned:
+        return {}
+    stem = plan.stem
+    if stem is None:
+        return {sid: plan.submodel(sid).sha256 for sid in assigned}
+    per_block = StemRef.from_id if strategy == "per-entry" else StemRef.block_id
+    needed = {StemRef.EMBED_ID: stem.slices[StemRef.EMBED_ID]}
+    needed |= {per_block(i): stem.slices[per_block(i)] for i in range(stem.blocks)}
+    needed |= {StemRef.tail_id(sid): stem.tails[sid] for sid in assigned}
+    return needed
+
+
+def make_runner(plan: PlanMsg, assigned: tuple[str, ...], blobs: dict[str, bytes],
+                strategy: Strategy, threads: int) -> Runner:  # fmt: skip
+    stem = plan.stem
+    if stem is None:
+        return WholeModels({sid: blobs[sid] for sid in assigned}, threads)
+    tails = {sid: blobs[StemRef.tail_id(sid)] for sid in assigned}
+    embed = blobs[StemRef.EMBED_ID]
+    if strategy == "per-entry":
+        slices = [blobs[StemRef.from_id(i)] for i in range(stem.blocks)]
+        return PerEntry(embed, slices, tails, threads)
+    return Merged(embed, [blobs[StemRef.block_id(i)] for i in range(stem.blocks)], tails, threads)
 
 
 @dataclass
 class _Loaded:
-    """The plan this node serves and the sub-models it has loaded for it."""
+    """The plan this node serves, the model files it has so far, and the runner once all
+    are in."""
 
     plan: PlanMsg
     assigned: tuple[str, ...]
-    extractors: dict[str, FeatureExtractor] = field(default_factory=dict)
+    required: dict[str, str]
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    runner: Runner | None = None
 
     @property
-    def ready(self) -> bool:
-        return set(self.extractors) == set(self.assigned)
+    def complete(self) -> bool:
+        return set(self.blobs) == set(self.required)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    camera: str
+    seq: int
+    ts: float
+    label: int | None
+    message: FrameMsg | TokensMsg
 
 
 class EdgeNode:
@@ -54,18 +110,19 @@ class EdgeNode:
         max_batch: int = 4,
         max_wait_ms: float = 1.0,
         newest_only: bool = True,
+        strategy: Strategy = "per-entry",
     ) -> None:
         try:
             self.node_id = validate_id("node", node_id)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        try:
-            self._batcher: DynamicBatcher[FrameMsg] = DynamicBatcher(
+            self._batcher: DynamicBatcher[_Pending] = DynamicBatcher(
                 max_batch=max_batch, max_wait_ms=max_wait_ms, capacity=queue_size,
                 newest_only=newest_only,
             )  # fmt: skip
         except ValueError as exc:
-            raise ConfigError(f"node batching: {exc}") from None
+            raise ConfigError(str(exc)) from None
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}: choose {', '.join(STRATEGIES)}")
+        self.strategy = strategy
         self.topics = topics or Topics()
         self.threads = threads
         self.client = MqttClient(
@@ -101,125 +158,161 @@ class EdgeNode:
             if plan is None:
                 self._state = None
             else:
-                assigned = plan.submodels_of(self.node_id)
+                required = required_models(plan, self.node_id, self.strategy)
                 kept = {}
-                if old is not None:  # keep models whose bytes did not change
+                if old is not None:  # keep model files whose bytes did not change
                     kept = {
-                        sid: ex
-                        for sid, ex in old.extractors.items()
-                        if sid in assigned
-                        and old.plan.submodel(sid).sha256 == plan.submodel(sid).sha256
+                        mid: blob
+                        for mid, blob in old.blobs.items()
+                        if required.get(mid) == old.required.get(mid)
                     }
-                self._state = _Loaded(plan, assigned, kept)
-        old_ids = set(old.assigned) if old else set()
-        new_ids = set(self._state.assigned) if self._state else set()
-        for sid in old_ids - new_ids:
-            self.client.unroute(self.topics.model(sid))
+                self._state = _Loaded(plan, plan.submodels_of(self.node_id), required, kept)
+        old_ids = set(old.required) if old else set()
+        new_ids = set(self._state.required) if self._state else set()
+        for model_id in old_ids - new_ids:
+            self.client.unroute(self.topics.model(model_id))
         if plan is None:
             log.info("plan cleared; serving nothing")
             self.client.unroute(self.topics.all_frames())
+            self.client.unroute(self.topics.all_tokens())
             self.client.set_status(StatusMsg(state="online"))
             return
-        if not new_ids:
+        assigned = self._state.assigned if self._state else ()
+        if not assigned:
             log.warning("plan %s assigns nothing to node %s", plan.plan_id, self.node_id)
-        log.info("plan %s: this node serves %s", plan.plan_id, sorted(new_ids) or "nothing")
-        for sid in sorted(new_ids):
-            self.client.route(self.topics.model(sid), self._on_model, qos=1)
-        self._publish_status()
+        log.info(
+            "plan %s: this node serves %s with %d model files (%s)",
+            plan.plan_id, list(assigned) or "nothing", len(new_ids), self.strategy,
+        )  # fmt: skip
+        self._maybe_ready()
+        for model_id in sorted(new_ids):
+            self.client.route(self.topics.model(model_id), self._on_model, qos=1)
 
     def _on_model(self, topic: str, payload: bytes) -> None:
-        submodel_id = self.topics.parts(topic)[1]
+        model_id = self.topics.parts(topic)[1]
         msg = decode(ModelMsg, payload)
         if msg is None:
             return  # model topic cleared; the plan decides what is served
         with self._lock:
             state = self._state
-        if state is None or submodel_id not in state.assigned:
+        if state is None or model_id not in state.required:
             return
-        expected = state.plan.submodel(submodel_id).sha256
+        expected = state.required[model_id]
         actual = sha256_bytes(msg.onnx)
         if actual != expected or msg.sha256 != expected:
             self.counters["models_refused"] += 1
             raise IntegrityError(
-                f"refusing model {submodel_id}: its bytes hash to {actual[:12]}…, "
+                f"refusing model {model_id}: its bytes hash to {actual[:12]}…, "
                 f"the plan says {expected[:12]}…"
             )
-        try:
-            extractor = FeatureExtractor(msg.onnx, self.threads)
-        except ConfigError as exc:
-            raise BadPayload(f"model {submodel_id}: {exc}") from None
         with self._lock:
             if self._state is not state:
-                return  # a newer plan arrived while loading
-            state.extractors[submodel_id] = extractor
-        log.info("loaded sub-model %s (sha256 %s…)", submodel_id, actual[:12])
-        self._publish_status()
+                return  # a newer plan arrived meanwhile
+            state.blobs[model_id] = msg.onnx
+        log.info("received model %s (sha256 %s…)", model_id, actual[:12])
+        self._maybe_ready()
 
-    def _publish_status(self) -> None:
+    def _maybe_ready(self) -> None:
         with self._lock:
             state = self._state
-            ready = state is not None and state.ready and bool(state.assigned)
+            if state is None:
+                return
+            if state.complete and state.assigned and state.runner is None:
+                try:
+                    runner = make_runner(
+                        state.plan, state.assigned, state.blobs, self.strategy, self.threads
+                    )
+                except ConfigError as exc:
+                    raise BadPayload(f"cannot load the plan's models: {exc}") from None
+                state.runner = runner
+                self.counters["model_bytes"] = runner.model_bytes
+            ready = state.runner is not None
         if ready:
             self.client.route(self.topics.all_frames(), self._on_frame, qos=0)
+            if state.plan.stem is not None:
+                self.client.route(self.topics.all_tokens(), self._on_tokens, qos=0)
         self.client.set_status(
             StatusMsg(
                 state="ready" if ready else "online",
-                plan_id=state.plan.plan_id if state else None,
-                submodels=tuple(sorted(state.extractors)) if state else (),
+                plan_id=state.plan.plan_id,
+                submodels=tuple(
+                    sid for sid in state.assigned
+                    if sid in state.blobs or StemRef.tail_id(sid) in state.blobs
+                ),
             )
-        )
+        )  # fmt: skip
 
-    # -- frames -------------------------------------------------------------------------
+    # -- requests -------------------------------------------------------------------------
     def _on_frame(self, topic: str, payload: bytes) -> None:
-        frame = decode(FrameMsg, payload)
-        if frame is None:
+        self._enqueue(topic, decode(FrameMsg, payload))
+
+    def _on_tokens(self, topic: str, payload: bytes) -> None:
+        self._enqueue(topic, decode(TokensMsg, payload))
+
+    def _enqueue(self, topic: str, message: FrameMsg | TokensMsg | None) -> None:
+        if message is None:
             return
-        if frame.camera != self.topics.parts(topic)[1]:
-            raise BadPayload(f"frame says camera {frame.camera!r} but came on {topic}")
-        self._batcher.put(frame.camera, frame)
+        if message.camera != self.topics.parts(topic)[1]:
+            raise BadPayload(f"message says camera {message.camera!r} but came on {topic}")
+        pending = _Pending(message.camera, message.seq, message.ts, message.label, message)
+        self._batcher.put(message.camera, pending)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            frames = self._batcher.take(timeout=0.2)
-            self.counters["frames_replaced_overload"] = self._batcher.dropped
+            batch = self._batcher.take(timeout=0.2)
+            self.counters["requests_replaced_overload"] = self._batcher.dropped
             with self._lock:
                 state = self._state
-            if not frames or state is None or not state.extractors:
+            if not batch or state is None or state.runner is None:
+                continue
+            prepared = self._prepare(batch, state.plan)
+            if not prepared:
                 continue
             try:
-                self._infer(self._decode(frames, state), state)
+                self._infer(prepared, state)
             except Exception:
                 self.counters["inference_errors"] += 1
-                log.exception("inference failed on a batch of %d frames", len(frames))
+                log.exception("inference failed on a batch of %d requests", len(prepared))
 
-    def _decode(self, frames: list[FrameMsg], state: _Loaded) -> list[tuple[FrameMsg, np.ndarray]]:
-        decoded = []
-        for frame in frames:
+    def _prepare(self, batch: list[_Pending], plan: PlanMsg) -> list[tuple[_Pending, Request]]:
+        prepared = []
+        for pending in batch:
             try:
-                image = to_model_input(decode_frame(frame), state.plan.preprocessing)
+                prepared.append((pending, self._request(pending.message, plan)))
             except BadPayload as exc:
                 self.counters["bad_payloads"] += 1
                 log.warning(
-                    "dropped frame %s/%d: %s [bad_payloads=%d]",
-                    frame.camera, frame.seq, exc, self.counters["bad_payloads"],
+                    "dropped %s/%d: %s [bad_payloads=%d]",
+                    pending.camera, pending.seq, exc, self.counters["bad_payloads"],
                 )  # fmt: skip
-                continue
-            decoded.append((frame, image))
-        return decoded
+        return prepared
 
-    def _infer(self, decoded: list[tuple[FrameMsg, np.ndarray]], state: _Loaded) -> None:
-        if not decoded:
-            return
-        batch = np.stack([image for _, image in decoded])
-        for submodel_id, extract in sorted(state.extractors.items()):
-            started = time.perf_counter()
-            features = extract(batch).astype(np.float32, copy=False)
-            infer_ms = round((time.perf_counter() - started) * 1000.0, 3)
-            for (frame, _), vector in zip(decoded, features, strict=True):
+    @staticmethod
+    def _request(message: FrameMsg | TokensMsg, plan: PlanMsg) -> Request:
+        if isinstance(message, FrameMsg):
+            image = to_model_input(decode_frame(message), plan.preprocessing)
+            return Request(IMAGE_ENTRY, image)
+        stem = plan.stem
+        assert stem is not None  # tokens are only routed for sliced plans
+        if not 1 <= message.block <= stem.blocks:
+            raise BadPayload(f"tokens at block {message.block}; the stem has {stem.blocks}")
+        if message.shape != stem.token_shape:
+            raise BadPayload(f"tokens of shape {message.shape}; the stem's are {stem.token_shape}")
+        tokens = np.frombuffer(message.data, dtype=message.dtype).reshape(message.shape)
+        return Request(message.block, tokens.astype(np.float32))
+
+    def _infer(self, prepared: list[tuple[_Pending, Request]], state: _Loaded) -> None:
+        assert state.runner is not None
+        started = time.perf_counter()
+        features = state.runner([request for _, request in prepared])
+        infer_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        for submodel_id, vectors in features.items():
+            for (pending, _), vector in zip(prepared, vectors, strict=True):
+                vector = vector.astype(np.float32, copy=False)
                 msg = FeaturesMsg(
-                    camera=frame.camera,
-                    seq=frame.seq,
-                    ts=frame.ts,
+                    camera=pending.camera,
+                    seq=pending.seq,
+                    ts=pending.ts,
                     submodel=submodel_id,
                     plan_id=state.plan.plan_id,
                     node=self.node_id,
@@ -227,9 +320,9 @@ class EdgeNode:
                     data=vector.tobytes(),
                     dim=vector.shape[0],
                     infer_ms=infer_ms,
-                    batch=len(decoded),
-                    label=frame.label,
+                    batch=len(prepared),
+                    label=pending.label,
                 )
-                self.client.publish(self.topics.features(frame.camera, submodel_id), encode(msg))
-        self.counters["frames_served"] += len(decoded)
+                self.client.publish(self.topics.features(pending.camera, submodel_id), encode(msg))
+        self.counters["frames_served"] += len(prepared)
         self.counters["batches"] += 1

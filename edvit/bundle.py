@@ -11,6 +11,9 @@ A bundle is a folder::
 ONNX signatures (fixed by the contract, batch dimension dynamic):
 - original:  image [B, C, H, W] float32 -> logits [B, num_classes]
 - sub-model: image [B, C, H, W] float32 -> features [B, feature_dim]
+- stem slices (bundles built with --shared-blocks K): embed: image -> tokens [B, T, D];
+  block i and "from j" (blocks j..K-1): tokens -> tokens; a sub-model's tail: tokens at
+  block K -> features. Chained, they equal the whole sub-model.
 - fusion:    features [B, sum(feature_dims)] float32, present [B, num_submodels] float32
              -> logits [B, num_classes]; ``present`` is 1 for a sub-model whose features
              arrived and 0 for one that did not (its block of ``features`` is then zeros).
@@ -38,6 +41,7 @@ FEATURES_OUTPUT = "features"
 LOGITS_OUTPUT = "logits"
 FUSION_FEATURES_INPUT = "features"
 FUSION_PRESENT_INPUT = "present"
+TOKENS = "tokens"  # input and output name of stem slices, input of tails
 
 
 class _Frozen(BaseModel):
@@ -69,6 +73,26 @@ class OriginalSpec(_Frozen):
     source: str = "trained"
 
 
+class StemSpec(_Frozen):
+    """Slices of a bundle built with --shared-blocks K (files relative to the bundle)."""
+
+    blocks: int = Field(ge=1)
+    token_shape: tuple[int, int]
+    embed: str  # image -> tokens at block 0
+    block_files: tuple[str, ...]  # block i alone, i < K
+    from_files: tuple[str, ...]  # blocks j..K-1 together, j < K
+    tails: dict[str, str]  # sub-model id -> tail file (tokens at block K -> features)
+
+    @model_validator(mode="after")
+    def _counts(self) -> StemSpec:
+        if len(self.block_files) != self.blocks or len(self.from_files) != self.blocks:
+            raise ValueError("stem needs one block file and one from-file per shared block")
+        return self
+
+    def all_files(self) -> list[str]:
+        return [self.embed, *self.block_files, *self.from_files, *self.tails.values()]
+
+
 class Manifest(_Frozen):
     format: Literal["edvit-bundle/1"] = "edvit-bundle/1"
     name: str
@@ -80,6 +104,7 @@ class Manifest(_Frozen):
     original: OriginalSpec
     submodels: tuple[SubmodelSpec, ...]
     fusion: FusionSpec
+    stem: StemSpec | None = None
     files: dict[str, str]  # relative path -> sha256, every file but manifest.json
     command: tuple[str, ...]
     seed: int
@@ -97,6 +122,10 @@ class Manifest(_Frozen):
         if tuple(s.feature_dim for s in self.submodels) != self.fusion.feature_dims:
             raise ValueError("fusion.feature_dims must list the sub-models' feature dims in order")
         named = {self.original.file, self.fusion.file, *(s.file for s in self.submodels)}
+        if self.stem is not None:
+            named |= set(self.stem.all_files())
+            if set(self.stem.tails) != {s.id for s in self.submodels}:
+                raise ValueError("stem.tails needs one tail per sub-model")
         missing = named - set(self.files)
         if missing:
             raise ValueError(f"files lacks sha256 for {sorted(missing)}")

@@ -74,7 +74,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     node = EdgeNode(
         args.id, args.broker, topics=Topics(args.prefix), threads=args.threads,
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        newest_only=not args.keep_all_frames,
+        newest_only=not args.keep_all_frames, strategy=args.strategy,
     )  # fmt: skip
     return _run_service(node)
 
@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-wait-ms", type=_non_negative_float, default=1.0,
         help="or when the oldest waiting frame has waited this long",
+    )  # fmt: skip
+    p.add_argument(
+        "--strategy", choices=["per-entry", "merged"], default="per-entry",
+        help="sliced bundles: one stem session per entry block (faster, more memory) or one "
+        "per block with late entries joining the running batch (less memory)",
     )  # fmt: skip
     p.add_argument(
         "--keep-all-frames", action="store_true",

@@ -12,7 +12,7 @@ import logging
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
 from edvit.mqtt import MqttClient
-from edvit.schemas import ModelMsg, PlanMsg, SubmodelRef, encode
+from edvit.schemas import ModelMsg, PlanMsg, StemRef, SubmodelRef, encode
 from edvit.topics import Topics, validate_id
 
 log = logging.getLogger("edvit.deploy")
@@ -45,6 +45,19 @@ def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMs
     if placed != sorted(s.id for s in m.submodels):
         raise ConfigError("the assignment must place every sub-model exactly once")
     identity = bundle.sha256 + repr(sorted(assignments.items()))
+    stem = None
+    if m.stem is not None:
+        tail_files = set(m.stem.tails.values())
+        stem = StemRef(
+            blocks=m.stem.blocks,
+            token_shape=m.stem.token_shape,
+            slices={
+                slice_id: bundle.file_sha256(f)
+                for slice_id, f in stem_files(bundle).items()
+                if f not in tail_files
+            },
+            tails={sid: bundle.file_sha256(f) for sid, f in m.stem.tails.items()},
+        )
     return PlanMsg(
         plan_id=hashlib.sha256(identity.encode()).hexdigest()[:12],
         bundle_sha256=bundle.sha256,
@@ -61,6 +74,7 @@ def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMs
         assignments=assignments,
         fusion_sha256=bundle.file_sha256(m.fusion.file),
         preprocessing=m.preprocessing,
+        stem=stem,
     )
 
 
@@ -83,6 +97,19 @@ def bundle_assignments(bundle: Bundle, nodes: list[str] | None) -> dict[str, tup
     return round_robin(ids, default_nodes(bundle))
 
 
+def stem_files(bundle: Bundle) -> dict[str, str]:
+    """Slice id (as the plan names it) -> bundle file, for sliced bundles; else empty."""
+    stem = bundle.manifest.stem
+    if stem is None:
+        return {}
+    files = {StemRef.EMBED_ID: stem.embed}
+    for i in range(stem.blocks):
+        files[StemRef.block_id(i)] = stem.block_files[i]
+        files[StemRef.from_id(i)] = stem.from_files[i]
+    files.update({StemRef.tail_id(sid): f for sid, f in stem.tails.items()})
+    return files
+
+
 def deploy(
     bundle: Bundle,
     broker: str,
@@ -98,6 +125,7 @@ def deploy(
     try:
         files = [(topics.model(s.id), s.file) for s in m.submodels]
         files.append((topics.fusion_model(), m.fusion.file))
+        files += [(topics.model(sid), f) for sid, f in stem_files(bundle).items()]
         for topic, relative in files:
             message = ModelMsg(
                 sha256=bundle.file_sha256(relative), onnx=bundle.path(relative).read_bytes()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -73,6 +73,43 @@ class SubmodelRef(_Message):
     feature_dim: int = Field(gt=0)
 
 
+class StemRef(_Message):
+    """The shared stem of a sliced bundle (`edvit build --shared-blocks K`): the patch
+    embedding and K unpruned blocks, identical in every sub-model. Each piece is its own
+    ONNX file on `models/{slice id}`, so a camera can run the first J blocks and a node
+    can run the rest of the stem once for all its sub-models."""
+
+    blocks: int = Field(ge=1)  # K
+    token_shape: tuple[int, int]  # tokens, width: the same at every block boundary <= K
+    slices: dict[str, str]  # slice id -> sha256 (see the *_id methods)
+    tails: dict[str, str]  # sub-model id -> sha256 of its tail (tokens at block K -> features)
+
+    EMBED_ID: ClassVar[str] = "stem.embed"
+
+    @staticmethod
+    def block_id(index: int) -> str:
+        """Block `index` alone: tokens at its entry -> tokens at its exit."""
+        return f"stem.block{index}"
+
+    @staticmethod
+    def from_id(entry: int) -> str:
+        """Blocks entry..K-1 in one file: tokens entering at `entry` -> tokens at block K."""
+        return f"stem.from{entry}"
+
+    @staticmethod
+    def tail_id(submodel_id: str) -> str:
+        return f"{submodel_id}.tail"
+
+    @model_validator(mode="after")
+    def _complete(self) -> StemRef:
+        expected = {self.EMBED_ID}
+        expected |= {self.block_id(i) for i in range(self.blocks)}
+        expected |= {self.from_id(j) for j in range(self.blocks)}
+        if set(self.slices) != expected:
+            raise ValueError(f"stem slices must be exactly {sorted(expected)}")
+        return self
+
+
 class PlanMsg(_Message):
     v: Literal[1] = WIRE_VERSION
     plan_id: str
@@ -83,6 +120,7 @@ class PlanMsg(_Message):
     fusion_sha256: str
     # Not in the issue's minimal list but needed so nodes need only a broker and an id.
     preprocessing: Preprocessing
+    stem: StemRef | None = None  # only for sliced bundles
     created: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")
@@ -90,6 +128,8 @@ class PlanMsg(_Message):
         ids = [s.id for s in self.submodels]
         if len(set(ids)) != len(ids):
             raise ValueError("duplicate sub-model ids in plan")
+        if self.stem is not None and set(self.stem.tails) != set(ids):
+            raise ValueError("the stem must list one tail per sub-model")
         for node, assigned in self.assignments.items():
             unknown = set(assigned) - set(ids)
             if unknown:
@@ -104,6 +144,29 @@ class PlanMsg(_Message):
 
     def submodels_of(self, node: str) -> tuple[str, ...]:
         return self.assignments.get(node, ())
+
+
+class TokensMsg(_Message):
+    """A camera that ran the first `block` stem blocks itself sends the tokens at that block
+    boundary instead of the frame."""
+
+    v: Literal[1] = WIRE_VERSION
+    camera: str
+    seq: int = Field(ge=0)
+    ts: float
+    block: int = Field(ge=0)
+    dtype: FeatureDtype
+    shape: tuple[int, int]  # tokens, width
+    data: bytes
+    label: int | None = None
+
+    @model_validator(mode="after")
+    def _size_matches(self) -> TokensMsg:
+        itemsize = 4 if self.dtype == "float32" else 2
+        expected = self.shape[0] * self.shape[1] * itemsize
+        if len(self.data) != expected:
+            raise ValueError(f"data has {len(self.data)} bytes, shape needs {expected}")
+        return self
 
 
 class ModelMsg(_Message):

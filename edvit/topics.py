@@ -25,6 +25,9 @@ class Topics:
     def frame(self, camera: str) -> str:
         return self._join("cameras", camera, "frame")
 
+    def tokens(self, camera: str) -> str:
+        return self._join("cameras", camera, "tokens")
+
     def camera_status(self, camera: str) -> str:
         return self._join("cameras", camera, "status")
 
@@ -52,6 +55,9 @@ class Topics:
     # Subscription filters.
     def all_frames(self) -> str:
         return self.frame("+")
+
+    def all_tokens(self) -> str:
+        return self.tokens("+")
 
     def all_features(self) -> str:
         return self.features("+", "+")
