@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS
+from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT
 from edvit.inference import make_session
 
 IMAGE_ENTRY = -1  # a frame: the patch embedding runs first
@@ -66,9 +66,9 @@ class WholeModels:
 class _StemRunner:
     def __init__(self, embed: bytes, tails: dict[str, bytes], blocks: int, threads: int):
         self.blocks = blocks
-        self.embed = _Session(embed, threads, IMAGE_INPUT, TOKENS)
+        self.embed = _Session(embed, threads, IMAGE_INPUT, TOKENS_OUTPUT)
         self.tails = {
-            sid: _Session(b, threads, TOKENS, FEATURES_OUTPUT) for sid, b in tails.items()
+            sid: _Session(b, threads, TOKENS_INPUT, FEATURES_OUTPUT) for sid, b in tails.items()
         }
 
     def _common_bytes(self) -> int:
@@ -102,7 +102,7 @@ class PerEntry(_StemRunner):
     def __init__(self, embed: bytes, from_blocks: list[bytes], tails: dict[str, bytes],
                  threads: int = 1) -> None:  # fmt: skip
         super().__init__(embed, tails, len(from_blocks), threads)
-        self.from_blocks = [_Session(b, threads, TOKENS, TOKENS) for b in from_blocks]
+        self.from_blocks = [_Session(b, threads, TOKENS_INPUT, TOKENS_OUTPUT) for b in from_blocks]
 
     @property
     def model_bytes(self) -> int:
@@ -121,7 +121,7 @@ class Merged(_StemRunner):
     def __init__(self, embed: bytes, blocks: list[bytes], tails: dict[str, bytes],
                  threads: int = 1) -> None:  # fmt: skip
         super().__init__(embed, tails, len(blocks), threads)
-        self.block_sessions = [_Session(b, threads, TOKENS, TOKENS) for b in blocks]
+        self.block_sessions = [_Session(b, threads, TOKENS_INPUT, TOKENS_OUTPUT) for b in blocks]
 
     @property
     def model_bytes(self) -> int:

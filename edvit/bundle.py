@@ -41,7 +41,8 @@ FEATURES_OUTPUT = "features"
 LOGITS_OUTPUT = "logits"
 FUSION_FEATURES_INPUT = "features"
 FUSION_PRESENT_INPUT = "present"
-TOKENS = "tokens"  # input and output name of stem slices, input of tails
+TOKENS_INPUT = "tokens"  # input of block slices and tails
+TOKENS_OUTPUT = "tokens_out"  # output of the embed and block slices (ONNX names are unique)
 
 
 class _Frozen(BaseModel):
