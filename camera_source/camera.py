@@ -16,8 +16,10 @@ import numpy as np
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
 from edvit.mqtt import MqttClient
-from edvit.schemas import Encoding, FrameMsg, StatusMsg, encode
+from edvit.schemas import Encoding, FeatureDtype, FrameMsg, StatusMsg, TokensMsg, encode
 from edvit.topics import Topics, validate_id
+
+from .head import HeadSlices
 
 log = logging.getLogger("edvit.camera")
 
@@ -99,6 +101,8 @@ class Camera:
         enc: Encoding | None = None,
         data_dir: str | None = None,
         topics: Topics | None = None,
+        head_slices: int = 0,
+        tokens_dtype: FeatureDtype = "float32",
     ) -> None:
         try:
             self.camera_id = validate_id("camera", camera_id)
@@ -121,6 +125,7 @@ class Camera:
         )
         self.sent = 0
         self._shots = open_source(source, data_dir)  # fail fast on a bad source
+        self._head = HeadSlices(head_slices, tokens_dtype) if head_slices else None
 
     def _frames(self) -> Iterator[Shot]:
         shots = self._shots
@@ -137,7 +142,12 @@ class Camera:
         """Publish frames until the source ends, `count` frames are sent or `stop` is set."""
         self.client.set_status(StatusMsg(state="online"))
         self.client.start(required=True)
-        topic = self.topics.frame(self.camera_id)
+        if self._head is not None:
+            try:
+                self._head.fetch(self.client, self.topics)
+            except ConfigError:
+                self.client.stop()
+                raise
         period = 1.0 / self.fps
         next_at = time.monotonic()
         try:
@@ -148,12 +158,7 @@ class Camera:
                 if delay > 0 and stop.wait(delay):
                     break
                 next_at = max(next_at + period, time.monotonic() - period)
-                data, extra = encode_image(shot.image, self.enc)
-                frame = FrameMsg(
-                    camera=self.camera_id, seq=seq, ts=time.time(), enc=self.enc, data=data,
-                    label=shot.label, **extra,
-                )  # fmt: skip
-                self.client.publish(topic, encode(frame), qos=0)
+                self._publish(seq, shot)
                 self.sent += 1
                 if self.sent % 100 == 0:
                     log.info("sent %d frames", self.sent)
@@ -161,3 +166,22 @@ class Camera:
             log.info("camera %s sent %d frames", self.camera_id, self.sent)
             self.client.stop()
         return self.sent
+
+    def _publish(self, seq: int, shot: Shot) -> None:
+        if self._head is None:
+            data, extra = encode_image(shot.image, self.enc)
+            message: FrameMsg | TokensMsg = FrameMsg(
+                camera=self.camera_id, seq=seq, ts=time.time(), enc=self.enc, data=data,
+                label=shot.label, **extra,
+            )  # fmt: skip
+            topic = self.topics.frame(self.camera_id)
+        else:
+            ts = time.time()  # capture time: before the head slices run
+            tokens = self._head(shot.image)
+            message = TokensMsg(
+                camera=self.camera_id, seq=seq, ts=ts, block=self._head.count,
+                dtype=self._head.dtype, shape=tokens.shape, data=tokens.tobytes(),
+                label=shot.label,
+            )  # fmt: skip
+            topic = self.topics.tokens(self.camera_id)
+        self.client.publish(topic, encode(message), qos=0)

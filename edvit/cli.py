@@ -94,6 +94,7 @@ def cmd_camera(args: argparse.Namespace) -> int:
     camera = Camera(
         args.id, args.broker, args.source, fps=args.fps, count=args.count, loop=args.loop,
         enc=args.enc, data_dir=args.data_dir, topics=Topics(args.prefix),
+        head_slices=args.head_slices, tokens_dtype=args.tokens_dtype,
     )  # fmt: skip
     camera.run(stop_on_signals())
     return 0
@@ -258,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true", help="start the source again at its end")
     p.add_argument("--enc", choices=["jpeg", "png", "raw"], help="default png for datasets")
     p.add_argument("--data-dir", help="dataset folder (e.g. Fashion-MNIST IDX files)")
+    p.add_argument(
+        "--head-slices", type=int, default=0, metavar="J",
+        help="run the first J shared stem blocks here and send tokens (sliced bundles)",
+    )  # fmt: skip
+    p.add_argument("--tokens-dtype", choices=["float32", "float16"], default="float32")
 
     p = add("watch", cmd_watch, "print live predictions")
     p.add_argument("--camera", default="+", help="only this camera")

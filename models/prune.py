@@ -347,6 +347,7 @@ def select_units(
     embed_keep_ratio: float = 1.0,
     min_embed: int = 8,
     min_heads: int = 1,
+    frozen_blocks: int = 0,
 ) -> PruneSpec:
     """Choose the units to keep so that the pruned model has at most the budgeted parameters.
 
@@ -358,8 +359,11 @@ def select_units(
     times the model's current parameter count). With neither, only the embedding is pruned.
     The ``min_heads`` best heads of the whole model are never removed: first-order scores rate
     units one at a time and miss that with no attention left the class token never sees the
-    image (the output would be a constant).
+    image (the output would be a constant). Blocks before ``frozen_blocks`` are kept whole
+    (the shared stem of a sliced build), and then the embedding width must stay too.
     """
+    if frozen_blocks and embed_keep_ratio < 1.0:
+        raise ValueError("the embedding width is shared with frozen blocks: keep it whole")
     if keep_ratio is not None and param_budget is not None:
         raise ValueError("give keep_ratio or param_budget, not both")
     if keep_ratio is not None:
@@ -381,6 +385,8 @@ def select_units(
     costs = [_block_costs(vit, block, width) for block in vit.blocks]
     units: list[tuple[float, str, int, int]] = []
     for b, cost in enumerate(costs):
+        if b < frozen_blocks:
+            continue
         units += [
             (float(s) / cost.per_head, "heads", b, i) for i, s in enumerate(importance.heads[b])
         ]
@@ -550,6 +556,7 @@ def iterative_prune(
     embed_keep_ratio: float = 1.0,
     min_embed: int = 8,
     recover: Callable[[VisionTransformer], VisionTransformer] | None = None,
+    frozen_blocks: int = 0,
 ) -> VisionTransformer:
     """Score, prune and ``recover`` (e.g. fine-tune) ``steps`` times toward ``param_budget``.
 
@@ -572,6 +579,7 @@ def iterative_prune(
             param_budget=budget,
             embed_keep_ratio=min(1.0, width_target / int(model.embed_dim)),
             min_embed=min_embed,
+            frozen_blocks=frozen_blocks,
         )
         model = prune_vit(model, spec)
         if recover is not None:

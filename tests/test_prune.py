@@ -232,3 +232,14 @@ def test_onnx_parity_and_fewer_nodes_after_pruning(tmp_path: Path) -> None:
         for name in ("full", "pruned")
     }
     assert nodes["pruned"] < nodes["full"]
+
+
+def test_frozen_blocks_are_kept_whole() -> None:
+    vit = seeded_vit("small", 28)
+    importance = score_units(vit, make_batches(28), cross_entropy, embed=False)
+    spec = select_units(importance, vit, param_budget=count_params(vit) // 2, frozen_blocks=2)
+    full = full_spec(vit)
+    assert spec.heads[:2] == full.heads[:2] and spec.mlp[:2] == full.mlp[:2]
+    assert count_params_after(vit, spec) <= count_params(vit) // 2
+    with pytest.raises(ValueError, match="embedding width is shared"):
+        select_units(importance, vit, param_budget=1000, frozen_blocks=1, embed_keep_ratio=0.5)
