@@ -1,10 +1,13 @@
-"""`edvit bench batching`: many simulated cameras against one node on a local broker.
+"""`edvit bench batching` and `edvit bench slicing`: simulated cameras against one node on
+a local broker.
 
-For each configuration the node runs as its own process (so its RSS is its own) and
-serves every sub-model of the bundle. A load generator publishes frames for K cameras at
-a fixed rate per camera; a collector records each feature message. Reported per K:
-frames served per second (frames whose features came out for every sub-model), p50/p95
-latency (frame capture to the last feature message), mean batch size, node RSS.
+For each configuration the node runs as its own process (so its RSS and CPU time are its
+own) and serves every sub-model of the bundle. A load generator process publishes frames
+(or tokens, for head slices) for K cameras at a fixed rate per camera, spread evenly over
+each period; a collector records each feature message. Per run: frames served per second
+(frames whose features came out for every sub-model), p50/p95 latency (capture to the
+last feature message), mean batch size, node CPU ms per served frame, node RSS, bytes on
+the wire per frame.
 """
 
 from __future__ import annotations
@@ -26,39 +29,42 @@ import msgpack
 import numpy as np
 
 from edvit.broker.local import LocalBroker
-from edvit.bundle import Bundle
+from edvit.bundle import IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
 from edvit.datasets import load_dataset
 from edvit.deploy import deploy
+from edvit.errors import ConfigError
 from edvit.fleet import LocalFleet
+from edvit.inference import make_session
 from edvit.mqtt import MqttClient
-from edvit.schemas import FrameMsg, encode
+from edvit.preprocess import dataset_to_model_input
+from edvit.schemas import FrameMsg, TokensMsg, encode
 from edvit.topics import Topics
 
 NODE_ID = "bench-node"
 WARMUP_S = 2.0
+SAMPLE_IMAGES = 64
+
+# What the generator sends: ("frame", png bytes, label) or ("tokens", tokens, block, label).
+Sample = tuple
 
 
 @dataclass(frozen=True)
-class BatchingConfig:
+class NodeConfig:
     name: str
     node_args: tuple[str, ...]
-
-
-BATCHING_CONFIGS = (
-    BatchingConfig("off", ("--max-batch", "1", "--max-wait-ms", "0")),
-    BatchingConfig("on", ()),  # the node's defaults
-)
 
 
 @dataclass
 class Result:
     config: str
     cameras: int
+    head_slices: int
     offered_fps: float
     served_fps: float
     p50_ms: float
     p95_ms: float
     mean_batch: float
+    bytes_per_frame: float
     node_cpu_ms_per_frame: float
     node_rss_mb: float
 
@@ -67,9 +73,9 @@ class _Collector:
     def __init__(self, submodels: int) -> None:
         self.submodels = submodels
         self.lock = threading.Lock()
-        self.seen: dict[tuple[str, int], list[float]] = {}
+        self.seen: dict[tuple[str, int], int] = {}
         self.batches: list[int] = []
-        self.done: dict[tuple[str, int], float] = {}
+        self.done: list[float] = []
 
     def on_features(self, _topic: str, payload: bytes) -> None:
         now = time.time()
@@ -78,54 +84,73 @@ class _Collector:
         msg = msgpack.unpackb(payload)
         key = (msg["camera"], msg["seq"])
         with self.lock:
-            arrivals = self.seen.setdefault(key, [])
-            arrivals.append(now)
+            self.seen[key] = self.seen.get(key, 0) + 1
             self.batches.append(msg["batch"])
-            if len(arrivals) == self.submodels:
-                self.done[key] = (now - msg["ts"]) * 1000.0
+            if self.seen[key] == self.submodels:
+                self.done.append((now - msg["ts"]) * 1000.0)
 
 
-def _frames_payloads(dataset: str, count: int = 64) -> list[tuple[bytes, int]]:
-    test = load_dataset(dataset, "test")
-    out = []
-    for image, label in zip(test.images[:count], test.labels[:count], strict=True):
+def frame_samples(bundle: Bundle) -> list[Sample]:
+    test = load_dataset(bundle.manifest.dataset, "test")
+    samples = []
+    for image, label in zip(test.images[:SAMPLE_IMAGES], test.labels[:SAMPLE_IMAGES], strict=True):
         ok, png = cv2.imencode(".png", image if image.ndim == 2 else image[..., ::-1])
         assert ok
-        out.append((png.tobytes(), int(label)))
-    return out
+        samples.append(("frame", png.tobytes(), int(label)))
+    return samples
 
 
-def _generate(broker_url: str, prefix: str, cameras: int, fps: float,
-              images: list[tuple[bytes, int]], stop: EventType) -> None:  # fmt: skip
-    """Runs in its own process. Cameras are not synchronised: their frames are spread
+def token_samples(bundle: Bundle, head_slices: int) -> list[Sample]:
+    """What a camera running `head_slices` stem blocks sends (computed here, up front)."""
+    stem = bundle.manifest.stem
+    assert stem is not None
+    test = load_dataset(bundle.manifest.dataset, "test")
+    images = dataset_to_model_input(test.images[:SAMPLE_IMAGES], bundle.manifest.preprocessing)
+    tokens = make_session(bundle.path(stem.embed)).run([TOKENS_OUTPUT], {IMAGE_INPUT: images})[0]
+    for block in stem.block_files[:head_slices]:
+        tokens = make_session(bundle.path(block)).run([TOKENS_OUTPUT], {TOKENS_INPUT: tokens})[0]
+    return [
+        ("tokens", np.ascontiguousarray(t, dtype=np.float32), head_slices, int(label))
+        for t, label in zip(tokens, test.labels[:SAMPLE_IMAGES], strict=True)
+    ]
+
+
+def _message(sample: Sample, camera: str, seq: int, topics: Topics) -> tuple[str, bytes]:
+    ts = time.time()
+    if sample[0] == "frame":
+        _, data, label = sample
+        frame = FrameMsg(camera=camera, seq=seq, ts=ts, enc="png", data=data, label=label)
+        return topics.frame(camera), encode(frame)
+    _, tokens, block, label = sample
+    message = TokensMsg(camera=camera, seq=seq, ts=ts, block=block, dtype="float32",
+                        shape=tokens.shape, data=tokens.tobytes(), label=label)  # fmt: skip
+    return topics.tokens(camera), encode(message)
+
+
+def _generate(broker_url: str, prefix: str, cameras: int, fps: float, samples: list[Sample],
+              stop: EventType) -> None:  # fmt: skip
+    """Runs in its own process; cameras are not synchronised, so their messages are spread
     evenly over each period."""
     topics = Topics(prefix)
     client = MqttClient(f"bench-cams-{os.getpid()}", broker_url)
     client.start(required=True)
-    try:
-        _publish_frames(client, topics, cameras, fps, images, stop)
-    finally:
-        client.stop()
-
-
-def _publish_frames(client: MqttClient, topics: Topics, cameras: int, fps: float,
-                    images: list[tuple[bytes, int]], stop: EventType) -> None:  # fmt: skip
     step = 1.0 / (fps * cameras)
     next_at = time.monotonic()
-    for tick in itertools.count():
-        if stop.is_set():
-            return
-        cam, seq = tick % cameras, tick // cameras
-        data, label = images[tick % len(images)]
-        frame = FrameMsg(camera=f"cam{cam}", seq=seq, ts=time.time(), enc="png",
-                         data=data, label=label)  # fmt: skip
-        client.publish(topics.frame(f"cam{cam}"), encode(frame))
-        next_at += step
-        delay = next_at - time.monotonic()
-        if delay > 0.0005:
-            stop.wait(delay)
-        elif delay < -0.1:
-            next_at = time.monotonic()  # far behind: do not burst to catch up
+    try:
+        for tick in itertools.count():
+            if stop.is_set():
+                return
+            topic, payload = _message(samples[tick % len(samples)], f"cam{tick % cameras}",
+                                      tick // cameras, topics)  # fmt: skip
+            client.publish(topic, payload)
+            next_at += step
+            delay = next_at - time.monotonic()
+            if delay > 0.0005:
+                stop.wait(delay)
+            elif delay < -0.1:
+                next_at = time.monotonic()  # far behind: do not burst to catch up
+    finally:
+        client.stop()
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -141,81 +166,117 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_one(broker: LocalBroker, bundle: Bundle, config: BatchingConfig, cameras: int,
-            fps: float, seconds: float, images: list[tuple[bytes, int]],
-            log_dir: Path) -> Result:  # fmt: skip
-    topics = Topics(f"bench{cameras}{config.name}")
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if values else float("nan")
+
+
+def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: int, fps: float,
+            seconds: float, samples: list[Sample], log_dir: Path) -> Result:  # fmt: skip
+    head_slices = samples[0][2] if samples[0][0] == "tokens" else 0
+    topics = Topics(f"bench-{config.name}-{cameras}-{head_slices}")
     plan = deploy(bundle, broker.url, nodes=[NODE_ID], topics=topics)
     collector = _Collector(len(plan.submodels))
-    with LocalFleet(broker.url, log_dir / f"{config.name}-{cameras}", topics) as fleet:
+    payload_bytes = statistics.fmean(
+        len(_message(s, "cam0", 0, topics)[1]) for s in samples
+    )  # fmt: skip
+    with LocalFleet(broker.url, log_dir / topics.prefix, topics) as fleet:
         node = fleet.spawn(NODE_ID, "node", "--id", NODE_ID, *config.node_args)
-        probe = MqttClient(f"bench-probe-{cameras}-{config.name}", broker.url)
+        probe = MqttClient(f"bench-probe-{topics.prefix}", broker.url)
         probe.route(topics.all_features(), collector.on_features)
         probe.start(required=True)
-        stop = multiprocessing.Event()
-        generator = multiprocessing.Process(
-            target=_generate, args=(broker.url, topics.prefix, cameras, fps, images, stop)
+        stop = multiprocessing.get_context("fork").Event()
+        generator = multiprocessing.get_context("fork").Process(
+            target=_generate, args=(broker.url, topics.prefix, cameras, fps, samples, stop)
         )
         try:
             fleet.wait_ready(plan, timeout=60, include_aggregator=False)  # no aggregator here
             generator.start()
             time.sleep(WARMUP_S)
             with collector.lock:
-                start_count, started = len(collector.done), time.monotonic()
-            cpu_before = _cpu_seconds(node.pid)
+                start_count, batches_before = len(collector.done), len(collector.batches)
+            started, cpu_before = time.monotonic(), _cpu_seconds(node.pid)
             time.sleep(seconds)
             with collector.lock:
-                end_count, elapsed = len(collector.done), time.monotonic() - started
-            node_cpu = _cpu_seconds(node.pid) - cpu_before
-            with collector.lock:
-                latencies = list(collector.done.values())[start_count:end_count]
-                batches = collector.batches[len(collector.batches) // 4 :]
+                latencies = collector.done[start_count:]
+                batches = collector.batches[batches_before:]
+            elapsed, node_cpu = time.monotonic() - started, _cpu_seconds(node.pid) - cpu_before
             rss = _rss_mb(node.pid)
         finally:
             stop.set()
             if generator.is_alive():
                 generator.join(timeout=10)
             probe.stop()
+    served = len(latencies)
     return Result(
         config=config.name,
         cameras=cameras,
+        head_slices=head_slices,
         offered_fps=cameras * fps,
-        served_fps=round((end_count - start_count) / elapsed, 1),
-        p50_ms=round(float(np.percentile(latencies, 50)), 2) if latencies else float("nan"),
-        p95_ms=round(float(np.percentile(latencies, 95)), 2) if latencies else float("nan"),
+        served_fps=round(served / elapsed, 1),
+        p50_ms=_percentile(latencies, 50),
+        p95_ms=_percentile(latencies, 95),
         mean_batch=round(statistics.fmean(batches), 2) if batches else float("nan"),
-        node_cpu_ms_per_frame=round(1000.0 * node_cpu / max(1, end_count - start_count), 3),
+        bytes_per_frame=round(payload_bytes, 1),
+        node_cpu_ms_per_frame=round(1000.0 * node_cpu / max(1, served), 3),
         node_rss_mb=round(rss, 1),
     )
 
 
+def batching_configs(bundle: Bundle) -> list[NodeConfig]:
+    off = NodeConfig("off", ("--max-batch", "1", "--max-wait-ms", "0"))
+    if bundle.manifest.stem is None:
+        return [off, NodeConfig("on", ())]  # the node's defaults
+    return [off, *strategy_configs()]
+
+
+def strategy_configs() -> list[NodeConfig]:
+    return [NodeConfig(s, ("--strategy", s)) for s in ("per-entry", "merged")]
+
+
+COLUMNS = ("config", "cameras", "head_slices", "offered_fps", "served_fps", "p50_ms", "p95_ms",
+           "mean_batch", "bytes_per_frame", "node_cpu_ms_per_frame", "node_rss_mb")  # fmt: skip
+
+
 def format_results(results: list[Result]) -> str:
-    lines = [
-        "| batching | cameras | offered fps | served fps | p50 ms | p95 ms | mean batch "
-        "| node CPU ms/frame | node RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
     for r in results:
-        lines.append(
-            f"| {r.config} | {r.cameras} | {r.offered_fps:g} | {r.served_fps:g} | {r.p50_ms:g} "
-            f"| {r.p95_ms:g} | {r.mean_batch:g} | {r.node_cpu_ms_per_frame:g} | {r.node_rss_mb:g} |"
-        )
+        row = asdict(r)
+        lines.append("| " + " | ".join(f"{row[c]:g}" if c != "config" else row[c]
+                                       for c in COLUMNS) + " |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _run_all(bundle: Bundle, runs: list[tuple[NodeConfig, int, list[Sample]]], fps: float,
+             seconds: float, json_out: Path | None) -> list[Result]:  # fmt: skip
+    log_dir = Path(mkdtemp(prefix="edvit-bench-"))
+    results = []
+    with LocalBroker() as broker:
+        for config, cameras, samples in runs:
+            result = run_one(broker, bundle, config, cameras, fps, seconds, samples, log_dir)
+            print(json.dumps(asdict(result)), flush=True)
+            results.append(result)
+    print(format_results(results))
+    if json_out:
+        json_out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return results
 
 
 def bench_batching(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
                    json_out: Path | None = None) -> list[Result]:  # fmt: skip
     bundle = Bundle.load(bundle_dir)
-    images = _frames_payloads(bundle.manifest.dataset)
-    log_dir = Path(mkdtemp(prefix="edvit-bench-"))
-    results = []
-    with LocalBroker() as broker:
-        for k in cameras:
-            for config in BATCHING_CONFIGS:
-                result = run_one(broker, bundle, config, k, fps, seconds, images, log_dir)
-                print(json.dumps(asdict(result)), flush=True)
-                results.append(result)
-    print(format_results(results))
-    if json_out:
-        json_out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    return results
+    samples = frame_samples(bundle)
+    runs = [(config, k, samples) for k in cameras for config in batching_configs(bundle)]
+    return _run_all(bundle, runs, fps, seconds, json_out)
+
+
+def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
+                  json_out: Path | None = None) -> list[Result]:  # fmt: skip
+    bundle = Bundle.load(bundle_dir)
+    stem = bundle.manifest.stem
+    if stem is None:
+        raise ConfigError(f"{bundle_dir} has no shared stem; build it with --shared-blocks K")
+    runs = []
+    for head_slices in range(stem.blocks + 1):
+        samples = frame_samples(bundle) if head_slices == 0 else token_samples(bundle, head_slices)
+        runs += [(config, cameras, samples) for config in strategy_configs()]
+    return _run_all(bundle, runs, fps, seconds, json_out)

@@ -177,6 +177,16 @@ def cmd_bench_batching(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_slicing(args: argparse.Namespace) -> int:
+    from edvit.bench import bench_slicing
+
+    bench_slicing(
+        Path(args.bundle), args.cameras, args.fps, args.seconds,
+        Path(args.json) if args.json else None,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
     from edvit.models import cli as build_cli
@@ -270,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_positive_int, help="exit after this many predictions")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    p = add("bench", cmd_bench_batching, "benchmarks of the node (see `edvit bench batching -h`)")
+    p = add("bench", cmd_bench_batching, "benchmarks of the node: `batching` or `slicing`")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = benches.add_parser(
         "batching", parents=[common], help="K simulated cameras against one node",
@@ -281,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", type=_positive_int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--fps", type=_positive_float, default=30.0, help="frames per second per camera")
     p.add_argument("--seconds", type=_positive_float, default=8.0, help="measured time per run")
+    p.add_argument("--json", help="also write the results here")
+    p = benches.add_parser(
+        "slicing", parents=[common], help="head slices J = 0..K on the cameras, one node",
+        description="bytes on the wire and node CPU per frame for J = 0..K head slices, "
+        "for both node strategies",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_slicing)
+    p.add_argument("bundle", help="a bundle built with --shared-blocks K")
+    p.add_argument("--cameras", type=_positive_int, default=4)
+    p.add_argument("--fps", type=_positive_float, default=25.0, help="frames per second per camera")
+    p.add_argument("--seconds", type=_positive_float, default=6.0, help="measured time per run")
     p.add_argument("--json", help="also write the results here")
 
     p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")

@@ -23,4 +23,4 @@ def test_bench_batching_runs_and_reports(digits_bundle: Path, tmp_path: Path) ->
         assert r["served_fps"] > 0 and r["p95_ms"] >= r["p50_ms"] > 0
         assert r["node_rss_mb"] > 10 and r["node_cpu_ms_per_frame"] > 0
     assert results[0]["mean_batch"] == 1.0
-    assert "| batching | cameras |" in done.stdout
+    assert "| config | cameras | head_slices |" in done.stdout
