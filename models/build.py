@@ -69,7 +69,15 @@ from edvit.schemas import Preprocessing
 from .assignment import Assignment, Infeasible, Item, assign, shrink_budgets
 from .devices import Inventory, identical_devices, load_inventory
 from .export import export_fusion, export_image_model
-from .prune import PruneSpec, describe, full_spec, iterative_prune, prune_vit, score_units
+from .prune import (
+    PruneSpec,
+    count_params_after,
+    describe,
+    full_spec,
+    iterative_prune,
+    prune_vit,
+    score_units,
+)
 from .train import (
     Distillation,
     SubtaskCrossEntropy,
@@ -378,6 +386,16 @@ def count_branches(vit: VisionTransformer) -> int:
     return sum(int(blk["heads"] > 0) + int(blk["mlp"] > 0) for blk in arch["blocks"])
 
 
+def minimum_params(vit: VisionTransformer) -> int:
+    """Parameters of the smallest sub-model pruning can make: the narrowest embedding and
+    one attention head, nothing else."""
+    spec = full_spec(vit)
+    spec.embed = spec.embed[:MIN_EMBED]
+    spec.heads = [h[:1] if b == 0 else [] for b, h in enumerate(spec.heads)]
+    spec.mlp = [[] for _ in spec.mlp]
+    return count_params_after(vit, spec)
+
+
 @dataclass(frozen=True)
 class PrunePlan:
     """How far to prune one sub-model."""
@@ -399,6 +417,9 @@ def make_submodel(
 
     Raises ValueError when the budget cannot be met even with the narrowest embedding.
     """
+    smallest = minimum_params(original)
+    if plan.param_budget < smallest:
+        raise ValueError(f"{plan.param_budget} params is below the smallest sub-model, {smallest}")
     criterion = Distillation(data.subset, settings.kd_alpha, settings.kd_temperature)
     score_loss = SubtaskCrossEntropy(data.subset)
 

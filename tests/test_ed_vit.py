@@ -110,7 +110,8 @@ def test_a_fleet_too_small_even_after_pruning_fails_in_one_line(tmp_path: Path) 
         "devices:\n  - {id: tiny-a, memory_mb: 0.001}\n  - {id: tiny-b, memory_mb: 0.001}\n"
     )
     argv = ("--dataset", "digits", "--devices", str(inventory), "--out", str(tmp_path / "b"))
-    args = parse(*argv, "--epochs", "1", "--sub-epochs", "0", "--fusion-epochs", "0")
+    fast = ("--epochs", "1", "--sub-epochs", "0", "--recover-epochs", "0", "--prune-steps", "1")
+    args = parse(*argv, *fast)
     with pytest.raises(ConfigError) as caught:
         cli.run(args)
     message = str(caught.value)
