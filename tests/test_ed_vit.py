@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -136,3 +137,25 @@ def test_a_mismatched_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     assert "does not match ViT size 'test'" in lines[0]
     assert str(checkpoint) in lines[0]
     assert not (out / "manifest.json").exists()
+
+
+def test_rgb_preprocessing_comes_from_the_data() -> None:
+    from edvit.datasets import Dataset
+    from edvit.models.build import compute_preprocessing
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    images[..., 2] = 0
+    labels = np.zeros(6, np.int64)
+    data = Dataset(name="rgb", split="train", images=images, labels=labels, class_names=("a",))
+    pp = compute_preprocessing(data)
+    assert (pp.channels, pp.height, pp.width) == (3, 32, 32)
+    assert pp.mean[2] == 0.0 and pp.mean[0] > 0.3
+
+
+def test_a_patch_size_that_does_not_tile_the_image_is_a_config_error() -> None:
+    from edvit.models.vit import check_patch_size
+
+    check_patch_size("small", 32, 32)
+    with pytest.raises(ConfigError, match="patch size 4"):
+        check_patch_size("small", 30, 30)
