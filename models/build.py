@@ -78,6 +78,7 @@ from .prune import (
     prune_vit,
     score_units,
 )
+from .slices import export_stem
 from .train import (
     Distillation,
     SubtaskCrossEntropy,
@@ -137,6 +138,7 @@ class BuildSettings:
     kd_alpha: float = 0.5
     kd_temperature: float = 2.0
     budget_rounds: int = 3
+    shared_blocks: int = 0  # K: stem kept whole, frozen and exported as slices
     latency_runs: int = 50
     seed: int = 0
     threads: int | None = None
@@ -224,6 +226,13 @@ def validate(settings: BuildSettings) -> None:
         raise ConfigError("--fusion-drop-prob must be in [0, 1)")
     if settings.embed_keep_ratio is not None and not 0.0 < settings.embed_keep_ratio <= 1.0:
         raise ConfigError("--embed-keep-ratio must be in (0, 1]")
+    depth = SIZES[settings.size].depth
+    if not 0 <= settings.shared_blocks < depth:
+        raise ConfigError(
+            f"--shared-blocks must be between 0 and {depth - 1} for --size {settings.size}"
+        )
+    if settings.shared_blocks and settings.embed_keep_ratio not in (None, 1.0):
+        raise ConfigError("--shared-blocks keeps the embedding width: drop --embed-keep-ratio")
 
 
 def own_task_labels(labels: np.ndarray, subset: tuple[int, ...]) -> np.ndarray:
@@ -362,13 +371,19 @@ def scoring_batches(data: SubsetData, seed: int) -> Iterator[tuple[torch.Tensor,
 
 
 def branch_spec(
-    vit: VisionTransformer, heads: list[torch.Tensor], mlp: list[torch.Tensor], keep: int
+    vit: VisionTransformer,
+    heads: list[torch.Tensor],
+    mlp: list[torch.Tensor],
+    keep: int,
+    frozen_blocks: int = 0,
 ) -> PruneSpec:
     """Keep the ``keep`` branches (attention or MLP of a block) with the highest summed
-    Taylor scores, at least one of them attention; every unit of a kept branch stays."""
+    Taylor scores, at least one of them attention; every unit of a kept branch stays.
+    Blocks before ``frozen_blocks`` (a shared stem) are kept whole and not counted."""
     spec = full_spec(vit)
     branches = [(float(s.sum()), "heads", b) for b, s in enumerate(heads) if len(s)]
     branches += [(float(s.sum()), "mlp", b) for b, s in enumerate(mlp) if len(s)]
+    branches = [branch for branch in branches if branch[2] >= frozen_blocks]
     branches.sort(key=lambda branch: branch[0], reverse=True)
     kept = branches[:keep]
     if not any(kind == "heads" for _, kind, _ in kept):
@@ -379,6 +394,21 @@ def branch_spec(
         if (kind, b) not in chosen:
             getattr(spec, kind)[b] = []
     return spec
+
+
+def stem_parameters(vit: VisionTransformer, shared_blocks: int) -> list[torch.nn.Parameter]:
+    """The patch embedding, tokens, position embedding and the first blocks."""
+    params = [*vit.patch_embed.parameters(), *vit.norm_pre.parameters()]
+    params += [p for p in (vit.cls_token, vit.reg_token, vit.pos_embed) if p is not None]
+    for block in vit.blocks[:shared_blocks]:
+        params += list(block.parameters())
+    return params
+
+
+def freeze_stem(vit: VisionTransformer, shared_blocks: int) -> None:
+    """Sub-models of a sliced build share the original's stem: it must not train."""
+    for param in stem_parameters(vit, shared_blocks):
+        param.requires_grad_(False)
 
 
 def count_branches(vit: VisionTransformer) -> int:
@@ -422,8 +452,10 @@ def make_submodel(
         raise ValueError(f"{plan.param_budget} params is below the smallest sub-model, {smallest}")
     criterion = Distillation(data.subset, settings.kd_alpha, settings.kd_temperature)
     score_loss = SubtaskCrossEntropy(data.subset)
+    frozen = settings.shared_blocks
 
     def tune(vit: VisionTransformer, epochs: int, what: str) -> VisionTransformer:
+        freeze_stem(vit, frozen)
         config = train_config(settings, epochs, settings.sub_lr, seed_offset)
         fit(vit, vit, [data.images], data.labels, config, f"{name} {what}",
             criterion=criterion, targets=[data.teacher_logits])  # fmt: skip
@@ -432,7 +464,9 @@ def make_submodel(
     importance = score_units(
         original, scoring_batches(data, settings.seed), score_loss, embed=False
     )
-    spec = branch_spec(original, importance.heads, importance.mlp, plan.keep_branches)
+    spec = branch_spec(
+        original, importance.heads, importance.mlp, max(1, plan.keep_branches - 2 * frozen), frozen
+    )
     vit = prune_vit(original, spec)
     if count_branches(vit) < count_branches(original):
         vit = tune(vit, settings.recover_epochs, "recover")
@@ -449,6 +483,7 @@ def make_submodel(
                 embed_keep_ratio=embed_ratio,
                 min_embed=MIN_EMBED,
                 recover=lambda v: tune(v, settings.recover_epochs, "recover"),
+                frozen_blocks=frozen,
             )
             break
         except ValueError:
@@ -500,6 +535,17 @@ def write_assignment(out: Path, inventory: Inventory, placed: Assignment) -> Non
 # The build
 
 
+def check_stem_shared(
+    original: VisionTransformer, sub_vits: list[VisionTransformer], shared_blocks: int
+) -> None:
+    """Every sub-model must carry the original's stem bit for bit, or slices would lie."""
+    reference = stem_parameters(original, shared_blocks)
+    for sub in sub_vits:
+        for a, b in zip(reference, stem_parameters(sub, shared_blocks), strict=True):
+            if not torch.equal(a, b):
+                raise RuntimeError("a sub-model's stem drifted from the original's")
+
+
 def feature_params(vit: VisionTransformer) -> int:
     """Parameters of the exported feature extractor (the training head is not shipped)."""
     return count_params(vit) - count_params(vit.head)
@@ -549,9 +595,14 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     ids = [f"sub{i}" for i in range(len(subsets))]
     data = [subset_data(s, x_train, train.labels, teacher_logits, rng) for s in subsets]
     total_branches = count_branches(vit)
+    shared = settings.shared_blocks
+    stem_params = sum(p.numel() for p in stem_parameters(vit, shared)) if shared else 0
+    # With a shared stem only what follows it is split N ways.
+    budget = stem_params + default_param_budget(original_params - stem_params, num_devices)
+    embed_ratio = settings.embed_keep_ratio or default_embed_keep_ratio(num_devices)
     plan = PrunePlan(
-        param_budget=settings.param_budget or default_param_budget(original_params, num_devices),
-        embed_keep_ratio=settings.embed_keep_ratio or default_embed_keep_ratio(num_devices),
+        param_budget=settings.param_budget or budget,
+        embed_keep_ratio=1.0 if shared else embed_ratio,
         keep_branches=settings.keep_branches or default_keep_branches(total_branches, num_devices),
     )
     plans = {sid: plan for sid in ids}
@@ -611,6 +662,13 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     write_assignment(out, inventory, placed)
     timings["placement"] = time.time() - mark
     submodels = [SubModel(v) for v in sub_vits]
+    stem = None
+    if settings.shared_blocks:
+        check_stem_shared(vit, sub_vits, settings.shared_blocks)
+        stem, stem_parity = export_stem(
+            vit, dict(zip(ids, sub_vits, strict=True)), settings.shared_blocks, out, sample
+        )
+        parity.update(stem_parity)
 
     # 4. Fusion MLP on the cached features of every training image, blocks dropped at random.
     mark = time.time()
@@ -631,7 +689,8 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     exporters[FUSION_FILE], parity[FUSION_FILE] = export_fusion(
         fusion, out / FUSION_FILE, sample_features, sample_present
     )
-    files = {rel: sha256_file(out / rel) for rel in (ORIGINAL_FILE, *sub_files, FUSION_FILE)}
+    shipped = (ORIGINAL_FILE, *sub_files, FUSION_FILE, *(stem.all_files() if stem else ()))
+    files = {rel: sha256_file(out / rel) for rel in shipped}
 
     # 6. Manifest.
     params = {
@@ -670,6 +729,7 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
             "hidden_dim": fusion.hidden_dim,
             "params": params["fusion"],
         },
+        stem=stem,
         files=files,
         command=settings.command or ("edvit", "build", "--dataset", settings.dataset),
         seed=settings.seed,

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="chance to drop each sub-model block while training the fusion (default 0.25)",
     )
+    parser.add_argument(
+        "--shared-blocks",
+        type=int,
+        metavar="K",
+        help="keep the patch embedding and the first K blocks unpruned and identical in every "
+        "sub-model, and export them as slices for cameras and nodes (default 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all available)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
@@ -83,6 +90,7 @@ def command_line(args: argparse.Namespace) -> tuple[str, ...]:
         ("--prune-steps", "prune_steps"),
         ("--recover-epochs", "recover_epochs"),
         ("--fusion-drop-prob", "fusion_drop_prob"),
+        ("--shared-blocks", "shared_blocks"),
         ("--seed", "seed"),
         ("--threads", "threads"),
     )
@@ -120,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         prune_steps=getattr(args, "prune_steps", None),
         recover_epochs=getattr(args, "recover_epochs", None),
         fusion_drop_prob=getattr(args, "fusion_drop_prob", None),
+        shared_blocks=getattr(args, "shared_blocks", None),
         size=args.size,
         epochs=args.epochs,
         sub_epochs=args.sub_epochs,

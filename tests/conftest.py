@@ -75,3 +75,17 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def sliced_digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits bundle whose sub-models share a 1-block stem (`--shared-blocks 1`)."""
+    out = tmp_path_factory.mktemp("sliced-bundle") / "digits-3-k1"
+    command = [
+        sys.executable, "-m", "edvit", "build", "--dataset", "digits", "--num-devices", "3",
+        "--out", str(out), "--epochs", "15", "--sub-epochs", "3", "--fusion-epochs", "20",
+        "--shared-blocks", "1",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
