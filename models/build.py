@@ -66,9 +66,10 @@ from edvit.inference import FeatureExtractor
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import Preprocessing
 
-from .assignment import Assignment, Infeasible, Item, assign, shrink_budgets
+from .assignment import Infeasible, Item, assign, shrink_budgets
 from .devices import Inventory, identical_devices, load_inventory
 from .export import export_fusion, export_image_model
+from .plan import write_assignment
 from .prune import (
     PruneSpec,
     count_params_after,
@@ -518,17 +519,6 @@ def budget_from_mb(budget_mb: float, file_bytes: int, params: int) -> int:
     """A parameter budget for ``budget_mb`` at the sub-model's own bytes per parameter."""
     bytes_per_param = file_bytes / max(1, params)
     return int(budget_mb * 1e6 / bytes_per_param)
-
-
-def write_assignment(out: Path, inventory: Inventory, placed: Assignment) -> None:
-    document = {
-        "devices": [d.model_dump() for d in inventory.devices],
-        "assignments": {k: list(v) for k, v in placed.as_plan_assignments().items()},
-        "makespan_ms": placed.makespan_ms,
-        "loads_ms": placed.loads_ms,
-        "memory_used_mb": placed.memory_used_mb,
-    }
-    (out / ASSIGNMENT_NAME).write_text(json.dumps(document, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ class AssignmentFile(BaseModel):
     devices: tuple[Device, ...]
     assignments: dict[str, tuple[str, ...]]
     makespan_ms: float
+    loads_ms: dict[str, float] = {}
+    memory_used_mb: dict[str, float] = {}
 
 
 def submodel_items(bundle: Bundle, *, latency_runs: int = 50, threads: int = 1) -> list[Item]:
@@ -53,6 +55,8 @@ def write_assignment(root: Path, inventory: Inventory, assignment: Assignment) -
         devices=inventory.devices,
         assignments=assignment.as_plan_assignments(),
         makespan_ms=assignment.makespan_ms,
+        loads_ms=assignment.loads_ms,
+        memory_used_mb=assignment.memory_used_mb,
     )
     path = Path(root) / ASSIGNMENT_NAME
     path.write_text(content.model_dump_json(indent=2) + "\n")
