@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := mosquitto dataset-fashion-mnist
 
-.PHONY: demo test lint system-packages benchmark-fashion-mnist clean
+.PHONY: demo test system-packages benchmark-ed-vit benchmark-batching benchmark-slicing clean
 
 demo: system-packages $(VENV)/.runtime
 	$(BIN)/edvit demo
@@ -17,9 +17,18 @@ test: system-packages $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-# Rebuilds the shipped Fashion-MNIST bundle and its report.json (about 20 minutes on 2 cores).
-benchmark-fashion-mnist: system-packages $(VENV)/.dev
-	$(BIN)/edvit build --dataset fashion-mnist --num-devices 3 --out models/bundles/fashion-mnist-3 --force
+# ED-ViT on Fashion-MNIST for N = 2, 3, 5, 10 (about 40 minutes on one core; see README).
+benchmark-ed-vit: system-packages $(VENV)/.dev
+	$(BIN)/python benchmarks/ed_vit.py --dataset fashion-mnist --devices 2 3 5 10 --out runs/ed_vit --threads 1 --epochs 4 --sub-epochs 4 --fusion-epochs 10
+
+# Simulated cameras against one node (a few minutes).
+benchmark-batching: system-packages $(VENV)/.runtime
+	$(BIN)/edvit bench batching --fps 100 --json benchmarks/results/batching.json
+
+# A Fashion-MNIST bundle with a 3-block shared stem, then J = 0..3 head slices on the cameras.
+benchmark-slicing: system-packages $(VENV)/.dev
+	$(BIN)/edvit build --dataset fashion-mnist --num-devices 3 --shared-blocks 3 --sub-epochs 1 --fusion-epochs 5 --threads 1 --out runs/sliced-fm3 --force
+	$(BIN)/edvit bench slicing runs/sliced-fm3 --json benchmarks/results/slicing.json
 
 system-packages:
 	@missing=""; \

@@ -67,6 +67,7 @@ class Result:
     bytes_per_frame: float
     node_cpu_ms_per_frame: float
     node_rss_mb: float
+    model_mb: float  # ONNX bytes the node loads for this configuration
 
 
 class _Collector:
@@ -219,7 +220,20 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
         bytes_per_frame=round(payload_bytes, 1),
         node_cpu_ms_per_frame=round(1000.0 * node_cpu / max(1, served), 3),
         node_rss_mb=round(rss, 1),
+        model_mb=round(model_bytes(bundle, config) / 1e6, 3),
     )
+
+
+def model_bytes(bundle: Bundle, config: NodeConfig) -> int:
+    """What a node serving every sub-model loads: whole sub-models, or for a sliced bundle
+    the embed, the strategy's stem sessions and the tails."""
+    m = bundle.manifest
+    if m.stem is None:
+        files = [s.file for s in m.submodels]
+    else:
+        per_block = m.stem.block_files if "merged" in config.node_args else m.stem.from_files
+        files = [m.stem.embed, *per_block, *m.stem.tails.values()]
+    return sum(bundle.path(f).stat().st_size for f in files)
 
 
 def batching_configs(bundle: Bundle) -> list[NodeConfig]:
@@ -234,7 +248,8 @@ def strategy_configs() -> list[NodeConfig]:
 
 
 COLUMNS = ("config", "cameras", "head_slices", "offered_fps", "served_fps", "p50_ms", "p95_ms",
-           "mean_batch", "bytes_per_frame", "node_cpu_ms_per_frame", "node_rss_mb")  # fmt: skip
+           "mean_batch", "bytes_per_frame", "node_cpu_ms_per_frame", "node_rss_mb",
+           "model_mb")  # fmt: skip
 
 
 def format_results(results: list[Result]) -> str:

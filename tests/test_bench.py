@@ -24,3 +24,32 @@ def test_bench_batching_runs_and_reports(digits_bundle: Path, tmp_path: Path) ->
         assert r["node_rss_mb"] > 10 and r["node_cpu_ms_per_frame"] > 0
     assert results[0]["mean_batch"] == 1.0
     assert "| config | cameras | head_slices |" in done.stdout
+
+
+def test_bench_slicing_runs_every_entry_block_and_strategy(
+    sliced_digits_bundle: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "slicing.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "edvit", "bench", "slicing", str(sliced_digits_bundle),
+         "--cameras", "2", "--fps", "20", "--seconds", "1.5", "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [(r["head_slices"], r["config"]) for r in results] == [
+        (0, "per-entry"), (0, "merged"), (1, "per-entry"), (1, "merged"),
+    ]  # fmt: skip
+    for r in results:
+        assert r["served_fps"] > 0 and r["node_cpu_ms_per_frame"] > 0 and r["model_mb"] > 0
+    # Tokens of this tiny stem are larger than its 8x8 PNG frames: the figure is measured.
+    assert results[2]["bytes_per_frame"] != results[0]["bytes_per_frame"]
+
+
+def test_bench_slicing_refuses_a_bundle_without_stem(digits_bundle: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "edvit", "bench", "slicing", str(digits_bundle)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "has no shared stem" in done.stderr and "Traceback" not in done.stderr
