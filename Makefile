@@ -20,6 +20,7 @@ test: system-packages $(VENV)/.dev
 # ED-ViT on Fashion-MNIST for N = 2, 3, 5, 10 (about 40 minutes on one core; see README).
 benchmark-ed-vit: system-packages $(VENV)/.dev
 	$(BIN)/python benchmarks/ed_vit.py --dataset fashion-mnist --devices 2 3 5 10 --out runs/ed_vit --threads 1 --epochs 4 --sub-epochs 4 --fusion-epochs 10
+	$(BIN)/python benchmarks/ed_vit.py --dataset fashion-mnist --devices 10 --out runs/ed_vit_n10 --threads 1 --checkpoint runs/ed_vit/fashion-mnist-2/original.pt --sub-epochs 8 --fusion-epochs 20 --results runs/ed_vit_n10 --plot runs/ed_vit_n10/plot.png
 
 # Simulated cameras against one node (a few minutes).
 benchmark-batching: system-packages $(VENV)/.runtime
