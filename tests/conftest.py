@@ -64,28 +64,25 @@ def mqtt_probe(broker: LocalBroker) -> Iterator[Callable[[str], MqttProbe]]:
         probe.stop()
 
 
-@pytest.fixture(scope="session")
-def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _build_digits_bundle(out: Path, *extra: str) -> Path:
     """A 3-sub-model digits bundle made by the real `edvit build` command (tiny settings)."""
-    out = tmp_path_factory.mktemp("fleet-bundle") / "digits-3"
     command = [
         sys.executable, "-m", "edvit", "build", "--dataset", "digits", "--num-devices", "3",
         "--out", str(out), "--epochs", "15", "--sub-epochs", "3", "--fusion-epochs", "20",
+        *extra,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_digits_bundle(tmp_path_factory.mktemp("fleet-bundle") / "digits-3")
 
 
 @pytest.fixture(scope="session")
 def sliced_digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A digits bundle whose sub-models share a 1-block stem (`--shared-blocks 1`)."""
+    """The same with a 1-block stem shared by every sub-model (`--shared-blocks 1`)."""
     out = tmp_path_factory.mktemp("sliced-bundle") / "digits-3-k1"
-    command = [
-        sys.executable, "-m", "edvit", "build", "--dataset", "digits", "--num-devices", "3",
-        "--out", str(out), "--epochs", "15", "--sub-epochs", "3", "--fusion-epochs", "20",
-        "--shared-blocks", "1",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return _build_digits_bundle(out, "--shared-blocks", "1")
