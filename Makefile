@@ -28,8 +28,8 @@ benchmark-batching: system-packages $(VENV)/.runtime
 
 # A Fashion-MNIST bundle with a 3-block shared stem, then J = 0..3 head slices on the cameras.
 benchmark-slicing: system-packages $(VENV)/.dev
-	$(BIN)/edvit build --dataset fashion-mnist --num-devices 3 --shared-blocks 3 --sub-epochs 1 --fusion-epochs 5 --threads 1 --out runs/sliced-fm3 --force
-	$(BIN)/edvit bench slicing runs/sliced-fm3 --json benchmarks/results/slicing.json
+	$(BIN)/edvit build --dataset fashion-mnist --size medium --num-devices 3 --shared-blocks 3 --epochs 2 --sub-epochs 1 --recover-epochs 1 --prune-steps 1 --fusion-epochs 5 --out runs/sliced-fm3-medium --force
+	$(BIN)/edvit bench slicing runs/sliced-fm3-medium --json benchmarks/results/slicing.json
 
 system-packages:
 	@missing=""; \

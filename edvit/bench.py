@@ -6,8 +6,14 @@ own) and serves every sub-model of the bundle. A load generator process publishe
 (or tokens, for head slices) for K cameras at a fixed rate per camera, spread evenly over
 each period; a collector records each feature message. Per run: frames served per second
 (frames whose features came out for every sub-model), p50/p95 latency (capture to the
-last feature message), mean batch size, node CPU ms per served frame, node RSS, bytes on
-the wire per frame.
+last feature message), mean batch size, node CPU ms per served frame (the whole process:
+messaging and inference), node inference ms per frame (the ONNX Runtime calls alone, as the
+node reports them), node RSS, bytes on the wire per frame.
+
+`bench slicing` also checks that node CPU falls in proportion to the blocks moved to the
+cameras: for every J it sets the node CPU saved against J = 0 beside the cost of the work
+the camera took over (preprocessing, the patch embedding and stem blocks 0..J-1, timed
+here as steps of the node's own path: ONNX Runtime, one thread, batch 1).
 """
 
 from __future__ import annotations
@@ -19,24 +25,26 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from tempfile import mkdtemp
+from typing import Any
 
 import cv2
 import msgpack
 import numpy as np
 
 from edvit.broker.local import LocalBroker
-from edvit.bundle import IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
+from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
 from edvit.datasets import load_dataset
 from edvit.deploy import deploy
 from edvit.errors import ConfigError
 from edvit.fleet import LocalFleet
 from edvit.inference import make_session
 from edvit.mqtt import MqttClient
-from edvit.preprocess import dataset_to_model_input
+from edvit.preprocess import dataset_to_model_input, decode_frame, to_model_input
 from edvit.schemas import FrameMsg, TokensMsg, encode
 from edvit.topics import Topics
 
@@ -66,6 +74,7 @@ class Result:
     mean_batch: float
     bytes_per_frame: float
     node_cpu_ms_per_frame: float
+    node_infer_ms_per_frame: float
     node_rss_mb: float
     model_mb: float  # ONNX bytes the node loads for this configuration
 
@@ -77,6 +86,7 @@ class _Collector:
         self.seen: dict[tuple[str, int], int] = {}
         self.batches: list[int] = []
         self.done: list[float] = []
+        self.infer_ms: list[float] = []  # per served frame: its batch's inference / batch size
 
     def on_features(self, _topic: str, payload: bytes) -> None:
         now = time.time()
@@ -89,6 +99,7 @@ class _Collector:
             self.batches.append(msg["batch"])
             if self.seen[key] == self.submodels:
                 self.done.append((now - msg["ts"]) * 1000.0)
+                self.infer_ms.append(msg["infer_ms"] / msg["batch"])
 
 
 def frame_samples(bundle: Bundle) -> list[Sample]:
@@ -199,6 +210,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
             time.sleep(seconds)
             with collector.lock:
                 latencies = collector.done[start_count:]
+                infer_ms = collector.infer_ms[start_count:]
                 batches = collector.batches[batches_before:]
             elapsed, node_cpu = time.monotonic() - started, _cpu_seconds(node.pid) - cpu_before
             rss = _rss_mb(node.pid)
@@ -219,6 +231,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
         mean_batch=round(statistics.fmean(batches), 2) if batches else float("nan"),
         bytes_per_frame=round(payload_bytes, 1),
         node_cpu_ms_per_frame=round(1000.0 * node_cpu / max(1, served), 3),
+        node_infer_ms_per_frame=round(statistics.fmean(infer_ms), 3) if infer_ms else float("nan"),
         node_rss_mb=round(rss, 1),
         model_mb=round(model_bytes(bundle, config) / 1e6, 3),
     )
@@ -248,21 +261,24 @@ def strategy_configs() -> list[NodeConfig]:
 
 
 COLUMNS = ("config", "cameras", "head_slices", "offered_fps", "served_fps", "p50_ms", "p95_ms",
-           "mean_batch", "bytes_per_frame", "node_cpu_ms_per_frame", "node_rss_mb",
-           "model_mb")  # fmt: skip
+           "mean_batch", "bytes_per_frame", "node_cpu_ms_per_frame", "node_infer_ms_per_frame",
+           "node_rss_mb", "model_mb")  # fmt: skip
 
 
-def format_results(results: list[Result]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
-    for r in results:
-        row = asdict(r)
-        lines.append("| " + " | ".join(f"{row[c]:g}" if c != "config" else row[c]
-                                       for c in COLUMNS) + " |")  # fmt: skip
+def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+    for row in rows:
+        cells = (f"{row[c]:g}" if isinstance(row[c], float | int) else str(row[c]) for c in columns)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def format_results(results: list[Result]) -> str:
+    return format_table([asdict(r) for r in results], COLUMNS)
+
+
 def _run_all(bundle: Bundle, runs: list[tuple[NodeConfig, int, list[Sample]]], fps: float,
-             seconds: float, json_out: Path | None) -> list[Result]:  # fmt: skip
+             seconds: float) -> list[Result]:  # fmt: skip
     log_dir = Path(mkdtemp(prefix="edvit-bench-"))
     results = []
     with LocalBroker() as broker:
@@ -271,9 +287,12 @@ def _run_all(bundle: Bundle, runs: list[tuple[NodeConfig, int, list[Sample]]], f
             print(json.dumps(asdict(result)), flush=True)
             results.append(result)
     print(format_results(results))
-    if json_out:
-        json_out.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     return results
+
+
+def _write_json(path: Path | None, report: dict) -> None:
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def bench_batching(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
@@ -281,7 +300,9 @@ def bench_batching(bundle_dir: Path, cameras: list[int], fps: float, seconds: fl
     bundle = Bundle.load(bundle_dir)
     samples = frame_samples(bundle)
     runs = [(config, k, samples) for k in cameras for config in batching_configs(bundle)]
-    return _run_all(bundle, runs, fps, seconds, json_out)
+    results = _run_all(bundle, runs, fps, seconds)
+    _write_json(json_out, {"runs": [asdict(r) for r in results]})
+    return results
 
 
 def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
@@ -294,4 +315,84 @@ def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
     for head_slices in range(stem.blocks + 1):
         samples = frame_samples(bundle) if head_slices == 0 else token_samples(bundle, head_slices)
         runs += [(config, cameras, samples) for config in strategy_configs()]
-    return _run_all(bundle, runs, fps, seconds, json_out)
+    results = _run_all(bundle, runs, fps, seconds)
+    slices = time_stem_slices(bundle)
+    proportion = cpu_saved_against_work_moved(results, slices)
+    print("\nnode CPU saved against J = 0, beside the work moved to the camera "
+          "(proportional = factor x moved, one factor per strategy):")  # fmt: skip
+    print(format_table(proportion, PROPORTION_COLUMNS))
+    _write_json(json_out, {"runs": [asdict(r) for r in results], "slice_ms": slices,
+                           "proportion": proportion})  # fmt: skip
+    return results
+
+
+def time_stem_slices(bundle: Bundle, repeats: int = 300) -> dict[str, float]:
+    """Median ms of each step of a node's J = 0 path, timed inside that path as the node runs
+    it (so each step finds the caches the previous ones left, not its own weights): decoding
+    and preprocessing a PNG frame, the patch embedding, each stem block, each tail. ONNX
+    Runtime, one thread, batch 1 (the node's mean batch at the slicing benchmark's load)."""
+    stem = bundle.manifest.stem
+    assert stem is not None
+    _, png, label = frame_samples(bundle)[0]
+    frame = FrameMsg(camera="cam0", seq=0, ts=0.0, enc="png", data=png, label=label)
+    embed = make_session(bundle.path(stem.embed))
+    blocks = [make_session(bundle.path(f)) for f in stem.block_files]
+    tails = {sid: make_session(bundle.path(f)) for sid, f in sorted(stem.tails.items())}
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, step: Callable[..., Any], *args: Any) -> Any:
+        started = time.perf_counter()
+        result = step(*args)
+        times.setdefault(name, []).append(time.perf_counter() - started)
+        return result
+
+    for _ in range(repeats + 20):
+        image = timed(
+            "preprocess", lambda: to_model_input(decode_frame(frame), bundle.manifest.preprocessing)
+        )
+        tokens = timed("embed", embed.run, [TOKENS_OUTPUT], {IMAGE_INPUT: image[None]})[0]
+        for i, block in enumerate(blocks):
+            tokens = timed(f"block{i}", block.run, [TOKENS_OUTPUT], {TOKENS_INPUT: tokens})[0]
+        for sid, tail in tails.items():
+            timed(f"tail_{sid}", tail.run, [FEATURES_OUTPUT], {TOKENS_INPUT: tokens})
+    return {name: round(1000.0 * statistics.median(t[20:]), 4) for name, t in times.items()}
+
+
+PROPORTION_COLUMNS = ("config", "head_slices", "node_cpu_saved_ms", "work_moved_ms", "factor",
+                      "proportional_ms", "deviation")  # fmt: skip
+
+
+def _blocks(count: int) -> list[str]:
+    return [f"block{i}" for i in range(count)]
+
+
+def cpu_saved_against_work_moved(results: list[Result], slice_ms: dict[str, float]) -> list[dict]:
+    """Per strategy and J >= 1: the node CPU per frame saved against J = 0, beside the work the
+    camera now does instead (preprocessing, embed, blocks 0..J-1, in ms as timed alone).
+
+    Proportional means saved = c * moved with one factor c per strategy for every J (c > 1
+    when the loaded node runs each step slower than a process alone on the machine): c is
+    fitted by least squares through the origin, `proportional_ms` = c * moved, and
+    `deviation` = saved / proportional - 1 (the bar: within +-0.2 for every J)."""
+    at_zero = {r.config: r.node_cpu_ms_per_frame for r in results if r.head_slices == 0}
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    for r in results:
+        if r.head_slices == 0 or r.config not in at_zero:
+            continue
+        moved = sum(slice_ms[s] for s in ("preprocess", "embed", *_blocks(r.head_slices)))
+        saved = at_zero[r.config] - r.node_cpu_ms_per_frame
+        points.setdefault(r.config, []).append((r.head_slices, saved, moved))
+    rows = []
+    for config, series in points.items():
+        factor = sum(s * m for _, s, m in series) / sum(m * m for _, _, m in series)
+        for head_slices, saved, moved in series:
+            rows.append({
+                "config": config,
+                "head_slices": head_slices,
+                "node_cpu_saved_ms": round(saved, 3),
+                "work_moved_ms": round(moved, 3),
+                "factor": round(factor, 2),
+                "proportional_ms": round(factor * moved, 3),
+                "deviation": round(saved / (factor * moved) - 1.0, 2) if factor else float("nan"),
+            })  # fmt: skip
+    return rows

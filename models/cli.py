@@ -10,7 +10,8 @@ from edvit.errors import ConfigError
 
 DATASETS = ("fashion-mnist", "digits", "cifar10", "imagefolder")
 DEFAULT_NUM_DEVICES = 3
-SIZES = ("test", "small")  # keep in step with edvit.models.vit.SIZES (checked by the tests)
+# Keep in step with edvit.models.vit.SIZES (checked by the tests).
+SIZES = ("test", "small", "medium")
 _BUILD_MODULES = ("torch", "timm", "onnx", "onnxscript", "tqdm")
 
 

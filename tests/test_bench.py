@@ -17,11 +17,13 @@ def test_bench_batching_runs_and_reports(digits_bundle: Path, tmp_path: Path) ->
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(out.read_text())
+    results = json.loads(out.read_text())["runs"]
     assert [(r["config"], r["cameras"]) for r in results] == [("off", 2), ("on", 2)]
     for r in results:
         assert r["served_fps"] > 0 and r["p95_ms"] >= r["p50_ms"] > 0
         assert r["node_rss_mb"] > 10 and r["node_cpu_ms_per_frame"] > 0
+        # Inference is part of the node's CPU, not all of it (messages cost too).
+        assert 0 < r["node_infer_ms_per_frame"] < r["node_cpu_ms_per_frame"]
     assert results[0]["mean_batch"] == 1.0
     assert "| config | cameras | head_slices |" in done.stdout
 
@@ -36,7 +38,8 @@ def test_bench_slicing_runs_every_entry_block_and_strategy(
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    results = report["runs"]
     assert [(r["head_slices"], r["config"]) for r in results] == [
         (0, "per-entry"), (0, "merged"), (1, "per-entry"), (1, "merged"),
     ]  # fmt: skip
@@ -44,6 +47,21 @@ def test_bench_slicing_runs_every_entry_block_and_strategy(
         assert r["served_fps"] > 0 and r["node_cpu_ms_per_frame"] > 0 and r["model_mb"] > 0
     # Tokens of this tiny stem are larger than its 8x8 PNG frames: the figure is measured.
     assert results[2]["bytes_per_frame"] != results[0]["bytes_per_frame"]
+    # The proportionality check: one row per strategy for J = 1, computed from the runs.
+    slice_ms = report["slice_ms"]
+    assert {"preprocess", "embed", "block0"} <= set(slice_ms)
+    assert all(ms > 0 for ms in slice_ms.values())
+    rows = {row["config"]: row for row in report["proportion"]}
+    assert set(rows) == {"per-entry", "merged"}
+    assert all(row["head_slices"] == 1 for row in rows.values())
+    moved = slice_ms["preprocess"] + slice_ms["embed"] + slice_ms["block0"]
+    for config, row in rows.items():
+        cpu = {
+            r["head_slices"]: r["node_cpu_ms_per_frame"] for r in results if r["config"] == config
+        }
+        assert row["node_cpu_saved_ms"] == round(cpu[0] - cpu[1], 3)
+        assert row["work_moved_ms"] == round(moved, 3)
+    assert "node CPU saved against J = 0" in done.stdout
 
 
 def test_bench_slicing_refuses_a_bundle_without_stem(digits_bundle: Path) -> None:
