@@ -36,6 +36,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -182,7 +189,7 @@ def cmd_bench_slicing(args: argparse.Namespace) -> int:
 
     bench_slicing(
         Path(args.bundle), args.cameras, args.fps, args.seconds,
-        Path(args.json) if args.json else None,
+        Path(args.json) if args.json else None, args.mixed_cameras, args.mixed_fps, args.rounds,
     )  # fmt: skip
     return 0
 
@@ -303,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive_float, default=25.0, help="frames per second per camera")
     p.add_argument("--seconds", type=_positive_float, default=6.0, help="measured time per run")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--mixed-cameras", type=_non_negative_int, default=16,
+        help="then this many cameras spread over J = 0..K, for both strategies (0: skip)",
+    )  # fmt: skip
+    p.add_argument("--mixed-fps", type=_positive_float, default=100.0, help="per mixed camera")
+    p.add_argument(
+        "--rounds", type=_positive_int, default=3,
+        help="runs per J and strategy, interleaved; the table keeps the least node CPU (default 3)",
+    )  # fmt: skip
 
     p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")
     p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")

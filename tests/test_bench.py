@@ -34,7 +34,8 @@ def test_bench_slicing_runs_every_entry_block_and_strategy(
     out = tmp_path / "slicing.json"
     done = subprocess.run(
         [sys.executable, "-m", "edvit", "bench", "slicing", str(sliced_digits_bundle),
-         "--cameras", "2", "--fps", "20", "--seconds", "1.5", "--json", str(out)],
+         "--cameras", "2", "--fps", "20", "--seconds", "1.5", "--json", str(out),
+         "--mixed-cameras", "2", "--mixed-fps", "20", "--rounds", "2"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -42,11 +43,19 @@ def test_bench_slicing_runs_every_entry_block_and_strategy(
     results = report["runs"]
     assert [(r["head_slices"], r["config"]) for r in results] == [
         (0, "per-entry"), (0, "merged"), (1, "per-entry"), (1, "merged"),
+        (None, "per-entry"), (None, "merged"),  # cameras spread over J = 0 and 1
     ]  # fmt: skip
     for r in results:
         assert r["served_fps"] > 0 and r["node_cpu_ms_per_frame"] > 0 and r["model_mb"] > 0
     # Tokens of this tiny stem are larger than its 8x8 PNG frames: the figure is measured.
     assert results[2]["bytes_per_frame"] != results[0]["bytes_per_frame"]
+    # Each J and strategy ran twice, interleaved; the table keeps one of the two runs.
+    assert report["rounds"] == 2 and len(report["every_run"]) == 4 * 2 + 2
+    for i, r in enumerate(results[:4]):
+        assert r in (report["every_run"][i], report["every_run"][i + 4])
+    mixed_bytes = (results[0]["bytes_per_frame"] + results[2]["bytes_per_frame"]) / 2
+    assert abs(results[4]["bytes_per_frame"] - mixed_bytes) < 1.0
+    assert "| merged | 2 | mixed |" in done.stdout
     # The proportionality check: one row per strategy for J = 1, computed from the runs.
     slice_ms = report["slice_ms"]
     assert {"preprocess", "embed", "block0"} <= set(slice_ms)
