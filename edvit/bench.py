@@ -41,7 +41,7 @@ import numpy as np
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
-from edvit.datasets import load_dataset
+from edvit.datasets import Dataset, load_dataset
 from edvit.deploy import deploy
 from edvit.errors import ConfigError
 from edvit.fleet import LocalFleet
@@ -108,8 +108,11 @@ class _Collector:
                 self.infer_ms.append(msg["infer_ms"] / msg["batch"])
 
 
-def frame_samples(bundle: Bundle) -> list[Sample]:
-    test = load_dataset(bundle.manifest.dataset, "test")
+def _test_split(bundle: Bundle) -> Dataset:
+    return load_dataset(bundle.manifest.dataset, "test")
+
+
+def frame_samples(test: Dataset) -> list[Sample]:
     samples = []
     for image, label in zip(test.images[:SAMPLE_IMAGES], test.labels[:SAMPLE_IMAGES], strict=True):
         ok, png = cv2.imencode(".png", image if image.ndim == 2 else image[..., ::-1])
@@ -118,19 +121,23 @@ def frame_samples(bundle: Bundle) -> list[Sample]:
     return samples
 
 
-def token_samples(bundle: Bundle, head_slices: int) -> list[Sample]:
-    """What a camera running `head_slices` stem blocks sends (computed here, up front)."""
+def samples_by_entry(bundle: Bundle) -> CameraMix:
+    """What a camera sends with J = 0..K head slices: frames, then the tokens after each stem
+    block (computed here, up front, one block at a time)."""
     stem = bundle.manifest.stem
     assert stem is not None
-    test = load_dataset(bundle.manifest.dataset, "test")
+    test = _test_split(bundle)
+    labels = [int(label) for label in test.labels[:SAMPLE_IMAGES]]
     images = dataset_to_model_input(test.images[:SAMPLE_IMAGES], bundle.manifest.preprocessing)
     tokens = make_session(bundle.path(stem.embed)).run([TOKENS_OUTPUT], {IMAGE_INPUT: images})[0]
-    for block in stem.block_files[:head_slices]:
+    by_entry = [frame_samples(test)]
+    for head_slices, block in enumerate(stem.block_files, start=1):
         tokens = make_session(bundle.path(block)).run([TOKENS_OUTPUT], {TOKENS_INPUT: tokens})[0]
-    return [
-        ("tokens", np.ascontiguousarray(t, dtype=np.float32), head_slices, int(label))
-        for t, label in zip(tokens, test.labels[:SAMPLE_IMAGES], strict=True)
-    ]
+        by_entry.append([
+            ("tokens", np.ascontiguousarray(t, dtype=np.float32), head_slices, label)
+            for t, label in zip(tokens, labels, strict=True)
+        ])  # fmt: skip
+    return by_entry
 
 
 def _message(sample: Sample, camera: str, seq: int, topics: Topics) -> tuple[str, bytes]:
@@ -319,7 +326,7 @@ def _write_json(path: Path | None, report: dict) -> None:
 def bench_batching(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
                    json_out: Path | None = None) -> list[Result]:  # fmt: skip
     bundle = Bundle.load(bundle_dir)
-    samples = frame_samples(bundle)
+    samples = frame_samples(_test_split(bundle))
     runs = [(config, k, fps, [samples]) for k in cameras for config in batching_configs(bundle)]
     results = _run_all(bundle, runs, seconds)
     _write_json(json_out, {"runs": [asdict(r) for r in results]})
@@ -333,8 +340,7 @@ def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
     stem = bundle.manifest.stem
     if stem is None:
         raise ConfigError(f"{bundle_dir} has no shared stem; build it with --shared-blocks K")
-    by_entry = [frame_samples(bundle)]
-    by_entry += [token_samples(bundle, j) for j in range(1, stem.blocks + 1)]
+    by_entry = samples_by_entry(bundle)
     # Every J and strategy `rounds` times, interleaved, so a slow spell of the machine does
     # not land on one J; the table keeps each one's run with the least node CPU.
     sweep = [(c, cameras, fps, [samples]) for samples in by_entry for c in strategy_configs()]
@@ -349,7 +355,7 @@ def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
     ] + every_run[len(sweep) * rounds :]
     print(f"the least-CPU run of {rounds} rounds per row (mixed: one run):")
     print(format_results(results))
-    slices = time_stem_slices(bundle)
+    slices = time_stem_slices(bundle, by_entry[0][0])
     proportion = cpu_saved_against_work_moved(results, slices)
     print("\nnode CPU saved against J = 0, beside the work moved to the camera "
           "(proportional = factor x moved, one factor per strategy):")  # fmt: skip
@@ -360,14 +366,14 @@ def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
     return results
 
 
-def time_stem_slices(bundle: Bundle, repeats: int = 300) -> dict[str, float]:
+def time_stem_slices(bundle: Bundle, frame_sample: Sample, repeats: int = 300) -> dict[str, float]:
     """Median ms of each step of a node's J = 0 path, timed inside that path as the node runs
     it (so each step finds the caches the previous ones left, not its own weights): decoding
     and preprocessing a PNG frame, the patch embedding, each stem block, each tail. ONNX
     Runtime, one thread, batch 1 (the node's mean batch at the slicing benchmark's load)."""
     stem = bundle.manifest.stem
     assert stem is not None
-    _, png, label = frame_samples(bundle)[0]
+    _, png, label = frame_sample
     frame = FrameMsg(camera="cam0", seq=0, ts=0.0, enc="png", data=png, label=label)
     embed = make_session(bundle.path(stem.embed))
     blocks = [make_session(bundle.path(f)) for f in stem.block_files]
@@ -402,7 +408,8 @@ def _blocks(count: int) -> list[str]:
 
 def cpu_saved_against_work_moved(results: list[Result], slice_ms: dict[str, float]) -> list[dict]:
     """Per strategy and J >= 1: the node CPU per frame saved against J = 0, beside the work the
-    camera now does instead (preprocessing, embed, blocks 0..J-1, in ms as timed alone).
+    camera now does instead (preprocessing, embed, blocks 0..J-1, in ms as time_stem_slices
+    timed them in the node's order, by one process alone on the machine).
 
     Proportional means saved = c * moved with one factor c per strategy for every J (c > 1
     when the loaded node runs each step slower than a process alone on the machine): c is
