@@ -64,15 +64,22 @@ class WholeModels:
 
 
 class _StemRunner:
-    def __init__(self, embed: bytes, tails: dict[str, bytes], blocks: int, threads: int):
-        self.blocks = blocks
+    """The embedding, one stem session per shared block (what a session holds is the
+    strategy's choice) and the tails."""
+
+    def __init__(self, embed: bytes, stem: list[bytes], tails: dict[str, bytes],
+                 threads: int = 1) -> None:  # fmt: skip
+        self.blocks = len(stem)
         self.embed = _Session(embed, threads, IMAGE_INPUT, TOKENS_OUTPUT)
+        self.stem = [_Session(b, threads, TOKENS_INPUT, TOKENS_OUTPUT) for b in stem]
         self.tails = {
             sid: _Session(b, threads, TOKENS_INPUT, FEATURES_OUTPUT) for sid, b in tails.items()
         }
 
-    def _common_bytes(self) -> int:
-        return self.embed.bytes + sum(t.bytes for t in self.tails.values())
+    @property
+    def model_bytes(self) -> int:
+        sessions = [self.embed, *self.stem, *self.tails.values()]
+        return sum(s.bytes for s in sessions)
 
     def _entries(self, requests: list[Request]) -> list[tuple[int, list[int], np.ndarray]]:
         """(entry block, request indices, tokens) in block order; frames are embedded first
@@ -99,33 +106,19 @@ class _StemRunner:
 
 
 class PerEntry(_StemRunner):
-    def __init__(self, embed: bytes, from_blocks: list[bytes], tails: dict[str, bytes],
-                 threads: int = 1) -> None:  # fmt: skip
-        super().__init__(embed, tails, len(from_blocks), threads)
-        self.from_blocks = [_Session(b, threads, TOKENS_INPUT, TOKENS_OUTPUT) for b in from_blocks]
-
-    @property
-    def model_bytes(self) -> int:
-        return self._common_bytes() + sum(s.bytes for s in self.from_blocks)
+    """stem[j] holds blocks j..K-1."""
 
     def __call__(self, requests: list[Request]) -> dict[str, np.ndarray]:
         order: list[int] = []
         at_k: list[np.ndarray] = []
         for entry, indices, tokens in self._entries(requests):
-            at_k.append(tokens if entry == self.blocks else self.from_blocks[entry](tokens))
+            at_k.append(tokens if entry == self.blocks else self.stem[entry](tokens))
             order.extend(indices)
         return self._tails(order, at_k[0] if len(at_k) == 1 else np.concatenate(at_k))
 
 
 class Merged(_StemRunner):
-    def __init__(self, embed: bytes, blocks: list[bytes], tails: dict[str, bytes],
-                 threads: int = 1) -> None:  # fmt: skip
-        super().__init__(embed, tails, len(blocks), threads)
-        self.block_sessions = [_Session(b, threads, TOKENS_INPUT, TOKENS_OUTPUT) for b in blocks]
-
-    @property
-    def model_bytes(self) -> int:
-        return self._common_bytes() + sum(s.bytes for s in self.block_sessions)
+    """stem[i] holds block i alone."""
 
     def __call__(self, requests: list[Request]) -> dict[str, np.ndarray]:
         joining = {entry: (indices, tokens) for entry, indices, tokens in self._entries(requests)}
@@ -137,6 +130,6 @@ class Merged(_StemRunner):
                 order.extend(indices)
                 running = tokens if running is None else np.concatenate([running, tokens])
             if block < self.blocks and running is not None:
-                running = self.block_sessions[block](running)
+                running = self.stem[block](running)
         assert running is not None
         return self._tails(order, running)
