@@ -241,21 +241,21 @@ def _embed_groups(vit: VisionTransformer) -> list[tuple[nn.Parameter, int]]:
         per_channel(norm)
     if isinstance(vit.head, nn.Linear):
         groups.append((vit.head.weight, 1))
+
+    def branch(norm: nn.Module, scale: nn.Module, reads: nn.Linear, writes: nn.Linear) -> None:
+        """A residual branch reads the channels through ``reads`` and adds to them."""
+        per_channel(norm)
+        per_channel(scale)
+        groups.append((reads.weight, 1))
+        groups.append((writes.weight, 0))
+        if writes.bias is not None:
+            groups.append((writes.bias, 0))
+
     for block in vit.blocks:
         if _num_heads(block):
-            per_channel(block.norm1)
-            per_channel(block.ls1)
-            groups.append((block.attn.qkv.weight, 1))
-            groups.append((block.attn.proj.weight, 0))
-            if block.attn.proj.bias is not None:
-                groups.append((block.attn.proj.bias, 0))
+            branch(block.norm1, block.ls1, block.attn.qkv, block.attn.proj)
         if _mlp_width(block):
-            per_channel(block.norm2)
-            per_channel(block.ls2)
-            groups.append((block.mlp.fc1.weight, 1))
-            groups.append((block.mlp.fc2.weight, 0))
-            if block.mlp.fc2.bias is not None:
-                groups.append((block.mlp.fc2.bias, 0))
+            branch(block.norm2, block.ls2, block.mlp.fc1, block.mlp.fc2)
     return groups
 
 
