@@ -19,6 +19,7 @@ COPY edge_node ./edge_node
 COPY aggregator ./aggregator
 COPY camera_source ./camera_source
 COPY models ./models
+COPY fleet ./fleet
 RUN pip install . && rm -rf /src
 
 WORKDIR /

@@ -7,9 +7,7 @@ port, which is what the fault-tolerance tests need.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from types import TracebackType
 from typing import IO, Literal
 
 from edvit.errors import BrokerError
+from edvit.process import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +184,16 @@ class LocalBroker:
             raise
         log.info("%s broker listening on %s", self._kind, self.url)
 
-    def stop(self) -> None:
-        """Stop the child (SIGINT, then SIGTERM, then SIGKILL) and release its files."""
+    def stop(self) -> int | None:
+        """Stop the child (SIGINT, then SIGTERM, then SIGKILL) and release its files.
+
+        Returns the child's exit code (0 for a clean stop), or None when none was started.
+        """
         proc, self._proc = self._proc, None
         try:
-            if proc is not None:
-                _terminate(proc)
+            if proc is None:
+                return None
+            return stop_process(proc, grace_s=STOP_GRACE_S, name=f"{self._kind} broker", logger=log)
         finally:
             self._release()
 
@@ -261,21 +264,3 @@ class LocalBroker:
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT -> wait -> SIGTERM -> wait -> SIGKILL, the last always in effect."""
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if proc.poll() is not None:
-                return
-            os.kill(proc.pid, sig)
-            try:
-                proc.wait(STOP_GRACE_S)
-                return
-            except subprocess.TimeoutExpired:
-                log.warning("broker pid %d ignored %s", proc.pid, sig.name)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

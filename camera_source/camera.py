@@ -143,9 +143,11 @@ class Camera:
         self.client.set_status(StatusMsg(state="online"))
         self.client.start(required=True)
         if self._head is not None:
+            self._head.follow(self.client, self.topics)
             try:
-                self._head.fetch(self.client, self.topics)
+                self._head.wait_first_plan(self.topics)
             except ConfigError:
+                self._head.stop()
                 self.client.stop()
                 raise
         period = 1.0 / self.fps
@@ -164,24 +166,28 @@ class Camera:
                     log.info("sent %d frames", self.sent)
         finally:
             log.info("camera %s sent %d frames", self.camera_id, self.sent)
+            if self._head is not None:
+                self._head.stop()
             self.client.stop()
         return self.sent
 
     def _publish(self, seq: int, shot: Shot) -> None:
-        if self._head is None:
+        ts = time.time()  # capture time: before the head slices run
+        head = self._head(shot.image) if self._head is not None else None
+        if head is None:
             data, extra = encode_image(shot.image, self.enc)
             message: FrameMsg | TokensMsg = FrameMsg(
-                camera=self.camera_id, seq=seq, ts=time.time(), enc=self.enc, data=data,
+                camera=self.camera_id, seq=seq, ts=ts, enc=self.enc, data=data,
                 label=shot.label, **extra,
             )  # fmt: skip
             topic = self.topics.frame(self.camera_id)
         else:
-            ts = time.time()  # capture time: before the head slices run
-            tokens = self._head(shot.image)
+            assert self._head is not None
+            tokens, plan_id = head
             message = TokensMsg(
                 camera=self.camera_id, seq=seq, ts=ts, block=self._head.count,
                 dtype=self._head.dtype, shape=tokens.shape, data=tokens.tobytes(),
-                label=shot.label,
+                label=shot.label, plan_id=plan_id,
             )  # fmt: skip
             topic = self.topics.tokens(self.camera_id)
         self.client.publish(topic, encode(message), qos=0)

@@ -1,11 +1,15 @@
 """Edge node agent: loads the models its plan names and publishes one feature vector per
 frame per sub-model.
 
-Network callbacks only decode and enqueue; one worker thread runs inference, so a slow
-model never stalls the MQTT keepalive. Frames (and, for sliced bundles, tokens) from all
-cameras are batched (batcher.py) and run with one ONNX Runtime call per model per batch
-(runners.py); when requests arrive faster than the node can serve them, a camera's
-waiting request is replaced by its newest one and counted.
+Network callbacks only decode and enqueue; one worker thread runs inference and the plan
+follower (edvit/retained.py) builds sessions on a thread of its own, so neither a slow model
+nor a large model file stalls the MQTT network thread. Frames (and, for sliced bundles,
+tokens) from all cameras are batched (batcher.py) and run with one ONNX Runtime call per
+model per batch (runners.py); when requests arrive faster than the node can serve them, a
+camera's waiting request is replaced by its newest one and counted.
+
+On a plan change a batch already taken runs under the plan it was taken under; every batch
+taken after the swap runs under the new plan. Each feature vector names its plan.
 """
 
 from __future__ import annotations
@@ -13,19 +17,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Literal
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
-from edvit.bundle import sha256_bytes
-from edvit.errors import BadPayload, ConfigError, IntegrityError
-from edvit.mqtt import MqttClient
+from edvit.errors import BadPayload, ConfigError
+from edvit.mqtt import MqttClient, Transport
 from edvit.preprocess import decode_frame, to_model_input
+from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
+    NODE_STRATEGIES,
     FeaturesMsg,
     FrameMsg,
-    ModelMsg,
+    NodeStrategy,
     PlanMsg,
     StatusMsg,
     StemRef,
@@ -40,28 +45,12 @@ from .runners import IMAGE_ENTRY, Merged, PerEntry, Request, WholeModels
 
 log = logging.getLogger("edvit.node")
 
-Strategy = Literal["per-entry", "merged"]
-STRATEGIES: tuple[Strategy, ...] = ("per-entry", "merged")
 Runner = WholeModels | PerEntry | Merged
-
-
-def required_models(plan: PlanMsg, node_id: str, strategy: Strategy) -> dict[str, str]:
-    """Model id -> sha256 of every ONNX file this node needs for its share of the plan."""
-    assigned = plan.submodels_of(node_id)
-    if not assigned:
-        return {}
-    stem = plan.stem
-    if stem is None:
-        return {sid: plan.submodel(sid).sha256 for sid in assigned}
-    per_block = StemRef.from_id if strategy == "per-entry" else StemRef.block_id
-    needed = {StemRef.EMBED_ID: stem.slices[StemRef.EMBED_ID]}
-    needed |= {per_block(i): stem.slices[per_block(i)] for i in range(stem.blocks)}
-    needed |= {StemRef.tail_id(sid): stem.tails[sid] for sid in assigned}
-    return needed
+STEMS_REMEMBERED = 8
 
 
 def make_runner(plan: PlanMsg, assigned: tuple[str, ...], blobs: dict[str, bytes],
-                strategy: Strategy, threads: int) -> Runner:  # fmt: skip
+                strategy: NodeStrategy, threads: int) -> Runner:  # fmt: skip
     stem = plan.stem
     if stem is None:
         return WholeModels({sid: blobs[sid] for sid in assigned}, threads)
@@ -73,20 +62,31 @@ def make_runner(plan: PlanMsg, assigned: tuple[str, ...], blobs: dict[str, bytes
     return Merged(embed, [blobs[StemRef.block_id(i)] for i in range(stem.blocks)], tails, threads)
 
 
-@dataclass
-class _Loaded:
-    """The plan this node serves, the model files it has so far, and the runner once all
-    are in."""
+def check_runner(runner: Runner, plan: PlanMsg, assigned: tuple[str, ...]) -> None:
+    """Run one blank image through the loaded models: a plan whose preprocessing does not fit
+    its models, or whose feature dims are wrong, is refused before anyone switches to it."""
+    pp = plan.preprocessing
+    blank = Request(IMAGE_ENTRY, np.zeros((pp.channels, pp.height, pp.width), np.float32))
+    try:
+        features = runner([blank])
+    except Exception as exc:  # ORT raises its own types for shape mismatches
+        message = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"the models reject a {pp.height}x{pp.width}x{pp.channels} input: {message}"
+        ) from None
+    for sid in assigned:
+        dim = plan.submodel(sid).feature_dim
+        got = features[sid].shape
+        if got != (1, dim):
+            raise ConfigError(f"sub-model {sid} gives features of shape {got}, the plan says {dim}")
 
-    plan: PlanMsg
+
+@dataclass(frozen=True)
+class Share:
+    """What this node runs for one plan: its sub-models and their runner (None: nothing)."""
+
     assigned: tuple[str, ...]
-    required: dict[str, str]
-    blobs: dict[str, bytes] = field(default_factory=dict)
-    runner: Runner | None = None
-
-    @property
-    def complete(self) -> bool:
-        return set(self.blobs) == set(self.required)
+    runner: Runner | None
 
 
 @dataclass(frozen=True)
@@ -102,15 +102,16 @@ class EdgeNode:
     def __init__(
         self,
         node_id: str,
-        broker: str,
+        broker: str = "",
         *,
+        client: Transport | None = None,
         topics: Topics | None = None,
         threads: int = 1,
         queue_size: int = 64,
         max_batch: int = 4,
         max_wait_ms: float = 1.0,
         newest_only: bool = True,
-        strategy: Strategy = "per-entry",
+        strategy: NodeStrategy = "per-entry",
     ) -> None:
         try:
             self.node_id = validate_id("node", node_id)
@@ -120,127 +121,90 @@ class EdgeNode:
             )  # fmt: skip
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {strategy!r}: choose {', '.join(STRATEGIES)}")
+        if strategy not in NODE_STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}: choose {', '.join(NODE_STRATEGIES)}")
         self.strategy = strategy
         self.topics = topics or Topics()
         self.threads = threads
-        self.client = MqttClient(
-            f"edvit-node-{node_id}",
-            broker,
-            status_topic=self.topics.node_status(node_id),
+        self.client = client or MqttClient(
+            f"edvit-node-{node_id}", broker, status_topic=self.topics.node_status(node_id),
             logger=log,
-        )
+        )  # fmt: skip
         self.counters = self.client.counters
-        self._state: _Loaded | None = None
-        self._lock = threading.Lock()
+        self.follower: PlanFollower[Share] = PlanFollower(
+            self.client, self.topics, self._model_ids, self._load,
+            on_update=self._on_update, logger=log,
+        )  # fmt: skip
+        # Stem slices of the plans seen lately (plan id -> slice id -> sha256): tokens a camera
+        # computed under another plan are served when their blocks are the same files.
+        self._stems: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._update_lock = threading.Lock()
+        self._serving_requests = False
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._serve, name="inference", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.client.set_status(StatusMsg(state="online"))
-        self.client.route(self.topics.plan(), self._on_plan, qos=1)
+        self.follower.start()
         self._worker.start()
         self.client.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.follower.stop()
         self._worker.join(timeout=5)
         self.client.stop()
         log.info("stopped; counters %s", dict(self.counters))
 
-    # -- plan and models ------------------------------------------------------------------
-    def _on_plan(self, _topic: str, payload: bytes) -> None:
-        plan = decode(PlanMsg, payload)
-        with self._lock:
-            old = self._state
-            if plan is None:
-                self._state = None
-            else:
-                required = required_models(plan, self.node_id, self.strategy)
-                kept = {}
-                if old is not None:  # keep model files whose bytes did not change
-                    kept = {
-                        mid: blob
-                        for mid, blob in old.blobs.items()
-                        if required.get(mid) == old.required.get(mid)
-                    }
-                self._state = _Loaded(plan, plan.submodels_of(self.node_id), required, kept)
-        old_ids = set(old.required) if old else set()
-        new_ids = set(self._state.required) if self._state else set()
-        for model_id in old_ids - new_ids:
-            self.client.unroute(self.topics.model(model_id))
-        if plan is None:
-            log.info("plan cleared; serving nothing")
-            self.client.unroute(self.topics.all_frames())
-            self.client.unroute(self.topics.all_tokens())
-            self.client.set_status(StatusMsg(state="online"))
-            return
-        assigned = self._state.assigned if self._state else ()
+    # -- plan and models (the follower calls these) ---------------------------------------
+    def _model_ids(self, plan: PlanMsg) -> dict[str, str]:
+        if plan.stem is not None:
+            self._stems[plan.plan_id] = plan.stem.slices
+            while len(self._stems) > STEMS_REMEMBERED:
+                self._stems.popitem(last=False)
+        return plan.node_models(self.node_id, self.strategy)
+
+    def _load(self, plan: PlanMsg, blobs: dict[str, bytes]) -> Share:
+        assigned = plan.submodels_of(self.node_id)
         if not assigned:
             log.warning("plan %s assigns nothing to node %s", plan.plan_id, self.node_id)
-        log.info(
-            "plan %s: this node serves %s with %d model files (%s)",
-            plan.plan_id, list(assigned) or "nothing", len(new_ids), self.strategy,
-        )  # fmt: skip
-        self._maybe_ready()
-        for model_id in sorted(new_ids):
-            self.client.route(self.topics.model(model_id), self._on_model, qos=1)
+            return Share(assigned, None)
+        runner = make_runner(plan, assigned, blobs, self.strategy, self.threads)
+        check_runner(runner, plan, assigned)
+        self.counters["model_bytes"] = runner.model_bytes
+        log.info("plan %s: serving %s with %d model files (%s)",
+                 plan.plan_id, list(assigned), len(blobs), self.strategy)  # fmt: skip
+        return Share(assigned, runner)
 
-    def _on_model(self, topic: str, payload: bytes) -> None:
-        model_id = self.topics.parts(topic)[1]
-        msg = decode(ModelMsg, payload)
-        if msg is None:
-            return  # model topic cleared; the plan decides what is served
-        with self._lock:
-            state = self._state
-        if state is None or model_id not in state.required:
-            return
-        expected = state.required[model_id]
-        actual = sha256_bytes(msg.onnx)
-        if actual != expected or msg.sha256 != expected:
-            self.counters["models_refused"] += 1
-            raise IntegrityError(
-                f"refusing model {model_id}: its bytes hash to {actual[:12]}…, "
-                f"the plan says {expected[:12]}…"
-            )
-        with self._lock:
-            if self._state is not state:
-                return  # a newer plan arrived meanwhile
-            state.blobs[model_id] = msg.onnx
-        log.info("received model %s (sha256 %s…)", model_id, actual[:12])
-        self._maybe_ready()
-
-    def _maybe_ready(self) -> None:
-        with self._lock:
-            state = self._state
-            if state is None:
-                return
-            if state.complete and state.assigned and state.runner is None:
-                try:
-                    runner = make_runner(
-                        state.plan, state.assigned, state.blobs, self.strategy, self.threads
-                    )
-                except ConfigError as exc:
-                    raise BadPayload(f"cannot load the plan's models: {exc}") from None
-                state.runner = runner
-                self.counters["model_bytes"] = runner.model_bytes
-            ready = state.runner is not None
-        if ready:
-            self.client.route(self.topics.all_frames(), self._on_frame, qos=0)
-            if state.plan.stem is not None:
-                self.client.route(self.topics.all_tokens(), self._on_tokens, qos=0)
-        self.client.set_status(
-            StatusMsg(
-                state="ready" if ready else "online",
-                plan_id=state.plan.plan_id,
-                submodels=tuple(
-                    sid for sid in state.assigned
-                    if sid in state.blobs or StemRef.tail_id(sid) in state.blobs
-                ),
-            )
-        )  # fmt: skip
+    def _on_update(self) -> None:
+        with self._update_lock:
+            active, target = self.follower.active, self.follower.target
+            serving = active is not None and active.runtime.runner is not None
+            if serving != self._serving_requests:
+                self._serving_requests = serving
+                if serving:
+                    self.client.route(self.topics.all_frames(), self._on_frame, qos=0)
+                    self.client.route(self.topics.all_tokens(), self._on_tokens, qos=0)
+                else:
+                    self.client.unroute(self.topics.all_frames())
+                    self.client.unroute(self.topics.all_tokens())
+            if target is None:
+                status = StatusMsg(state="online", error=self.follower.refused)
+            else:
+                received = self.follower.received()
+                ready = self.follower.ready and serving
+                status = StatusMsg(
+                    state="ready" if ready else "online",
+                    plan_id=target.plan_id,
+                    submodels=tuple(
+                        sid for sid in target.submodels_of(self.node_id)
+                        if sid in received or StemRef.tail_id(sid) in received
+                    ),
+                    serving_plan_id=active.plan.plan_id if serving and active else None,
+                    error=self.follower.refused,
+                )  # fmt: skip
+            self.client.set_status(status)
 
     # -- requests -------------------------------------------------------------------------
     def _on_frame(self, topic: str, payload: bytes) -> None:
@@ -259,20 +223,24 @@ class EdgeNode:
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            batch = self._batcher.take(timeout=0.2)
-            self.counters["requests_replaced_overload"] = self._batcher.dropped
-            with self._lock:
-                state = self._state
-            if not batch or state is None or state.runner is None:
-                continue
-            prepared = self._prepare(batch, state.plan)
-            if not prepared:
-                continue
             try:
-                self._infer(prepared, state)
-            except Exception:
+                self._serve_once()
+            except Exception:  # the worker must outlive any bug; count it and go on
                 self.counters["inference_errors"] += 1
-                log.exception("inference failed on a batch of %d requests", len(prepared))
+                log.exception("serving a batch failed")
+
+    def _serve_once(self) -> None:
+        batch = self._batcher.take(timeout=0.2)
+        self.counters["requests_replaced_overload"] = self._batcher.dropped
+        if not batch:
+            return
+        active = self.follower.active
+        if active is None or active.runtime.runner is None:
+            self.counters["requests_not_serving"] += len(batch)
+            return
+        prepared = self._prepare(batch, active.plan)
+        if prepared:
+            self._infer(prepared, active)
 
     def _prepare(self, batch: list[_Pending], plan: PlanMsg) -> list[tuple[_Pending, Request]]:
         prepared = []
@@ -287,24 +255,30 @@ class EdgeNode:
                 )  # fmt: skip
         return prepared
 
-    @staticmethod
-    def _request(message: FrameMsg | TokensMsg, plan: PlanMsg) -> Request:
+    def _request(self, message: FrameMsg | TokensMsg, plan: PlanMsg) -> Request:
         if isinstance(message, FrameMsg):
             image = to_model_input(decode_frame(message), plan.preprocessing)
             return Request(IMAGE_ENTRY, image)
         stem = plan.stem
-        assert stem is not None  # tokens are only routed for sliced plans
+        if stem is None:
+            raise BadPayload("tokens for a plan without a shared stem")
         if not 1 <= message.block <= stem.blocks:
             raise BadPayload(f"tokens at block {message.block}; the stem has {stem.blocks}")
         if message.shape != stem.token_shape:
             raise BadPayload(f"tokens of shape {message.shape}; the stem's are {stem.token_shape}")
+        if message.plan_id is not None and message.plan_id != plan.plan_id:
+            # Tokens from another plan's stem may come from other weights: never mix them.
+            raise BadPayload(
+                f"tokens computed under plan {message.plan_id}, serving {plan.plan_id}"
+            )
         tokens = np.frombuffer(message.data, dtype=message.dtype).reshape(message.shape)
         return Request(message.block, tokens.astype(np.float32))
 
-    def _infer(self, prepared: list[tuple[_Pending, Request]], state: _Loaded) -> None:
-        assert state.runner is not None
+    def _infer(self, prepared: list[tuple[_Pending, Request]], active: Active[Share]) -> None:
+        runner = active.runtime.runner
+        assert runner is not None
         started = time.perf_counter()
-        features = state.runner([request for _, request in prepared])
+        features = runner([request for _, request in prepared])
         infer_ms = round((time.perf_counter() - started) * 1000.0, 3)
         for submodel_id, vectors in features.items():
             for (pending, _), vector in zip(prepared, vectors, strict=True):
@@ -314,7 +288,7 @@ class EdgeNode:
                     seq=pending.seq,
                     ts=pending.ts,
                     submodel=submodel_id,
-                    plan_id=state.plan.plan_id,
+                    plan_id=active.plan.plan_id,
                     node=self.node_id,
                     dtype="float32",
                     data=vector.tobytes(),

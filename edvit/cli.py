@@ -16,7 +16,12 @@ from pathlib import Path
 from edvit import __version__
 from edvit.errors import ConfigError, EdvitError
 from edvit.mqtt import DEFAULT_BROKER
-from edvit.service import configure_logging, stop_on_signals, wait_for_stop_signal
+from edvit.service import (
+    configure_logging,
+    ignore_stop_signals,
+    stop_on_signals,
+    wait_for_stop_signal,
+)
 from edvit.topics import DEFAULT_PREFIX, Topics
 
 log = logging.getLogger("edvit")
@@ -51,6 +56,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _common() -> argparse.ArgumentParser:
+    # A new parser per subcommand: argparse parents share their Action objects, so one
+    # subcommand's set_defaults would otherwise change every subcommand's default.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--broker",
@@ -72,6 +79,7 @@ def _run_service(service: object) -> int:
         wait_for_stop_signal()
     finally:
         service.stop()  # type: ignore[attr-defined]
+        ignore_stop_signals()  # stopped: a late stop signal must not turn exit 0 into -2
     return 0
 
 
@@ -103,18 +111,21 @@ def cmd_camera(args: argparse.Namespace) -> int:
         enc=args.enc, data_dir=args.data_dir, topics=Topics(args.prefix),
         head_slices=args.head_slices, tokens_dtype=args.tokens_dtype,
     )  # fmt: skip
-    camera.run(stop_on_signals())
+    try:
+        camera.run(stop_on_signals())
+    finally:
+        ignore_stop_signals()  # done: a late stop signal must not turn exit 0 into -2
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from edvit.bundle import Bundle
-    from edvit.deploy import clear, deploy
+    from edvit.fleet.deploy import clear, deploy
 
     bundle = Bundle.load(args.bundle)
     topics = Topics(args.prefix)
     if args.clear:
-        clear(args.broker, topics, [s.id for s in bundle.manifest.submodels])
+        clear(bundle, args.broker, topics)
         print(f"cleared the plan and models of {args.bundle} from {args.broker}")
         return 0
     nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
@@ -126,7 +137,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from edvit.watch import watch
+    from edvit.fleet.watch import watch
 
     watch(
         args.broker, camera=args.camera, count=args.count, as_json=args.json,
@@ -136,7 +147,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edvit.demo import DEFAULT_BUNDLE, run_demo
+    from edvit.fleet.demo import DEFAULT_BUNDLE, run_demo
 
     summary = run_demo(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
@@ -162,7 +173,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from edvit.models import plan
+    from edvit.fleet import plan
 
     return plan.run(args)
 
@@ -174,8 +185,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_batching(args: argparse.Namespace) -> int:
-    from edvit.bench import bench_batching
-    from edvit.demo import DEFAULT_BUNDLE
+    from edvit.fleet.bench import bench_batching
+    from edvit.fleet.demo import DEFAULT_BUNDLE
 
     bench_batching(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, args.cameras, args.fps,
@@ -185,7 +196,7 @@ def cmd_bench_batching(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_slicing(args: argparse.Namespace) -> int:
-    from edvit.bench import bench_slicing
+    from edvit.fleet.bench import bench_slicing
 
     bench_slicing(
         Path(args.bundle), args.cameras, args.fps, args.seconds,
@@ -196,18 +207,18 @@ def cmd_bench_slicing(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
+    from edvit.fleet import plan
     from edvit.models import cli as build_cli
-    from edvit.models import evaluate, plan
+    from edvit.models import evaluate
 
     parser = argparse.ArgumentParser(
         prog="edvit", description="Vision Transformers split across IoT boards over MQTT."
     )
     parser.add_argument("--version", action="version", version=f"edvit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _common()
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], text: str):
-        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p = sub.add_parser(name, parents=[_common()], help=text, description=text)
         p.set_defaults(handler=handler)
         return p
 
@@ -290,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench_batching, "benchmarks of the node: `batching` or `slicing`")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = benches.add_parser(
-        "batching", parents=[common], help="K simulated cameras against one node",
+        "batching", parents=[_common()], help="K simulated cameras against one node",
         description="K simulated cameras against one node, batching off and on",
     )  # fmt: skip
     p.set_defaults(handler=cmd_bench_batching)
@@ -300,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_positive_float, default=8.0, help="measured time per run")
     p.add_argument("--json", help="also write the results here")
     p = benches.add_parser(
-        "slicing", parents=[common], help="head slices J = 0..K on the cameras, one node",
+        "slicing", parents=[_common()], help="head slices J = 0..K on the cameras, one node",
         description="bytes on the wire and node CPU per frame for J = 0..K head slices, "
         "for both node strategies",
     )  # fmt: skip

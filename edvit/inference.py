@@ -3,6 +3,9 @@ offline evaluation, so the distributed path and the offline path run the same co
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,9 @@ from edvit.bundle import (
     Bundle,
 )
 from edvit.errors import ConfigError
+
+# One input's full shape, a shape per input name, or None (every symbolic dim set to 1).
+ShapeArg = Sequence[int] | Mapping[str, Sequence[int]] | None
 
 
 def make_session(model: bytes | str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -96,3 +102,44 @@ class OfflinePredictor:
     def fused_logits(self, images: np.ndarray, missing: frozenset[int] = frozenset()) -> np.ndarray:
         blocks = self.features(images)
         return self.fusion([None if i in missing else b for i, b in enumerate(blocks)])
+
+
+def _random_feed(session: ort.InferenceSession, input_feed_shape: ShapeArg) -> dict:
+    inputs = session.get_inputs()
+    if input_feed_shape is None or isinstance(input_feed_shape, Mapping):
+        given = dict(input_feed_shape or {})
+        shapes = {
+            i.name: given.get(i.name, [d if isinstance(d, int) else 1 for d in i.shape])
+            for i in inputs
+        }
+    elif len(inputs) == 1:
+        shapes = {inputs[0].name: list(input_feed_shape)}
+    else:
+        raise ValueError("the model has several inputs: give a shape per input name")
+    rng = np.random.default_rng(0)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def measure_latency_ms(
+    path: str | Path,
+    input_feed_shape: ShapeArg = None,
+    runs: int = 200,
+    warmup: int = 20,
+    threads: int = 1,
+) -> float:
+    """Median wall time in ms of one ``session.run`` on random float32 input.
+
+    input_feed_shape: like :func:`onnx_flops`; None means batch 1 for every input.
+    """
+    if runs < 1:
+        raise ConfigError(f"latency needs at least one run, got {runs}")
+    session = make_session(Path(path), threads)
+    feed = _random_feed(session, input_feed_shape)
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        session.run(None, feed)
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / 1e6

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -52,6 +55,47 @@ class BrokerAddress:
 
     def __str__(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+
+class Transport(Protocol):
+    """What a service needs of its MQTT client. `MqttClient` is the real one; tests hand a
+    service an in-memory one to exercise its logic without a broker."""
+
+    counters: Counter[str]
+
+    def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None: ...
+    def unroute(self, topic_filter: str) -> None: ...
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False
+                ) -> object: ...  # fmt: skip
+    def set_status(self, status: StatusMsg) -> None: ...
+    def start(self, wait: float | None = 10.0, required: bool = False) -> bool: ...
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+def deliver(
+    handler: Handler, topic: str, payload: bytes, counters: Counter[str], log: logging.Logger
+) -> None:
+    """Call a handler the way every transport must: a BadPayload drops the message with one
+    log line and a count; any other exception is a bug, logged and counted, and never
+    reaches the thread that delivered the message."""
+    counters["messages_in"] += 1
+    try:
+        handler(topic, payload)
+    except BadPayload as exc:
+        counters["bad_payloads"] += 1
+        log.warning(
+            "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
+            topic, len(payload), exc, counters["bad_payloads"],
+        )  # fmt: skip
+    except Exception:
+        counters["handler_errors"] += 1
+        log.exception("handler for %s failed", topic)
+
+
+def unique_client_id(kind: str) -> str:
+    """A client id no other process uses: a second instance must not take over the first's
+    session (the broker disconnects the older of two clients with the same id)."""
+    return f"edvit-{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def _disable_nagle(_client: paho.Client, _userdata: object, sock: object) -> None:
@@ -121,21 +165,7 @@ class MqttClient:
 
     def _guarded(self, handler: Handler) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
         def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-            self.counters["messages_in"] += 1
-            try:
-                handler(msg.topic, msg.payload)
-            except BadPayload as exc:
-                self.counters["bad_payloads"] += 1
-                self.log.warning(
-                    "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
-                    msg.topic,
-                    len(msg.payload),
-                    exc,
-                    self.counters["bad_payloads"],
-                )
-            except Exception:  # a bug must not kill the network thread
-                self.counters["handler_errors"] += 1
-                self.log.exception("handler for %s failed", msg.topic)
+            deliver(handler, msg.topic, msg.payload, self.counters, self.log)
 
         return dispatch
 

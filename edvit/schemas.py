@@ -16,10 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edvit import WIRE_VERSION
 from edvit.errors import BadPayload
+from edvit.topics import FUSION_MODEL_ID
 
 Encoding = Literal["jpeg", "png", "raw"]
 FeatureDtype = Literal["float32", "float16"]
 State = Literal["online", "ready", "offline"]
+# How a node runs a sliced bundle's stem (edge_node/runners.py); it decides which stem files
+# the node fetches.
+NodeStrategy = Literal["per-entry", "merged"]
+NODE_STRATEGIES: tuple[NodeStrategy, ...] = ("per-entry", "merged")
 
 
 class _Message(BaseModel):
@@ -100,6 +105,10 @@ class StemRef(_Message):
     def tail_id(submodel_id: str) -> str:
         return f"{submodel_id}.tail"
 
+    def head_ids(self, count: int) -> list[str]:
+        """What a camera running the first `count` blocks needs: embedding, blocks 0..count-1."""
+        return [self.EMBED_ID, *(self.block_id(i) for i in range(count))]
+
     @model_validator(mode="after")
     def _complete(self) -> StemRef:
         expected = {self.EMBED_ID}
@@ -145,6 +154,31 @@ class PlanMsg(_Message):
     def submodels_of(self, node: str) -> tuple[str, ...]:
         return self.assignments.get(node, ())
 
+    def node_models(self, node: str, strategy: NodeStrategy) -> dict[str, str]:
+        """Model id -> sha256 of every file `node` loads for its share of this plan: its whole
+        sub-models, or for a sliced plan the embedding, the stem as `strategy` runs it, and
+        its sub-models' tails."""
+        assigned = self.submodels_of(node)
+        if not assigned:
+            return {}
+        stem = self.stem
+        if stem is None:
+            return {sid: self.submodel(sid).sha256 for sid in assigned}
+        per_block = StemRef.from_id if strategy == "per-entry" else StemRef.block_id
+        needed = {StemRef.EMBED_ID: stem.slices[StemRef.EMBED_ID]}
+        needed |= {per_block(i): stem.slices[per_block(i)] for i in range(stem.blocks)}
+        needed |= {StemRef.tail_id(sid): stem.tails[sid] for sid in assigned}
+        return needed
+
+    def model_ids(self) -> dict[str, str]:
+        """Model id -> sha256 of every file this plan names (what a deploy publishes)."""
+        models = {s.id: s.sha256 for s in self.submodels}
+        models[FUSION_MODEL_ID] = self.fusion_sha256
+        if self.stem is not None:
+            models |= self.stem.slices
+            models |= {StemRef.tail_id(sid): sha for sid, sha in self.stem.tails.items()}
+        return models
+
 
 class TokensMsg(_Message):
     """A camera that ran the first `block` stem blocks itself sends the tokens at that block
@@ -159,6 +193,9 @@ class TokensMsg(_Message):
     shape: tuple[int, int]  # tokens, width
     data: bytes
     label: int | None = None
+    # The plan whose stem slices computed these tokens (v1 addition; absent from older
+    # cameras): a node never mixes tokens from one stem with another's blocks.
+    plan_id: str | None = None
 
     @model_validator(mode="after")
     def _size_matches(self) -> TokensMsg:
@@ -177,8 +214,12 @@ class ModelMsg(_Message):
 
 class StatusMsg(_Message):
     state: State
-    plan_id: str | None = None
+    plan_id: str | None = None  # the newest plan the service follows ("ready": it serves it)
     submodels: tuple[str, ...] = ()
+    # v1 additions: the plan actually served while a newer one loads, and why the newest
+    # plan was refused (the service then keeps serving the one before).
+    serving_plan_id: str | None = None
+    error: str | None = None
     ts: float = Field(default_factory=time.time)
     counters: dict[str, int] = Field(default_factory=dict)
 

@@ -26,6 +26,18 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def ignore_stop_signals() -> None:
+    """Call once a service has stopped: SIGINT and SIGTERM have nothing left to stop.
+
+    While the interpreter shuts down, Python puts the default action back on the signals it
+    handled (it leaves SIG_IGN alone), so a stop signal arriving then, such as a supervisor's
+    SIGINT to a camera that has just sent its --count frames, would kill a process that was
+    exiting 0 and make its exit code -2. Ignored, it exits 0.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def wait_for_stop_signal() -> None:
     stop = stop_on_signals()
     while not stop.wait(0.5):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "edvit"
-FUSION_MODEL_ID = "fusion"
+FUSION_MODEL_ID = "fusion"  # the fusion MLP's model id
 
 
 @dataclass(frozen=True)

@@ -62,14 +62,14 @@ import edvit
 from edvit.bundle import ASSIGNMENT_NAME, MANIFEST_NAME, REPORT_NAME, Bundle, Manifest, sha256_file
 from edvit.datasets import Dataset, load_dataset
 from edvit.errors import ConfigError
+from edvit.fleet.assignment import Infeasible, Item, assign, shrink_budgets
+from edvit.fleet.devices import Inventory, identical_devices, load_inventory
+from edvit.fleet.plan import write_assignment
 from edvit.inference import FeatureExtractor
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import Preprocessing
 
-from .assignment import Infeasible, Item, assign, shrink_budgets
-from .devices import Inventory, identical_devices, load_inventory
 from .export import export_fusion, export_image_model
-from .plan import write_assignment
 from .prune import (
     PruneSpec,
     count_params_after,
@@ -503,7 +503,7 @@ def make_submodel(
 def measure_items(
     out: Path, ids: list[str], files: list[str], input_shape: tuple[int, ...], runs: int
 ) -> list[Item]:
-    from .evaluate import measure_latency_ms
+    from edvit.inference import measure_latency_ms
 
     return [
         Item(

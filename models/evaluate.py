@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,14 +36,18 @@ import onnxruntime as ort
 
 from edvit.bundle import REPORT_NAME, Bundle
 from edvit.errors import ConfigError
-from edvit.inference import Classifier, OfflinePredictor, make_session
+from edvit.inference import (
+    Classifier,
+    OfflinePredictor,
+    ShapeArg,
+    measure_latency_ms,
+)
 
 if TYPE_CHECKING:
     import onnx
 
 BATCH = 1000  # test images per ONNX Runtime call when computing accuracies
 MATMUL_OPS = ("MatMul", "Gemm", "Conv", "Einsum")
-ShapeArg = Sequence[int] | Mapping[str, Sequence[int]] | None
 
 
 # --- ONNX static figures ------------------------------------------------------------------
@@ -204,47 +206,6 @@ def onnx_flops(path: str | Path, input_shape: ShapeArg = None) -> int:
 
 
 # --- latency ------------------------------------------------------------------------------
-
-
-def _random_feed(session: ort.InferenceSession, input_feed_shape: ShapeArg) -> dict:
-    inputs = session.get_inputs()
-    if input_feed_shape is None or isinstance(input_feed_shape, Mapping):
-        given = dict(input_feed_shape or {})
-        shapes = {
-            i.name: given.get(i.name, [d if isinstance(d, int) else 1 for d in i.shape])
-            for i in inputs
-        }
-    elif len(inputs) == 1:
-        shapes = {inputs[0].name: list(input_feed_shape)}
-    else:
-        raise ValueError("the model has several inputs: give a shape per input name")
-    rng = np.random.default_rng(0)
-    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-
-
-def measure_latency_ms(
-    path: str | Path,
-    input_feed_shape: ShapeArg = None,
-    runs: int = 200,
-    warmup: int = 20,
-    threads: int = 1,
-) -> float:
-    """Median wall time in ms of one ``session.run`` on random float32 input.
-
-    input_feed_shape: like :func:`onnx_flops`; None means batch 1 for every input.
-    """
-    if runs < 1:
-        raise ConfigError(f"latency needs at least one run, got {runs}")
-    session = make_session(Path(path), threads)
-    feed = _random_feed(session, input_feed_shape)
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        session.run(None, feed)
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times) / 1e6
 
 
 def cpu_name() -> str:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+if TYPE_CHECKING:
+    from edvit.fleet.local import LocalFleet
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -119,3 +122,16 @@ def clear_retained(host: str, port: int, topic: str, timeout: float = DEFAULT_TI
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def assert_exit_codes(fleet: LocalFleet, killed: Iterable[str] = ()) -> None:
+    """Every process of a stopped fleet exited 0 (a clean stop on SIGINT, or done on its own),
+    except those the test killed on purpose, which show SIGKILL (-9)."""
+    on_purpose = set(killed)
+    expected = {name: -9 if name in on_purpose else 0 for name in fleet.processes}
+    wrong = "\n".join(
+        f"--- {name} exited {code}, expected {expected.get(name)}:\n{fleet.log_tail(name)}"
+        for name, code in fleet.exit_codes.items()
+        if code != expected.get(name)
+    )
+    assert fleet.exit_codes == expected, f"{fleet.exit_codes} != {expected}\n{wrong}"

@@ -172,3 +172,15 @@ def test_run_prints_one_line_and_stops_on_sigterm(capsys: pytest.CaptureFixture[
 
 def _deadline(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+def test_stop_is_clean_and_gives_exit_code_0(
+    broker: LocalBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    local = LocalBroker(kind=broker.kind)  # a fresh one: the session's broker stays up
+    local.start()
+    port = local.port
+    assert local.stop() == 0
+    assert "still running" not in caplog.text  # SIGINT was enough: no SIGTERM, no SIGKILL
+    assert local.stop() is None  # nothing left to stop
+    assert port_is_free("127.0.0.1", port)

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from edvit.broker.local import find_free_port, mosquitto_path, wait_for_port
+from edvit.process import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
@@ -153,7 +154,8 @@ def test_mosquitto_accepts_the_compose_config(tmp_path: Path) -> None:
     try:
         listening = wait_for_port("127.0.0.1", port, time.monotonic() + 5)
     finally:
-        proc.terminate()
-        output, _ = proc.communicate(timeout=5)
+        code = stop_process(proc, grace_s=5, name="mosquitto")
+        output, _ = proc.communicate()  # exited: only reads what is left in the pipe
     assert listening, output.decode(errors="replace")
+    assert code == 0, output.decode(errors="replace")  # a clean stop on SIGINT
     assert b"Error" not in output.split(b"terminating")[0], output.decode(errors="replace")

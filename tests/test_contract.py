@@ -175,7 +175,8 @@ def test_runtime_services_import_neither_torch_nor_timm() -> None:
     code = (
         "import sys, edvit.cli; edvit.cli.build_parser();"
         "import edvit.edge_node.node, edvit.aggregator.service, edvit.camera_source.camera,"
-        " edvit.deploy, edvit.demo, edvit.watch, edvit.models.plan, edvit.models.evaluate;"
+        " edvit.fleet.deploy, edvit.fleet.demo, edvit.fleet.watch, edvit.fleet.plan,"
+        " edvit.models.evaluate;"
         "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

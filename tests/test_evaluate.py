@@ -16,14 +16,14 @@ import pytest
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
-from edvit.inference import Classifier, OfflinePredictor
+from edvit.inference import Classifier, OfflinePredictor, measure_latency_ms
 from edvit.models import evaluate
 from edvit.preprocess import dataset_to_model_input
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-BUNDLE_DIR = Path(__file__).resolve().parents[1] / "models" / "bundles" / "fashion-mnist-3"
+BUNDLE_DIR = Path(__file__).resolve().parents[1] / "fleet" / "bundles" / "fashion-mnist-3"
 NUM_IMAGES = 300
 LATENCY_RUNS = 20
 
@@ -222,7 +222,7 @@ def test_params_ignore_scalars_and_integer_constants(tmp_path: Path) -> None:
     path = save(tmp_path, nodes, [x], y, [weight, half, shape])
     assert evaluate.onnx_params(path) == 12
     assert evaluate.onnx_flops(path, (1, 3)) == 24
-    assert evaluate.measure_latency_ms(path, (1, 3), runs=3, warmup=1) > 0
+    assert measure_latency_ms(path, (1, 3), runs=3, warmup=1) > 0
 
 
 def test_missing_onnx_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

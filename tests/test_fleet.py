@@ -18,14 +18,15 @@ import pytest
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
-from edvit.deploy import deploy, make_plan, round_robin
-from edvit.fleet import LocalFleet
+from edvit.fleet.deploy import deploy, make_plan, round_robin
+from edvit.fleet.local import LocalFleet
+from edvit.fleet.watch import PredictionStream
 from edvit.inference import OfflinePredictor, softmax
 from edvit.mqtt import MqttClient
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import FrameMsg, ModelMsg, PredictionMsg, StatusMsg, decode, encode
 from edvit.topics import Topics
-from edvit.watch import PredictionStream
+from helpers import assert_exit_codes
 
 FRAMES = 40
 
@@ -71,6 +72,7 @@ def test_every_frame_gets_one_prediction_equal_to_offline(
             predictions += _collect(stream, 1, timeout=1.0)
         finally:
             stream.stop()
+    assert_exit_codes(fleet)  # nodes, aggregator and camera: 0
 
     seqs = sorted(p.seq for p in predictions)
     assert seqs == list(range(FRAMES)), "every frame exactly one prediction"
@@ -118,6 +120,7 @@ def test_bad_payloads_are_dropped_and_the_fleet_keeps_serving(
             stream.stop()
         assert [p.seq for p in predictions] == [1]
         fleet.check_alive()
+    assert_exit_codes(fleet)
     for node in plan.assignments:
         text = fleet.log_path(node).read_text()
         assert text.count("dropped message on") == 2, text  # garbage and wrong version
@@ -160,6 +163,7 @@ def test_node_refuses_a_model_whose_sha256_does_not_match(
             else:
                 pytest.fail(f"node never settled with sub0 and sub2 only: {seen}")
             time.sleep(0.5)  # let anything else the node would do reach the log
+        assert_exit_codes(fleet)
         log = fleet.log_path("node-0").read_text()
         assert log.count("refusing model sub1") == 1, log
         assert not any(s.state == "ready" for s in seen)
@@ -198,8 +202,9 @@ def test_killed_node_goes_offline_through_its_will(
             node = fleet.spawn("node-0", "node", "--id", "node-0")
             _collect_status(statuses, lambda s: s.state == "ready", 30)
             node.kill()
-            node.wait()
+            assert node.wait() == -9
             assert _collect_status(statuses, lambda s: s.state == "offline", 10).ts == 0.0
+        assert_exit_codes(fleet, killed=["node-0"])
     finally:
         client.stop()
 
@@ -260,6 +265,7 @@ def test_fleet_reconnects_and_resubscribes_after_broker_restart(
         finally:
             probe.stop()
             stream.stop()
+    assert_exit_codes(fleet)  # the broker crashed under them; the services did not
     assert sorted(p.seq for p in predictions) == list(range(10))
     for node in ("node-0", "node-1", "node-2"):
         assert "lost broker" in fleet.log_path(node).read_text()

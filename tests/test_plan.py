@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from edvit.bundle import ASSIGNMENT_NAME, Bundle
-from edvit.deploy import bundle_assignments
 from edvit.errors import ConfigError
-from edvit.models.plan import read_assignment
+from edvit.fleet.deploy import bundle_assignments
+from edvit.fleet.plan import read_assignment
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "bundles" / "fashion-mnist-3"
+SHIPPED = Path(__file__).resolve().parents[1] / "fleet" / "bundles" / "fashion-mnist-3"
 
 
 @pytest.fixture

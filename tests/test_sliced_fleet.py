@@ -16,14 +16,15 @@ import pytest
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
-from edvit.deploy import deploy
-from edvit.fleet import LocalFleet
+from edvit.fleet.deploy import deploy
+from edvit.fleet.local import LocalFleet
+from edvit.fleet.watch import PredictionStream
 from edvit.inference import OfflinePredictor, softmax
 from edvit.mqtt import MqttClient
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import TokensMsg, encode
 from edvit.topics import Topics
-from edvit.watch import PredictionStream
+from helpers import assert_exit_codes
 
 FRAMES = 15
 
@@ -61,6 +62,7 @@ def test_frames_and_tokens_give_the_offline_answers(
             predictions = _collect(stream, 2 * FRAMES, timeout=60)
         finally:
             stream.stop()
+    assert_exit_codes(fleet)  # node, aggregator and both cameras: 0
     test = load_dataset("digits", "test")
     images = dataset_to_model_input(test.images[:FRAMES], bundle.manifest.preprocessing)
     offline = softmax(OfflinePredictor(bundle).fused_logits(images))
@@ -98,6 +100,7 @@ def test_bad_tokens_are_dropped_with_one_line_each(
         finally:
             sender.stop()
         fleet.check_alive()
+    assert_exit_codes(fleet)
     log = fleet.log_path("node-0").read_text()
     assert log.count("tokens of shape (3, 32); the stem's are (17, 32)") == 1, log
     assert log.count("tokens at block 5; the stem has 1") == 1, log

@@ -42,9 +42,9 @@ import numpy as np
 from edvit.broker.local import LocalBroker
 from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
 from edvit.datasets import Dataset, load_dataset
-from edvit.deploy import deploy
 from edvit.errors import ConfigError
-from edvit.fleet import LocalFleet
+from edvit.fleet.deploy import deploy
+from edvit.fleet.local import LocalFleet
 from edvit.inference import make_session
 from edvit.mqtt import MqttClient
 from edvit.preprocess import dataset_to_model_input, decode_frame, to_model_input

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
-from edvit.mqtt import MqttClient
-from edvit.schemas import ModelMsg, PlanMsg, StemRef, SubmodelRef, encode
+from edvit.mqtt import MqttClient, unique_client_id
+from edvit.schemas import FUSION_MODEL_ID, ModelMsg, PlanMsg, StemRef, SubmodelRef, encode
 from edvit.topics import Topics, validate_id
 
-log = logging.getLogger("edvit.deploy")
+log = logging.getLogger("edvit.fleet.deploy")
 
 
 def default_nodes(bundle: Bundle) -> list[str]:
@@ -84,7 +85,7 @@ def bundle_assignments(bundle: Bundle, nodes: list[str] | None) -> dict[str, tup
     ids = [s.id for s in bundle.manifest.submodels]
     if nodes:
         return round_robin(ids, nodes)
-    from edvit.models.plan import read_assignment  # torch-free
+    from edvit.fleet.plan import read_assignment  # torch-free
 
     placed = read_assignment(bundle)
     if placed is not None:
@@ -110,6 +111,15 @@ def stem_files(bundle: Bundle) -> dict[str, str]:
     return files
 
 
+def model_files(bundle: Bundle) -> dict[str, str]:
+    """Model id -> bundle file of every model a plan of this bundle names (plan.model_ids())."""
+    m = bundle.manifest
+    files = {s.id: s.file for s in m.submodels}
+    files[FUSION_MODEL_ID] = m.fusion.file
+    files |= stem_files(bundle)
+    return files
+
+
 def deploy(
     bundle: Bundle,
     broker: str,
@@ -118,35 +128,46 @@ def deploy(
     timeout: float = 30.0,
 ) -> PlanMsg:
     topics = topics or Topics()
-    m = bundle.manifest
     plan = make_plan(bundle, bundle_assignments(bundle, nodes))
-    client = MqttClient(f"edvit-deploy-{plan.plan_id}", broker, logger=log)
+    client = MqttClient(unique_client_id("deploy"), broker, logger=log)
     client.start(wait=timeout, required=True)
     try:
-        files = [(topics.model(s.id), s.file) for s in m.submodels]
-        files.append((topics.fusion_model(), m.fusion.file))
-        files += [(topics.model(sid), f) for sid, f in stem_files(bundle).items()]
-        for topic, relative in files:
-            message = ModelMsg(
-                sha256=bundle.file_sha256(relative), onnx=bundle.path(relative).read_bytes()
-            )
-            client.publish_and_wait(topic, encode(message), qos=1, retain=True, timeout=timeout)
-            log.info("published %s (%d bytes) on %s", relative, len(message.onnx), topic)
-        client.publish_and_wait(topics.plan(), encode(plan), qos=1, retain=True, timeout=timeout)
-        log.info("published plan %s: %s", plan.plan_id, dict(plan.assignments))
+        publish_bundle(
+            lambda topic, payload: client.publish_and_wait(
+                topic, payload, qos=1, retain=True, timeout=timeout
+            ),
+            bundle, plan, topics,
+        )  # fmt: skip
     finally:
         client.stop()
     return plan
 
 
-def clear(broker: str, topics: Topics | None = None, submodel_ids: list[str] = ()) -> None:
-    """Remove the retained plan (and the named model files) from the broker."""
+def publish_bundle(
+    publish: Callable[[str, bytes], None], bundle: Bundle, plan: PlanMsg, topics: Topics
+) -> None:
+    """Every model file the plan names, then the plan, each through `publish(topic, payload)`
+    (retained, acknowledged)."""
+    files = model_files(bundle)
+    for model_id, sha256 in plan.model_ids().items():
+        relative = files[model_id]
+        message = ModelMsg(sha256=sha256, onnx=bundle.path(relative).read_bytes())
+        topic = topics.model(model_id)
+        publish(topic, encode(message))
+        log.info("published %s (%d bytes) on %s", relative, len(message.onnx), topic)
+    publish(topics.plan(), encode(plan))
+    log.info("published plan %s: %s", plan.plan_id, dict(plan.assignments))
+
+
+def clear(bundle: Bundle, broker: str, topics: Topics | None = None) -> None:
+    """Remove what `deploy` published for this bundle: the plan and every model file."""
     topics = topics or Topics()
-    client = MqttClient("edvit-deploy-clear", broker, logger=log)
+    plan = make_plan(bundle, bundle_assignments(bundle, None))
+    client = MqttClient(unique_client_id("deploy"), broker, logger=log)
     client.start(required=True)
     try:
         client.publish_and_wait(topics.plan(), b"", qos=1, retain=True)
-        for sid in [*submodel_ids, "fusion"]:
-            client.publish_and_wait(topics.model(sid), b"", qos=1, retain=True)
+        for model_id in plan.model_ids():
+            client.publish_and_wait(topics.model(model_id), b"", qos=1, retain=True)
     finally:
         client.stop()

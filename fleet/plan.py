@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edvit.bundle import ASSIGNMENT_NAME, Bundle
 from edvit.errors import ConfigError
-from edvit.models.assignment import Assignment, Item, assign
-from edvit.models.devices import Device, Inventory, load_inventory
+from edvit.fleet.assignment import Assignment, Item, assign
+from edvit.fleet.devices import Device, Inventory, load_inventory
+from edvit.inference import measure_latency_ms
 
 BYTES_PER_MB = 1_000_000
 
@@ -34,8 +35,6 @@ class AssignmentFile(BaseModel):
 
 
 def submodel_items(bundle: Bundle, *, latency_runs: int = 50, threads: int = 1) -> list[Item]:
-    from edvit.models.evaluate import measure_latency_ms
-
     shape = (1, *bundle.manifest.input_shape)
     items = []
     for spec in bundle.manifest.submodels:

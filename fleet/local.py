@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from edvit.errors import EdvitError
-from edvit.mqtt import MqttClient
+from edvit.mqtt import MqttClient, unique_client_id
+from edvit.process import stop_processes
 from edvit.schemas import PlanMsg, StatusMsg, decode
 from edvit.topics import Topics
 
@@ -28,6 +28,7 @@ class LocalFleet:
         self.log_dir = log_dir
         self.topics = topics or Topics()
         self.processes: dict[str, subprocess.Popen] = {}
+        self.exit_codes: dict[str, int] = {}  # filled by stop()
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> LocalFleet:
@@ -78,7 +79,7 @@ class LocalFleet:
         waiting = {self.topics.node_status(node) for node in plan.assignments}
         if include_aggregator:
             waiting.add(self.topics.aggregator_status())
-        probe = MqttClient(f"edvit-fleet-probe-{os.getpid()}", self.broker_url, logger=log)
+        probe = MqttClient(unique_client_id("fleet-probe"), self.broker_url, logger=log)
         probe.route(self.topics.all_node_statuses(), on_status, qos=1)
         probe.route(self.topics.aggregator_status(), on_status, qos=1)
         probe.start(required=True)
@@ -97,16 +98,11 @@ class LocalFleet:
         finally:
             probe.stop()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGINT for a clean offline status, then escalate."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + timeout
-        for name, process in self.processes.items():
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop on SIGINT; killing it", name)
-                process.kill()
-                process.wait()
+    def stop(self, timeout: float = 10.0) -> dict[str, int]:
+        """SIGINT to every process for a clean offline status, then escalate after `timeout`.
+
+        Returns each process's exit code by name (0: a clean stop, -9: killed), also kept in
+        `exit_codes`.
+        """
+        self.exit_codes = stop_processes(self.processes, grace_s=timeout, logger=log)
+        return self.exit_codes

@@ -6,11 +6,11 @@ import logging
 import queue
 import threading
 
-from edvit.mqtt import MqttClient
+from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import PredictionMsg, decode
 from edvit.topics import Topics
 
-log = logging.getLogger("edvit.watch")
+log = logging.getLogger("edvit.fleet.watch")
 
 
 def format_prediction(p: PredictionMsg) -> str:
@@ -30,7 +30,7 @@ class PredictionStream:
     def __init__(self, broker: str, camera: str = "+", topics: Topics | None = None) -> None:
         self.topics = topics or Topics()
         self.queue: queue.Queue[PredictionMsg] = queue.Queue()
-        self.client = MqttClient(f"edvit-watch-{id(self):x}", broker, logger=log)
+        self.client = MqttClient(unique_client_id("watch"), broker, logger=log)
         self.client.route(self.topics.predictions(camera), self._on_prediction, qos=1)
 
     def _on_prediction(self, _topic: str, payload: bytes) -> None:

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-import edvit.models
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
-from edvit.deploy import deploy
 from edvit.errors import ConfigError
-from edvit.fleet import LocalFleet
+from edvit.fleet.deploy import deploy
+from edvit.fleet.local import LocalFleet
+from edvit.fleet.watch import PredictionStream, format_prediction
 from edvit.schemas import PredictionMsg
-from edvit.watch import PredictionStream, format_prediction
 
-log = logging.getLogger("edvit.demo")
+log = logging.getLogger("edvit.fleet.demo")
 
-DEFAULT_BUNDLE = Path(edvit.models.__file__).parent / "bundles" / "fashion-mnist-3"
+DEFAULT_BUNDLE = Path(__file__).parent / "bundles" / "fashion-mnist-3"
 CAMERA_ID = "cam0"
 
 

@@ -1,0 +1,67 @@
+"""Stopping child processes: the one SIGINT -> SIGTERM -> SIGKILL escalation every caller uses.
+
+SIGINT first, because every edvit service (and mosquitto) treats it as a clean stop: it
+publishes its offline status and exits 0. A child still running `grace_s` seconds later gets
+SIGTERM, and one still running `grace_s` after that gets SIGKILL, which always works. The
+return codes are Popen's: 0 for a clean stop, -9 for a child that had to be killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+# Seconds to wait after SIGINT and again after SIGTERM, unless a caller says otherwise.
+DEFAULT_GRACE_S = 5.0
+
+
+def stop_processes(
+    processes: Mapping[str, subprocess.Popen],
+    *,
+    grace_s: float = DEFAULT_GRACE_S,
+    logger: logging.Logger = log,
+) -> dict[str, int]:
+    """Stop every process in parallel and return each one's exit code, by name.
+
+    Each step signals every process still running before waiting on any of them, so the
+    whole stop takes at most about 2 * grace_s, not that per process. Processes that have
+    already exited only report their code.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        running = {name: proc for name, proc in processes.items() if proc.poll() is None}
+        if not running:
+            break
+        if sig != signal.SIGINT:
+            for name, proc in running.items():
+                logger.warning(
+                    "%s (pid %d) still running %.3g s after the last signal; sending %s",
+                    name, proc.pid, grace_s, sig.name,
+                )  # fmt: skip
+        for proc in running.values():
+            proc.send_signal(sig)  # a no-op for a child that exited meanwhile
+        deadline = time.monotonic() + grace_s
+        for proc in running.values():
+            if sig == signal.SIGKILL:
+                proc.wait()  # SIGKILL cannot be ignored
+            else:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # escalated next step
+                    proc.wait(max(0.0, deadline - time.monotonic()))
+    return {name: proc.wait() for name, proc in processes.items()}  # all have exited
+
+
+def stop_process(
+    proc: subprocess.Popen,
+    *,
+    grace_s: float = DEFAULT_GRACE_S,
+    name: str | None = None,
+    logger: logging.Logger = log,
+) -> int:
+    """Stop one process (SIGINT, then SIGTERM, then SIGKILL) and return its exit code."""
+    label = name or "child"
+    return stop_processes({label: proc}, grace_s=grace_s, logger=logger)[label]

@@ -1,0 +1,231 @@
+"""Following the retained plan: the one place where `plan` and `models/*` become a runtime.
+
+Every service that runs models (node, aggregator, camera head) hands a `PlanFollower` two
+functions: which model files a plan asks of it (model id -> sha256) and how to load them
+into sessions. The follower then
+
+- subscribes to the plan and to exactly the model topics the newest plan needs,
+  unsubscribing the ones no longer needed;
+- checks every model file's sha256 (against itself and against the plan) and counts
+  refusals; bytes that are sound but not what the current plan names are kept, since a
+  deploy publishes the next plan's models before the plan itself;
+- builds sessions on its own worker thread, never on the MQTT network thread, and swaps
+  the (plan, runtime) pair atomically, so the service keeps serving the old plan while the
+  new one loads, and a plan whose models cannot be loaded is refused while the old one
+  keeps serving;
+- reports every change through one callback, from which the service derives its status.
+
+A plan whose model files are the same as the active plan's is switched to without loading
+anything again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from edvit.bundle import sha256_bytes
+from edvit.errors import BadPayload, ConfigError, IntegrityError
+from edvit.mqtt import Transport
+from edvit.schemas import ModelMsg, PlanMsg, decode
+from edvit.topics import Topics
+
+R = TypeVar("R")
+
+ModelIds = Callable[[PlanMsg], dict[str, str]]
+"""Model id -> sha256 of every file this service needs from a plan; ConfigError refuses it."""
+
+Loader = Callable[[PlanMsg, dict[str, bytes]], R]
+"""Model files (by id) -> the service's runtime; ConfigError (or BadPayload) refuses the plan."""
+
+
+@dataclass(frozen=True)
+class Active(Generic[R]):
+    """A plan and the runtime loaded for it: read both from the same object."""
+
+    plan: PlanMsg
+    runtime: R
+    models: dict[str, str]  # model id -> sha256 the runtime was loaded from
+
+
+class PlanFollower(Generic[R]):
+    def __init__(
+        self,
+        client: Transport,
+        topics: Topics,
+        model_ids: ModelIds,
+        load: Loader[R],
+        *,
+        on_update: Callable[[], None] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.client = client
+        self.topics = topics
+        self.counters = client.counters
+        self.log = logger or logging.getLogger("edvit.retained")
+        self._model_ids = model_ids
+        self._load = load
+        self._on_update = on_update or (lambda: None)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._target: PlanMsg | None = None  # the newest plan accepted
+        self._wanted: dict[str, str] = {}  # what the target needs: model id -> sha256
+        self._blobs: dict[str, tuple[str, bytes]] = {}  # model id -> newest sound (sha, bytes)
+        self._active: Active[R] | None = None
+        self._refused: str | None = None
+        self._failed: tuple[str, dict[str, str]] | None = None  # (plan id, models) that failed
+        self._worker = threading.Thread(target=self._run, name="plan-loader", daemon=True)
+
+    # -- what the service reads ------------------------------------------------------------
+    @property
+    def active(self) -> Active[R] | None:
+        return self._active
+
+    @property
+    def target(self) -> PlanMsg | None:
+        return self._target
+
+    @property
+    def refused(self) -> str | None:
+        """Why the newest plan was refused (None when it was not)."""
+        return self._refused
+
+    @property
+    def ready(self) -> bool:
+        """The newest plan is the one being served."""
+        active, target = self._active, self._target
+        return active is not None and target is not None and active.plan is target
+
+    def received(self) -> set[str]:
+        """The target's model ids whose files are here and match the plan."""
+        with self._lock:
+            return {
+                mid for mid, sha in self._wanted.items() if self._blobs.get(mid, ("",))[0] == sha
+            }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.client.route(self.topics.plan(), self._on_plan, qos=1)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout=5)
+
+    # -- network thread: decode, verify, remember; never load ----------------------------------
+    def _on_plan(self, _topic: str, payload: bytes) -> None:
+        plan = decode(PlanMsg, payload)
+        wanted: dict[str, str] = {}
+        if plan is not None:
+            try:
+                wanted = self._model_ids(plan)
+            except ConfigError as exc:
+                self._refuse(plan, str(exc))
+                return
+        with self._lock:
+            target = self._target
+            if plan is not None and target is not None and plan.plan_id == target.plan_id:
+                return  # the same retained plan again (a reconnect)
+            before = set(self._wanted)
+            self._target, self._wanted, self._refused = plan, wanted, None
+            self._blobs = {mid: blob for mid, blob in self._blobs.items() if mid in wanted}
+        for model_id in sorted(before - set(wanted)):
+            self.client.unroute(self.topics.model(model_id))
+        for model_id in sorted(set(wanted) - before):
+            self.client.route(self.topics.model(model_id), self._on_model, qos=1)
+        if plan is None:
+            self.log.info("plan cleared")
+        else:
+            self.log.info("plan %s needs %d model files here", plan.plan_id, len(wanted))
+        self._wake.set()
+        self._on_update()
+
+    def _on_model(self, topic: str, payload: bytes) -> None:
+        model_id = self.topics.parts(topic)[1]
+        msg = decode(ModelMsg, payload)
+        if msg is None:
+            return  # cleared; the plan decides what is served
+        actual = sha256_bytes(msg.onnx)
+        with self._lock:
+            expected = self._wanted.get(model_id)
+        if expected is None:
+            return  # no longer needed
+        if actual != msg.sha256:
+            self.counters["models_refused"] += 1
+            raise IntegrityError(
+                f"refusing model {model_id}: its bytes hash to {actual[:12]}…, "
+                f"the message says {msg.sha256[:12]}…"
+            )
+        with self._lock:
+            if model_id not in self._wanted:
+                return
+            self._blobs[model_id] = (actual, msg.onnx)
+        if actual != expected:
+            # Sound bytes, but not the current plan's: a deploy publishes the next plan's
+            # models before the plan, so keep them.
+            self.counters["models_for_other_plan"] += 1
+            self.log.info("model %s (sha256 %s…) is not the plan's; kept", model_id, actual[:12])
+            return
+        self.log.info("received model %s (sha256 %s…)", model_id, actual[:12])
+        self._wake.set()
+        self._on_update()
+
+    def _refuse(self, plan: PlanMsg, reason: str) -> None:
+        self.counters["plans_refused"] += 1
+        self._refused = f"plan {plan.plan_id}: {reason}"
+        self.log.warning("refused plan %s: %s; still serving %s", plan.plan_id, reason,
+                       self._active.plan.plan_id if self._active else "nothing")  # fmt: skip
+        self._on_update()
+
+    # -- worker thread: load, then swap ---------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._step()
+            except Exception:  # a bug must not kill the loader; the next message retries
+                self.counters["loader_errors"] += 1
+                self.log.exception("plan loader failed")
+
+    def _step(self) -> None:
+        with self._lock:
+            target, wanted = self._target, dict(self._wanted)
+            blobs = {mid: self._blobs[mid][1] for mid, sha in wanted.items()
+                     if self._blobs.get(mid, ("",))[0] == sha}  # fmt: skip
+        active = self._active
+        if target is None:
+            if active is not None:
+                self._active = None
+                self._on_update()
+            return
+        if active is not None and active.plan is target:
+            return
+        if len(blobs) < len(wanted):
+            return  # still waiting for model files
+        if active is not None and active.models == wanted:
+            runtime = active.runtime  # same files: switch the plan, keep the sessions
+        elif self._failed == (target.plan_id, wanted):
+            return
+        else:
+            try:
+                runtime = self._load(target, blobs)
+            except (ConfigError, BadPayload) as exc:
+                self._failed = (target.plan_id, wanted)
+                self._refuse(target, str(exc))
+                return
+        with self._lock:
+            if self._target is not target:
+                self._wake.set()  # a newer plan arrived while loading
+                return
+            self._active = Active(target, runtime, wanted)
+        self.log.info("serving plan %s", target.plan_id)
+        self._on_update()

@@ -1,0 +1,76 @@
+"""An in-memory stand-in for the MQTT client, for fast unit tests of a service's logic.
+
+It keeps retained messages and routes by MQTT topic filters like a broker, and delivers
+through `edvit.mqtt.deliver`, exactly as the real client does, but synchronously in the
+publisher's thread. Integration tests use a real mosquitto instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from paho.mqtt.client import topic_matches_sub
+
+from edvit.mqtt import Handler, deliver
+from edvit.schemas import StatusMsg
+
+
+class MemoryBroker:
+    def __init__(self) -> None:
+        self.clients: list[MemoryTransport] = []
+        self.retained: dict[str, bytes] = {}
+        self.log: list[tuple[str, bytes]] = []  # every publish, in order
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.log.append((topic, payload))
+        if retain:
+            if payload:
+                self.retained[topic] = payload
+            else:
+                self.retained.pop(topic, None)
+        for client in list(self.clients):
+            client.receive(topic, payload)
+
+    def messages(self, topic_filter: str) -> list[bytes]:
+        return [p for t, p in self.log if topic_matches_sub(topic_filter, t)]
+
+
+class MemoryTransport:
+    """Implements edvit.mqtt.Transport over a MemoryBroker."""
+
+    def __init__(self, broker: MemoryBroker, name: str = "memory") -> None:
+        self.broker = broker
+        self.counters: Counter[str] = Counter()
+        self.routes: dict[str, Handler] = {}
+        self.statuses: list[StatusMsg] = []
+        self.log = logging.getLogger(f"memory.{name}")
+        broker.clients.append(self)
+
+    def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
+        self.routes[topic_filter] = handler
+        for topic, payload in list(self.broker.retained.items()):
+            if topic_matches_sub(topic_filter, topic):
+                deliver(handler, topic, payload, self.counters, self.log)
+
+    def unroute(self, topic_filter: str) -> None:
+        self.routes.pop(topic_filter, None)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False):
+        data = payload.encode() if isinstance(payload, str) else payload
+        self.broker.publish(topic, data, retain)
+        self.counters["messages_out"] += 1
+
+    def receive(self, topic: str, payload: bytes) -> None:
+        for topic_filter, handler in list(self.routes.items()):
+            if topic_matches_sub(topic_filter, topic):
+                deliver(handler, topic, payload, self.counters, self.log)
+
+    def set_status(self, status: StatusMsg) -> None:
+        self.statuses.append(status)
+
+    def start(self, wait: float | None = 10.0, required: bool = False) -> bool:
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.broker.clients.remove(self)

@@ -1,0 +1,113 @@
+"""stop_process / stop_processes against real child processes that react to signals as told."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import pytest
+
+from edvit.process import stop_process, stop_processes
+
+GRACE_S = 0.3
+
+# What the child does on each signal; it prints "ready" once its handlers are in place.
+EXITS_0_ON_SIGINT = "signal.signal(signal.SIGINT, lambda *_: sys.exit(0))"
+IGNORES_SIGINT = "signal.signal(signal.SIGINT, signal.SIG_IGN)"
+IGNORES_BOTH = IGNORES_SIGINT + "; signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+
+
+@contextmanager
+def child(handlers: str) -> Iterator[subprocess.Popen[str]]:
+    code = "\n".join(
+        (
+            f"import signal, sys, time; {handlers}",
+            "print('ready', flush=True)",
+            "while True: time.sleep(0.05)",
+        )
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            yield proc
+        finally:
+            if proc.poll() is None:  # a failed test must not leave it running
+                proc.kill()
+
+
+def test_child_that_exits_on_sigint_gives_0_quickly(caplog: pytest.LogCaptureFixture) -> None:
+    with child(EXITS_0_ON_SIGINT) as proc:
+        started = time.monotonic()
+        assert stop_process(proc, grace_s=10, name="polite") == 0
+        assert time.monotonic() - started < 5
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_child_that_ignores_sigint_is_terminated_after_the_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with child(IGNORES_SIGINT) as proc:
+        started = time.monotonic()
+        assert stop_process(proc, grace_s=GRACE_S, name="deaf") == -signal.SIGTERM
+        assert time.monotonic() - started >= GRACE_S
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "deaf" in warnings[0] and "SIGTERM" in warnings[0]
+
+
+def test_child_that_ignores_sigint_and_sigterm_is_killed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with child(IGNORES_BOTH) as proc:
+        started = time.monotonic()
+        assert stop_process(proc, grace_s=GRACE_S, name="stubborn") == -signal.SIGKILL == -9
+        elapsed = time.monotonic() - started
+    assert 2 * GRACE_S <= elapsed < 2 * GRACE_S + 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("stubborn" in w for w in warnings)
+    assert "SIGTERM" in warnings[0] and "SIGKILL" in warnings[1]
+
+
+def test_already_exited_process_returns_its_code() -> None:
+    with subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]) as proc:
+        proc.wait()
+        assert stop_process(proc, grace_s=GRACE_S) == 3
+        assert stop_process(proc, grace_s=GRACE_S) == 3  # and again: nothing is signalled
+
+
+def test_exited_but_not_yet_reaped_process_returns_its_code() -> None:
+    with subprocess.Popen([sys.executable, "-c", "raise SystemExit(4)"]) as proc:
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop_process(proc, grace_s=GRACE_S) == 4
+
+
+def test_many_processes_are_stopped_in_parallel_each_with_its_own_code() -> None:
+    with ExitStack() as stack:
+        procs = {
+            "polite": stack.enter_context(child(EXITS_0_ON_SIGINT)),
+            "stubborn-1": stack.enter_context(child(IGNORES_BOTH)),
+            "stubborn-2": stack.enter_context(child(IGNORES_BOTH)),
+            "deaf": stack.enter_context(child(IGNORES_SIGINT)),
+        }
+        killed = stack.enter_context(child(IGNORES_BOTH))
+        killed.kill()
+        killed.wait()
+        procs["killed-before"] = killed
+        started = time.monotonic()
+        codes = stop_processes(procs, grace_s=1.0)
+        elapsed = time.monotonic() - started
+    assert codes == {
+        "polite": 0,
+        "stubborn-1": -9,
+        "stubborn-2": -9,
+        "deaf": -signal.SIGTERM,
+        "killed-before": -9,
+    }
+    # Both grace periods once for all (2 s), not once per process (5 s in turn).
+    assert 2.0 <= elapsed < 3.5
