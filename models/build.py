@@ -50,6 +50,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,7 +60,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import edvit
-from edvit.bundle import ASSIGNMENT_NAME, MANIFEST_NAME, REPORT_NAME, Bundle, Manifest, sha256_file
+from edvit.bundle import (
+    ASSIGNMENT_NAME,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    Bundle,
+    Manifest,
+    StemSpec,
+    sha256_file,
+)
 from edvit.datasets import Dataset, load_dataset
 from edvit.errors import ConfigError
 from edvit.fleet.assignment import Infeasible, Item, assign, shrink_budgets
@@ -307,26 +316,95 @@ def load_inventory_for(settings: BuildSettings) -> Inventory:
 
 
 # ---------------------------------------------------------------------------------------------
+# The data
+
+
+@dataclass(frozen=True)
+class BuildData:
+    """The datasets, the device inventory, the class subsets (one per device) and the
+    preprocessing of one build."""
+
+    train: Dataset
+    test: Dataset
+    inventory: Inventory
+    subsets: list[tuple[int, ...]]
+    preprocessing: Preprocessing
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.class_names)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.inventory.devices)
+
+
+def load_data(settings: BuildSettings) -> BuildData:
+    """The inventory and the datasets; the class split and preprocessing they give."""
+    inventory = load_inventory_for(settings)
+    train = load_dataset(settings.dataset, "train", settings.data_dir)
+    test = load_dataset(settings.dataset, "test", settings.data_dir)
+    subsets = split_classes(len(train.class_names), len(inventory.devices))
+    pp = compute_preprocessing(train)
+    check_patch_size(settings.size, pp.height, pp.width)
+    return BuildData(train=train, test=test, inventory=inventory, subsets=subsets, preprocessing=pp)
+
+
+def load_original_checkpoint(settings: BuildSettings, data: BuildData) -> VisionTransformer | None:
+    """The --checkpoint's ViT, if any. Loaded before any output, so that a wrong checkpoint
+    fails in one line."""
+    if settings.checkpoint is None:
+        return None
+    pp = data.preprocessing
+    return load_checkpoint(
+        settings.checkpoint, settings.size, pp.height, pp.channels, data.num_classes
+    )
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The datasets through the build's preprocessing: what the models see."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: np.ndarray
+
+
+def model_inputs(data: BuildData) -> ModelInputs:
+    x_train = dataset_to_model_input(data.train.images, data.preprocessing)
+    x_test = dataset_to_model_input(data.test.images, data.preprocessing)
+    return ModelInputs(
+        x_train=torch.from_numpy(x_train),
+        y_train=torch.from_numpy(data.train.labels),
+        x_test=x_test,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The original
 
 
 def make_original(
     settings: BuildSettings,
-    pp: Preprocessing,
-    num_classes: int,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
+    data: BuildData,
+    inputs: ModelInputs,
     loaded: VisionTransformer | None,
+    out: Path,
 ) -> VisionTransformer:
-    """The --checkpoint's ViT (``loaded``), or a new one trained on every class."""
+    """The --checkpoint's ViT (``loaded``), or a new one trained on every class; its weights
+    are saved into ``out`` for --checkpoint reuse."""
     if loaded is not None:
         log(f"the original ViT is {settings.checkpoint} ({count_params(loaded)} params)")
-        return loaded
-    vit = make_vit(settings.size, pp.height, pp.channels, num_classes)
-    log(f"training the original ViT ({count_params(vit)} params, {settings.epochs} epochs)")
-    config = train_config(settings, settings.epochs, settings.lr, 0)
-    fit(vit, vit, [x_train], y_train, config, "original")
-    return vit.eval()
+        vit = loaded
+    else:
+        pp = data.preprocessing
+        vit = make_vit(settings.size, pp.height, pp.channels, data.num_classes)
+        log(f"training the original ViT ({count_params(vit)} params, {settings.epochs} epochs)")
+        config = train_config(settings, settings.epochs, settings.lr, 0)
+        fit(vit, vit, [inputs.x_train], inputs.y_train, config, "original")
+        vit.eval()
+    torch.save(vit.state_dict(), out / ORIGINAL_WEIGHTS)
+    return vit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +574,63 @@ def make_submodel(
     return tune(vit, settings.sub_epochs, "fine-tune")
 
 
+def default_plan(
+    settings: BuildSettings, original: VisionTransformer, original_params: int, num_devices: int
+) -> PrunePlan:
+    """Every sub-model's first plan: the settings, else the defaults by N (see module doc)."""
+    total_branches = count_branches(original)
+    shared = settings.shared_blocks
+    stem_params = sum(p.numel() for p in stem_parameters(original, shared)) if shared else 0
+    # With a shared stem only what follows it is split N ways.
+    budget = stem_params + default_param_budget(original_params - stem_params, num_devices)
+    embed_ratio = settings.embed_keep_ratio or default_embed_keep_ratio(num_devices)
+    return PrunePlan(
+        param_budget=settings.param_budget or budget,
+        embed_keep_ratio=1.0 if shared else embed_ratio,
+        keep_branches=settings.keep_branches or default_keep_branches(total_branches, num_devices),
+    )
+
+
+@dataclass
+class SubModels:
+    """One pruned sub-model per class subset, with the data and the plan it was made from.
+    Placement replaces the ``plans`` and ``vits`` of those it has to shrink."""
+
+    ids: list[str]
+    data: list[SubsetData]
+    plans: dict[str, PrunePlan]
+    vits: list[VisionTransformer]
+
+    @property
+    def files(self) -> list[str]:
+        """Each sub-model's ONNX file, relative to the bundle."""
+        return [f"{SUBMODEL_DIR}/{sid}.onnx" for sid in self.ids]
+
+
+def make_submodels(
+    settings: BuildSettings,
+    original: VisionTransformer,
+    original_params: int,
+    data: BuildData,
+    inputs: ModelInputs,
+    teacher_logits: torch.Tensor,
+) -> SubModels:
+    """One pruned, distilled sub-model per class subset."""
+    ids = [f"sub{i}" for i in range(len(data.subsets))]
+    rng = np.random.default_rng(settings.seed)
+    training = [
+        subset_data(s, inputs.x_train, data.train.labels, teacher_logits, rng) for s in data.subsets
+    ]
+    plan = default_plan(settings, original, original_params, data.num_devices)
+    plans = {sid: plan for sid in ids}
+    log(f"pruning plan per sub-model: {asdict(plan)} (original {original_params} params)")
+    vits = []
+    for i, (sid, subset) in enumerate(zip(ids, training, strict=True)):
+        log(f"{sid}: classes {list(subset.subset)} + other ({len(subset.labels)} images)")
+        vits.append(make_submodel(original, subset, plans[sid], settings, i + 1, sid))
+    return SubModels(ids=ids, data=training, plans=plans, vits=vits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Placement
 
@@ -521,6 +656,77 @@ def budget_from_mb(budget_mb: float, file_bytes: int, params: int) -> int:
     return int(budget_mb * 1e6 / bytes_per_param)
 
 
+@dataclass
+class Exports:
+    """The ONNX files exported into ``out`` so far: the exporter that wrote each, and its
+    largest difference from torch on ``sample`` (real test inputs)."""
+
+    out: Path
+    sample: np.ndarray
+    exporters: dict[str, str] = field(default_factory=dict)
+    parity: dict[str, float] = field(default_factory=dict)
+
+    def image_model(self, module: torch.nn.Module, rel: str, *, features: bool) -> None:
+        self.exporters[rel], self.parity[rel] = export_image_model(
+            module, self.out / rel, self.sample, features=features
+        )
+
+
+def export_submodel(subs: SubModels, i: int, exports: Exports) -> None:
+    exports.image_model(SubModel(subs.vits[i]), subs.files[i], features=True)
+
+
+def export_submodels(subs: SubModels, exports: Exports) -> None:
+    for i in range(len(subs.ids)):
+        export_submodel(subs, i, exports)
+
+
+def place_submodels(
+    settings: BuildSettings,
+    original: VisionTransformer,
+    subs: SubModels,
+    data: BuildData,
+    exports: Exports,
+) -> list[dict]:
+    """Place the exported sub-models on the inventory and write the assignment. When nothing
+    fits, prune those concerned again from ``original`` to smaller budgets and export them
+    again, up to ``budget_rounds`` times. Returns the rounds that did not fit."""
+    out = exports.out
+    inventory = data.inventory
+    pp = data.preprocessing
+    image_shape = (1, pp.channels, pp.height, pp.width)
+    rounds: list[dict] = []
+    for round_index in range(settings.budget_rounds + 1):
+        items = measure_items(out, subs.ids, subs.files, image_shape, settings.latency_runs)
+        try:
+            placed = assign(items, inventory)
+            break
+        except Infeasible as exc:
+            if round_index == settings.budget_rounds:
+                raise
+            budgets_mb = shrink_budgets(items, inventory, exc)
+            rounds.append({"infeasible": str(exc), "budgets_mb": budgets_mb})
+            log(f"placement: {exc}; shrinking {sorted(budgets_mb)}")
+            for sid, mb in budgets_mb.items():
+                i = subs.ids.index(sid)
+                plan = subs.plans[sid]
+                params = budget_from_mb(
+                    mb, (out / subs.files[i]).stat().st_size, feature_params(subs.vits[i])
+                )
+                params = min(params, plan.param_budget - 1)
+                subs.plans[sid] = PrunePlan(params, plan.embed_keep_ratio, plan.keep_branches)
+                try:
+                    subs.vits[i] = make_submodel(
+                        original, subs.data[i], subs.plans[sid], settings, i + 1, sid
+                    )
+                except ValueError:
+                    log(f"{sid}: cannot be pruned to {params} params")
+                    raise exc from None
+                export_submodel(subs, i, exports)
+    write_assignment(out, inventory, placed)
+    return rounds
+
+
 # ---------------------------------------------------------------------------------------------
 # The build
 
@@ -541,159 +747,75 @@ def feature_params(vit: VisionTransformer) -> int:
     return count_params(vit) - count_params(vit.head)
 
 
-def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = False) -> dict:
-    """Build a bundle into ``out``; returns the report (also written to report.json)."""
-    validate(settings)
-    out = Path(out)
-    started = time.time()
-    threads = set_threads(settings.threads)
-    inventory = load_inventory_for(settings)
-    num_devices = len(inventory.devices)
-    train = load_dataset(settings.dataset, "train", settings.data_dir)
-    test = load_dataset(settings.dataset, "test", settings.data_dir)
-    class_names = train.class_names
-    num_classes = len(class_names)
-    subsets = split_classes(num_classes, num_devices)
-    pp = compute_preprocessing(train)
-    check_patch_size(settings.size, pp.height, pp.width)
-    loaded = None  # checked before any output, so that a wrong checkpoint fails in one line
-    if settings.checkpoint is not None:
-        loaded = load_checkpoint(
-            settings.checkpoint, settings.size, pp.height, pp.channels, num_classes
-        )
-    prepare_out_dir(out, force)
-    log(f"{settings.dataset}: {len(train)} train and {len(test)} test images, N={num_devices}")
-
-    x_train_np = dataset_to_model_input(train.images, pp)
-    x_test_np = dataset_to_model_input(test.images, pp)
-    x_train = torch.from_numpy(x_train_np)
-    y_train = torch.from_numpy(train.labels)
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    timings: dict[str, float] = {}
-
-    # 1. The original ViT on all classes (trained, or the user's checkpoint).
-    mark = time.time()
-    vit = make_original(settings, pp, num_classes, x_train, y_train, loaded)
-    torch.save(vit.state_dict(), out / ORIGINAL_WEIGHTS)
-    timings["original"] = time.time() - mark
-    original_params = count_params(vit)
-    teacher_logits = torch.from_numpy(predict(vit, x_train, desc="teacher logits"))
-
-    # 2. One pruned, distilled sub-model per class subset.
-    mark = time.time()
-    ids = [f"sub{i}" for i in range(len(subsets))]
-    data = [subset_data(s, x_train, train.labels, teacher_logits, rng) for s in subsets]
-    total_branches = count_branches(vit)
-    shared = settings.shared_blocks
-    stem_params = sum(p.numel() for p in stem_parameters(vit, shared)) if shared else 0
-    # With a shared stem only what follows it is split N ways.
-    budget = stem_params + default_param_budget(original_params - stem_params, num_devices)
-    embed_ratio = settings.embed_keep_ratio or default_embed_keep_ratio(num_devices)
-    plan = PrunePlan(
-        param_budget=settings.param_budget or budget,
-        embed_keep_ratio=1.0 if shared else embed_ratio,
-        keep_branches=settings.keep_branches or default_keep_branches(total_branches, num_devices),
+def export_stem_slices(
+    settings: BuildSettings, original: VisionTransformer, subs: SubModels, exports: Exports
+) -> StemSpec | None:
+    """With --shared-blocks, the stem and tail slices for cameras and nodes."""
+    if not settings.shared_blocks:
+        return None
+    check_stem_shared(original, subs.vits, settings.shared_blocks)
+    stem, stem_parity = export_stem(
+        original,
+        dict(zip(subs.ids, subs.vits, strict=True)),
+        settings.shared_blocks,
+        exports.out,
+        exports.sample,
     )
-    plans = {sid: plan for sid in ids}
-    log(f"pruning plan per sub-model: {asdict(plan)} (original {original_params} params)")
+    exports.parity.update(stem_parity)
+    return stem
 
-    def build_one(i: int) -> VisionTransformer:
-        sid = ids[i]
-        log(f"{sid}: classes {list(subsets[i])} + other ({len(data[i].labels)} images)")
-        return make_submodel(vit, data[i], plans[sid], settings, i + 1, sid)
 
-    sub_vits = [build_one(i) for i in range(len(subsets))]
-    timings["submodels"] = time.time() - mark
-
-    # 3. Export the sub-models and place them; shrink and rebuild what does not fit.
-    sample = x_test_np[:PARITY_SAMPLES]
-    sub_files = [f"{SUBMODEL_DIR}/{sid}.onnx" for sid in ids]
-    parity: dict[str, float] = {}
-    exporters: dict[str, str] = {}
-
-    def export_sub(i: int) -> None:
-        rel = sub_files[i]
-        exporters[rel], parity[rel] = export_image_model(
-            SubModel(sub_vits[i]), out / rel, sample, features=True
-        )
-
-    mark = time.time()
-    for i in range(len(subsets)):
-        export_sub(i)
-    image_shape = (1, pp.channels, pp.height, pp.width)
-    rounds: list[dict] = []
-    for round_index in range(settings.budget_rounds + 1):
-        items = measure_items(out, ids, sub_files, image_shape, settings.latency_runs)
-        try:
-            placed = assign(items, inventory)
-            break
-        except Infeasible as exc:
-            if round_index == settings.budget_rounds:
-                raise
-            budgets_mb = shrink_budgets(items, inventory, exc)
-            rounds.append({"infeasible": str(exc), "budgets_mb": budgets_mb})
-            log(f"placement: {exc}; shrinking {sorted(budgets_mb)}")
-            for sid, mb in budgets_mb.items():
-                i = ids.index(sid)
-                params = budget_from_mb(
-                    mb, (out / sub_files[i]).stat().st_size, feature_params(sub_vits[i])
-                )
-                params = min(params, plans[sid].param_budget - 1)
-                plans[sid] = PrunePlan(
-                    params, plans[sid].embed_keep_ratio, plans[sid].keep_branches
-                )
-                try:
-                    sub_vits[i] = make_submodel(vit, data[i], plans[sid], settings, i + 1, sid)
-                except ValueError:
-                    log(f"{sid}: cannot be pruned to {params} params")
-                    raise exc from None
-                export_sub(i)
-    write_assignment(out, inventory, placed)
-    timings["placement"] = time.time() - mark
-    submodels = [SubModel(v) for v in sub_vits]
-    stem = None
-    if settings.shared_blocks:
-        check_stem_shared(vit, sub_vits, settings.shared_blocks)
-        stem, stem_parity = export_stem(
-            vit, dict(zip(ids, sub_vits, strict=True)), settings.shared_blocks, out, sample
-        )
-        parity.update(stem_parity)
-
-    # 4. Fusion MLP on the cached features of every training image, blocks dropped at random.
-    mark = time.time()
-    fusion = train_fusion(settings, submodels, ids, x_train, y_train, num_classes)
-    timings["fusion"] = time.time() - mark
-
-    # 5. Export the original and the fusion; parity-check on real test inputs.
+def export_original_and_fusion(
+    original: VisionTransformer, fusion: FusionMLP, extractors: list[SubModel], exports: Exports
+) -> None:
+    """Export the original and the fusion; parity-check them on real test inputs."""
     log("exporting ONNX files and checking parity with torch")
-    exporters[ORIGINAL_FILE], parity[ORIGINAL_FILE] = export_image_model(
-        vit, out / ORIGINAL_FILE, sample, features=False
-    )
+    exports.image_model(original, ORIGINAL_FILE, features=False)
+    sample = exports.sample
     with torch.no_grad():
         sample_features = np.concatenate(
-            [s(torch.from_numpy(sample)).numpy() for s in submodels], axis=1
+            [s(torch.from_numpy(sample)).numpy() for s in extractors], axis=1
         )
-    sample_present = np.ones((len(sample), len(submodels)), dtype=np.float32)
-    sample_present[1::3, len(submodels) - 1] = 0.0  # check the masking path too
-    exporters[FUSION_FILE], parity[FUSION_FILE] = export_fusion(
-        fusion, out / FUSION_FILE, sample_features, sample_present
+    sample_present = np.ones((len(sample), len(extractors)), dtype=np.float32)
+    sample_present[1::3, len(extractors) - 1] = 0.0  # check the masking path too
+    exports.exporters[FUSION_FILE], exports.parity[FUSION_FILE] = export_fusion(
+        fusion, exports.out / FUSION_FILE, sample_features, sample_present
     )
-    shipped = (ORIGINAL_FILE, *sub_files, FUSION_FILE, *(stem.all_files() if stem else ()))
-    files = {rel: sha256_file(out / rel) for rel in shipped}
 
-    # 6. Manifest.
-    params = {
+
+def shipped_files(out: Path, subs: SubModels, stem: StemSpec | None) -> dict[str, str]:
+    """The sha256 of every file the manifest ships, by path relative to ``out``."""
+    shipped = (ORIGINAL_FILE, *subs.files, FUSION_FILE, *(stem.all_files() if stem else ()))
+    return {rel: sha256_file(out / rel) for rel in shipped}
+
+
+def param_counts(original_params: int, subs: SubModels, fusion: FusionMLP) -> dict:
+    return {
         "original": original_params,
-        "submodels": {sid: feature_params(v) for sid, v in zip(ids, sub_vits, strict=True)},
+        "submodels": {sid: feature_params(v) for sid, v in zip(subs.ids, subs.vits, strict=True)},
         "fusion": count_params(fusion),
     }
-    architectures = {sid: describe(v) for sid, v in zip(ids, sub_vits, strict=True)}
+
+
+def write_manifest(
+    settings: BuildSettings,
+    out: Path,
+    *,
+    data: BuildData,
+    subs: SubModels,
+    extractors: list[SubModel],
+    fusion: FusionMLP,
+    stem: StemSpec | None,
+    files: dict[str, str],
+    params: dict,
+    architectures: dict[str, dict],
+) -> None:
+    pp = data.preprocessing
     manifest = Manifest(
-        name=f"{settings.dataset}-{len(subsets)}",
+        name=f"{settings.dataset}-{len(data.subsets)}",
         dataset=settings.dataset,
-        class_names=class_names,
-        class_subsets=tuple(subsets),
+        class_names=data.train.class_names,
+        class_subsets=tuple(data.subsets),
         preprocessing=pp,
         input_shape=(pp.channels, pp.height, pp.width),
         original={
@@ -711,11 +833,13 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
                 "params": params["submodels"][sid],
                 "architecture": architectures[sid],
             }
-            for sid, subset, rel, s in zip(ids, subsets, sub_files, submodels, strict=True)
+            for sid, subset, rel, s in zip(
+                subs.ids, data.subsets, subs.files, extractors, strict=True
+            )
         ),
         fusion={
             "file": FUSION_FILE,
-            "feature_dims": tuple(s.feature_dim for s in submodels),
+            "feature_dims": tuple(s.feature_dim for s in extractors),
             "hidden_dim": fusion.hidden_dim,
             "params": params["fusion"],
         },
@@ -728,32 +852,68 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     )
     (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
 
-    # 7. Evaluate the exported files on the full test split, as the fleet would run them.
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The bundle's figures (``evaluate.evaluate_bundle``) and each sub-model's accuracy on
+    its own sub-task."""
+
+    figures: dict
+    own_task: dict[str, float]
+
+
+def evaluate_onnx(
+    settings: BuildSettings,
+    out: Path,
+    test: Dataset,
+    x_test: np.ndarray,
+    sub_vits: list[VisionTransformer],
+    threads: int,
+) -> Evaluation:
+    """Evaluate the exported files on the full test split, as the fleet would run them."""
     from .evaluate import evaluate_bundle
 
     log(f"evaluating the ONNX files on {len(test)} test images")
-    mark = time.time()
     bundle = Bundle.load(out)
-    evaluation = evaluate_bundle(
-        bundle, images=x_test_np, labels=test.labels, threads=1, latency_runs=settings.latency_runs
+    figures = evaluate_bundle(
+        bundle, images=x_test, labels=test.labels, threads=1, latency_runs=settings.latency_runs
     )
-    own = own_task_accuracies(bundle, x_test_np, test.labels, sub_vits, threads)
-    timings["evaluate"] = time.time() - mark
+    own = own_task_accuracies(bundle, x_test, test.labels, sub_vits, threads)
+    return Evaluation(figures=figures, own_task=own)
+
+
+def write_report(
+    settings: BuildSettings,
+    out: Path,
+    *,
+    data: BuildData,
+    subs: SubModels,
+    rounds: list[dict],
+    exports: Exports,
+    files: dict[str, str],
+    params: dict,
+    architectures: dict[str, dict],
+    evaluation: Evaluation,
+    timings: dict[str, float],
+    started: float,
+    threads: int,
+) -> dict:
+    """Write report.json, log its headline figures and return it."""
     report = {
-        **evaluation,
+        **evaluation.figures,
         "dataset": settings.dataset,
-        "num_devices": len(subsets),
-        "test_images": int(len(test)),
-        "submodel_accuracy_on_own_task": own,
+        "num_devices": len(data.subsets),
+        "test_images": int(len(data.test)),
+        "submodel_accuracy_on_own_task": evaluation.own_task,
         "params": params,
         "architectures": architectures,
-        "prune_plans": {sid: asdict(p) for sid, p in plans.items()},
+        "prune_plans": {sid: asdict(p) for sid, p in subs.plans.items()},
         "placement_rounds": rounds,
         "assignment": json.loads((out / ASSIGNMENT_NAME).read_text()),
         "bytes": {rel: (out / rel).stat().st_size for rel in files},
         "bytes_total": int(sum((out / rel).stat().st_size for rel in files)),
-        "onnx_parity_max_abs_diff": parity,
-        "onnx_exporter": exporters,
+        "onnx_parity_max_abs_diff": exports.parity,
+        "onnx_exporter": exports.exporters,
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "train_seconds": round(sum(v for k, v in timings.items() if k != "evaluate"), 1),
         "build_seconds": round(time.time() - started, 1),
@@ -767,6 +927,95 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
         f"{acc['fused']:.4f}, size {ratios['size']:.1f}x, latency {ratios['latency']:.1f}x"
     )
     return report
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the seconds the ``with`` body takes as ``timings[phase]``."""
+    mark = time.time()
+    yield
+    timings[phase] = time.time() - mark
+
+
+def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = False) -> dict:
+    """Build a bundle into ``out``; returns the report (also written to report.json)."""
+    validate(settings)
+    out = Path(out)
+    started = time.time()
+    threads = set_threads(settings.threads)
+    data = load_data(settings)
+    loaded = load_original_checkpoint(settings, data)
+    prepare_out_dir(out, force)
+    log(
+        f"{settings.dataset}: {len(data.train)} train and {len(data.test)} test images, "
+        f"N={data.num_devices}"
+    )
+    inputs = model_inputs(data)
+    torch.manual_seed(settings.seed)
+    timings: dict[str, float] = {}
+
+    # 1. The original ViT on all classes (trained, or the user's checkpoint).
+    with timed(timings, "original"):
+        original = make_original(settings, data, inputs, loaded, out)
+    original_params = count_params(original)
+    teacher_logits = torch.from_numpy(predict(original, inputs.x_train, desc="teacher logits"))
+
+    # 2. One pruned, distilled sub-model per class subset.
+    with timed(timings, "submodels"):
+        subs = make_submodels(settings, original, original_params, data, inputs, teacher_logits)
+
+    # 3. Export the sub-models and place them; shrink and rebuild what does not fit.
+    exports = Exports(out=out, sample=inputs.x_test[:PARITY_SAMPLES])
+    with timed(timings, "placement"):
+        export_submodels(subs, exports)
+        rounds = place_submodels(settings, original, subs, data, exports)
+    extractors = [SubModel(v) for v in subs.vits]
+    stem = export_stem_slices(settings, original, subs, exports)
+
+    # 4. Fusion MLP on the cached features of every training image, blocks dropped at random.
+    with timed(timings, "fusion"):
+        fusion = train_fusion(
+            settings, extractors, subs.ids, inputs.x_train, inputs.y_train, data.num_classes
+        )
+
+    # 5. Export the original and the fusion; parity-check on real test inputs.
+    export_original_and_fusion(original, fusion, extractors, exports)
+    files = shipped_files(out, subs, stem)
+
+    # 6. Manifest.
+    params = param_counts(original_params, subs, fusion)
+    architectures = {sid: describe(v) for sid, v in zip(subs.ids, subs.vits, strict=True)}
+    write_manifest(
+        settings,
+        out,
+        data=data,
+        subs=subs,
+        extractors=extractors,
+        fusion=fusion,
+        stem=stem,
+        files=files,
+        params=params,
+        architectures=architectures,
+    )
+
+    # 7. Evaluate the exported files on the full test split, as the fleet would run them.
+    with timed(timings, "evaluate"):
+        evaluation = evaluate_onnx(settings, out, data.test, inputs.x_test, subs.vits, threads)
+    return write_report(
+        settings,
+        out,
+        data=data,
+        subs=subs,
+        rounds=rounds,
+        exports=exports,
+        files=files,
+        params=params,
+        architectures=architectures,
+        evaluation=evaluation,
+        timings=timings,
+        started=started,
+        threads=threads,
+    )
 
 
 def train_fusion(

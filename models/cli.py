@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from edvit.errors import ConfigError
 
@@ -15,59 +18,126 @@ SIZES = ("test", "small", "medium")
 _BUILD_MODULES = ("torch", "timm", "onnx", "onnxscript", "tqdm")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="dataset to train on")
-    parser.add_argument(
-        "--data-dir", help="dataset folder (Fashion-MNIST IDX files, cifar10, imagefolder root)"
-    )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
+@dataclass(frozen=True)
+class Option:
+    """One `edvit build` option: how argparse reads it and the BuildSettings field it sets."""
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] | None = None  # None: the string as given
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    default: Any = None
+    required: bool = False
+    switch: bool = False  # a flag without a value (store_true)
+    exclusive: bool = False  # in the --num-devices | --devices group
+    setting: str | None = None  # the default_settings keyword it is passed as, if any
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def argparse_kwargs(self) -> dict[str, Any]:
+        if self.switch:
+            return {"action": "store_true", "help": self.help}
+        return {
+            "type": self.type,
+            "choices": self.choices,
+            "metavar": self.metavar,
+            "default": self.default,
+            "required": self.required,
+            "help": self.help,
+        }
+
+
+# In --help order, which is also the order of the recorded command line (after --dataset and
+# --num-devices, which command_line records first).
+OPTIONS: tuple[Option, ...] = (
+    Option("--dataset", "dataset to train on", choices=DATASETS, required=True),
+    Option(
+        "--data-dir",
+        "dataset folder (Fashion-MNIST IDX files, cifar10, imagefolder root)",
+        setting="data_dir",
+    ),
+    Option(
         "--num-devices",
+        f"N identical devices, one sub-model each (default {DEFAULT_NUM_DEVICES})",
         type=int,
-        help=f"N identical devices, one sub-model each (default {DEFAULT_NUM_DEVICES})",
-    )
-    where.add_argument(
-        "--devices", help="device inventory (YAML/JSON: id, memory_mb, speed); N = its devices"
-    )
-    parser.add_argument(
-        "--checkpoint", help="timm ViT state_dict (torch.save) to use as the original, untrained"
-    )
-    parser.add_argument("--out", required=True, help="bundle folder to write")
-    parser.add_argument(
-        "--size", choices=SIZES, help="ViT size preset (default: small, test for digits)"
-    )
-    parser.add_argument("--epochs", type=int, help="epochs for the original ViT")
-    parser.add_argument("--sub-epochs", type=int, help="fine-tuning epochs per sub-model")
-    parser.add_argument("--fusion-epochs", type=int, help="epochs for the fusion MLP")
-    parser.add_argument("--batch-size", type=int, help="training batch size")
-    parser.add_argument(
-        "--param-budget", type=int, help="parameters per sub-model (default 0.95 * original / N)"
-    )
-    parser.add_argument(
-        "--embed-keep-ratio", type=float, help="embedding width kept (default by N)"
-    )
-    parser.add_argument(
-        "--keep-branches", type=int, help="attention/MLP branches kept (default by N)"
-    )
-    parser.add_argument("--prune-steps", type=int, help="iterative pruning steps (default 2)")
-    parser.add_argument(
-        "--recover-epochs", type=int, help="fine-tuning epochs after each pruning step"
-    )
-    parser.add_argument(
-        "--fusion-drop-prob",
+        exclusive=True,
+    ),
+    Option(
+        "--devices",
+        "device inventory (YAML/JSON: id, memory_mb, speed); N = its devices",
+        exclusive=True,
+        setting="devices_file",
+    ),
+    Option(
+        "--checkpoint",
+        "timm ViT state_dict (torch.save) to use as the original, untrained",
+        setting="checkpoint",
+    ),
+    Option("--out", "bundle folder to write", required=True),
+    Option(
+        "--size",
+        "ViT size preset (default: small, test for digits)",
+        choices=SIZES,
+        setting="size",
+    ),
+    Option("--epochs", "epochs for the original ViT", type=int, setting="epochs"),
+    Option("--sub-epochs", "fine-tuning epochs per sub-model", type=int, setting="sub_epochs"),
+    Option("--fusion-epochs", "epochs for the fusion MLP", type=int, setting="fusion_epochs"),
+    Option("--batch-size", "training batch size", type=int, setting="batch_size"),
+    Option(
+        "--param-budget",
+        "parameters per sub-model (default 0.95 * original / N)",
+        type=int,
+        setting="param_budget",
+    ),
+    Option(
+        "--embed-keep-ratio",
+        "embedding width kept (default by N)",
         type=float,
-        help="chance to drop each sub-model block while training the fusion (default 0.25)",
-    )
-    parser.add_argument(
+        setting="embed_keep_ratio",
+    ),
+    Option(
+        "--keep-branches",
+        "attention/MLP branches kept (default by N)",
+        type=int,
+        setting="keep_branches",
+    ),
+    Option("--prune-steps", "iterative pruning steps (default 2)", type=int, setting="prune_steps"),
+    Option(
+        "--recover-epochs",
+        "fine-tuning epochs after each pruning step",
+        type=int,
+        setting="recover_epochs",
+    ),
+    Option(
+        "--fusion-drop-prob",
+        "chance to drop each sub-model block while training the fusion (default 0.25)",
+        type=float,
+        setting="fusion_drop_prob",
+    ),
+    Option(
         "--shared-blocks",
+        "keep the patch embedding and the first K blocks unpruned and identical in every "
+        "sub-model, and export them as slices for cameras and nodes (default 0: none)",
         type=int,
         metavar="K",
-        help="keep the patch embedding and the first K blocks unpruned and identical in every "
-        "sub-model, and export them as slices for cameras and nodes (default 0: none)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: all available)")
-    parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+        setting="shared_blocks",
+    ),
+    Option("--seed", "random seed (default 0)", type=int, default=0, setting="seed"),
+    Option("--threads", "CPU threads (default: all available)", type=int, setting="threads"),
+    Option("--force", "overwrite a non-empty --out", switch=True),
+)
+RECORDED_FIRST = ("--dataset", "--num-devices")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    for option in OPTIONS:
+        container = where if option.exclusive else parser
+        container.add_argument(option.flag, **option.argparse_kwargs())
 
 
 def command_line(args: argparse.Namespace) -> tuple[str, ...]:
@@ -75,32 +145,15 @@ def command_line(args: argparse.Namespace) -> tuple[str, ...]:
     argv = ["edvit", "build", "--dataset", args.dataset]
     if getattr(args, "devices", None) is None:
         argv += ["--num-devices", str(resolved_num_devices(args))]
-    options = (
-        ("--data-dir", "data_dir"),
-        ("--devices", "devices"),
-        ("--checkpoint", "checkpoint"),
-        ("--out", "out"),
-        ("--size", "size"),
-        ("--epochs", "epochs"),
-        ("--sub-epochs", "sub_epochs"),
-        ("--fusion-epochs", "fusion_epochs"),
-        ("--batch-size", "batch_size"),
-        ("--param-budget", "param_budget"),
-        ("--embed-keep-ratio", "embed_keep_ratio"),
-        ("--keep-branches", "keep_branches"),
-        ("--prune-steps", "prune_steps"),
-        ("--recover-epochs", "recover_epochs"),
-        ("--fusion-drop-prob", "fusion_drop_prob"),
-        ("--shared-blocks", "shared_blocks"),
-        ("--seed", "seed"),
-        ("--threads", "threads"),
-    )
-    for flag, name in options:
-        value = getattr(args, name, None)
-        if value is not None:
-            argv += [flag, str(value)]
-    if getattr(args, "force", False):
-        argv.append("--force")
+    for option in OPTIONS:
+        if option.flag in RECORDED_FIRST:
+            continue
+        value = getattr(args, option.dest, None)
+        if option.switch:
+            if value:
+                argv.append(option.flag)
+        elif value is not None:
+            argv += [option.flag, str(value)]
     return tuple(argv)
 
 
@@ -121,24 +174,8 @@ def run(args: argparse.Namespace) -> int:
     settings = default_settings(
         args.dataset,
         num_devices=num_devices,
-        devices_file=getattr(args, "devices", None),
-        checkpoint=getattr(args, "checkpoint", None),
-        param_budget=getattr(args, "param_budget", None),
-        embed_keep_ratio=getattr(args, "embed_keep_ratio", None),
-        keep_branches=getattr(args, "keep_branches", None),
-        prune_steps=getattr(args, "prune_steps", None),
-        recover_epochs=getattr(args, "recover_epochs", None),
-        fusion_drop_prob=getattr(args, "fusion_drop_prob", None),
-        shared_blocks=getattr(args, "shared_blocks", None),
-        size=args.size,
-        epochs=args.epochs,
-        sub_epochs=args.sub_epochs,
-        fusion_epochs=args.fusion_epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        threads=args.threads,
-        data_dir=args.data_dir,
         command=command_line(args),
+        **{o.setting: getattr(args, o.dest, None) for o in OPTIONS if o.setting is not None},
     )
     build_bundle(settings, args.out, force=args.force)
     return 0
