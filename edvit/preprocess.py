@@ -6,27 +6,45 @@ path and the offline evaluation compute identical inputs.
 
 from __future__ import annotations
 
+import re
+import struct
+from typing import Literal
+
 import cv2
 import numpy as np
 
 from edvit.errors import BadPayload
+from edvit.limits import MAX_FRAME_PIXELS
 from edvit.schemas import FrameMsg, Preprocessing
 
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 
 
-def decode_frame(frame: FrameMsg) -> np.ndarray:
-    """Return the frame's pixels as uint8 [H, W] or [H, W, 3] (colour in OpenCV's BGR order)."""
+def decode_frame(frame: FrameMsg, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
+    """Return the frame's pixels as uint8 [H, W] or [H, W, 3] (colour in OpenCV's BGR order).
+
+    Any bad frame raises BadPayload, nothing else. Sizes are checked before any decoding:
+    raw frames from their shape, png/jpeg from the image header, so a small file that
+    declares more than `max_pixels` pixels costs nothing.
+    """
+    data = frame.data
+    if not isinstance(data, bytes):
+        raise BadPayload(f"frame data is {type(data).__name__}, expected bytes")
+    if not data:
+        raise BadPayload("frame data is empty")
     if frame.enc == "raw":
-        assert frame.shape is not None  # guaranteed by FrameMsg validation
-        expected = int(np.prod(frame.shape))
-        if len(frame.data) != expected:
-            raise BadPayload(f"raw frame has {len(frame.data)} bytes, shape needs {expected}")
-        image = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
-    else:
-        image = cv2.imdecode(np.frombuffer(frame.data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        image = _raw_image(frame, max_pixels)
+    elif frame.enc in ("png", "jpeg"):
+        width, height = image_size(data, frame.enc)
+        _check_pixels(height, width, max_pixels)
+        try:
+            image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        except Exception as exc:  # cv2.error, MemoryError: all about this input
+            raise BadPayload(f"{frame.enc} frame does not decode: {type(exc).__name__}") from None
         if image is None:
             raise BadPayload(f"frame data is not a decodable {frame.enc} image")
+    else:
+        raise BadPayload(f"unknown frame encoding {frame.enc!r}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 3 and image.shape[2] == 4:
@@ -35,9 +53,127 @@ def decode_frame(frame: FrameMsg) -> np.ndarray:
         raise BadPayload(f"frame has unsupported shape {image.shape}")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise BadPayload("frame is empty")
+    # The decoder reads the same header; this keeps the promise even if it did not.
+    _check_pixels(image.shape[0], image.shape[1], max_pixels)
     if image.dtype != np.uint8:
         raise BadPayload(f"frame has dtype {image.dtype}, expected uint8")
     return image
+
+
+def _raw_image(frame: FrameMsg, max_pixels: int) -> np.ndarray:
+    shape = frame.shape
+    if shape is None or len(shape) not in (2, 3):
+        raise BadPayload("raw frames need shape [H, W] or [H, W, C]")
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        raise BadPayload(f"raw frame has shape {_short(shape)}: every entry must be positive")
+    if frame.dtype != "uint8":
+        raise BadPayload(f"raw frame has dtype {_short(frame.dtype)}, expected uint8")
+    if len(shape) == 3 and shape[2] not in (1, 3, 4):
+        raise BadPayload(f"raw frame has {shape[2]} channels, expected 1, 3 or 4")
+    _check_pixels(shape[0], shape[1], max_pixels)
+    expected = shape[0] * shape[1] * (shape[2] if len(shape) == 3 else 1)  # Python ints
+    if len(frame.data) != expected:
+        raise BadPayload(f"raw frame has {len(frame.data)} bytes, shape needs {expected}")
+    return np.frombuffer(frame.data, dtype=np.uint8).reshape(shape)
+
+
+def _check_pixels(height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise BadPayload(
+            f"frame is {_short(width)}x{_short(height)}, over the limit of {max_pixels} pixels"
+        )
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# libpng writes 8 KiB IDAT chunks: a frame within the payload limit has ~4k chunks.
+_PNG_MAX_CHUNKS = 16_384
+# The markers libjpeg accepts before the frame header, read the way it reads them; any
+# other marker (or garbage between segments) is refused, so the size read here is the size
+# the decoder will read. Start of frame (carries the size): C0-CF but DHT, JPG and DAC.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Without a length field: TEM, RST0-7.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+# With a length field, skipped: DHT, DAC, DQT, DNL, DRI, APP0-15, COM.
+_JPEG_SKIPPED = frozenset({0xC4, 0xCC, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)})
+# Real files have a dozen segments before the frame header (up to ~260 with a chunked ICC
+# profile); the bound keeps a file of millions of empty segments from costing seconds.
+_JPEG_MAX_SEGMENTS = 1024
+_JPEG_FILL = re.compile(rb"\xff+")
+# Every scan of a progressive JPEG costs a pass over the whole image: 1000 copies of a
+# 20-byte scan made a 52 KB file that took 6.5 s to decode at 4K. Encoders write 1-3 scans
+# (baseline) or about 10 (progressive).
+_JPEG_MAX_SCANS = 32
+
+
+def image_size(data: bytes, enc: Literal["png", "jpeg"]) -> tuple[int, int]:
+    """(width, height) that a png/jpeg file declares, read from its header without decoding
+    the pixels. Raises BadPayload when the data is not a file of that encoding."""
+    return _png_size(data) if enc == "png" else _jpeg_size(data)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    # Signature, then the IHDR chunk: length 13, "IHDR", width, height, bit depth, colour type.
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE):
+        raise BadPayload("frame data is not a decodable png image")
+    length, kind, width, height, depth = struct.unpack(">I4sIIB", data[8:25])
+    if length != 13 or kind != b"IHDR":
+        raise BadPayload("png frame does not start with its IHDR header")
+    if width == 0 or height == 0:
+        raise BadPayload("png frame declares an empty image")
+    if depth == 16:  # decodes to uint16, which a node refuses anyway: refuse before decoding
+        raise BadPayload("frame has dtype uint16, expected uint8")
+    # OpenCV allocates each chunk's declared length before reading it: a 150-byte file whose
+    # chunk claims 4 GB cost seconds and gigabytes. Every chunk must fit in the data.
+    at = len(_PNG_SIGNATURE)
+    for _ in range(_PNG_MAX_CHUNKS):
+        if at + 12 > len(data):
+            raise BadPayload("png frame is cut short (no IEND chunk)")
+        (length,) = struct.unpack_from(">I", data, at)
+        kind = data[at + 4 : at + 8]
+        at += 12 + length  # length, type, data, crc
+        if at > len(data):
+            raise BadPayload("png frame has a chunk longer than the data")
+        if kind == b"IEND":
+            return width, height
+    raise BadPayload(f"png frame has more than {_PNG_MAX_CHUNKS} chunks")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    if not data.startswith(b"\xff\xd8"):
+        raise BadPayload("frame data is not a decodable jpeg image")
+    at = 2
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        fill = _JPEG_FILL.match(data, at)
+        if fill is None or fill.end() >= len(data):
+            break
+        marker = data[fill.end()]
+        at = fill.end() + 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker not in _JPEG_SOF and marker not in _JPEG_SKIPPED:
+            break
+        if at + 2 > len(data):
+            break
+        (length,) = struct.unpack(">H", data[at : at + 2])
+        if length < 2:
+            break
+        if marker in _JPEG_SOF:
+            if length < 8 or at + 7 > len(data):
+                break
+            height, width = struct.unpack(">HH", data[at + 3 : at + 7])
+            if width == 0 or height == 0:  # height 0 (set later by a DNL marker): unsupported
+                raise BadPayload("jpeg frame declares an empty image")
+            # Entropy-coded data stuffs every 0xFF byte, so this counts start-of-scan markers.
+            if data.count(b"\xff\xda", at) > _JPEG_MAX_SCANS:
+                raise BadPayload(f"jpeg frame has more than {_JPEG_MAX_SCANS} scans")
+            return width, height
+        at += length
+    raise BadPayload("jpeg frame has no readable frame header")
 
 
 def to_model_input(image: np.ndarray, pp: Preprocessing) -> np.ndarray:

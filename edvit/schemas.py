@@ -7,15 +7,25 @@ dashboards read (plan, status, predictions) are JSON. Every msgpack payload carr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgpack
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edvit import WIRE_VERSION
 from edvit.errors import BadPayload
+from edvit.limits import (
+    MAX_BATCH,
+    MAX_FRAME_SIDE,
+    MAX_STEM_BLOCKS,
+    MAX_TENSOR_DIM,
+    PayloadKind,
+    max_payload_bytes,
+)
 from edvit.topics import FUSION_MODEL_ID
 
 Encoding = Literal["jpeg", "png", "raw"]
@@ -26,17 +36,25 @@ State = Literal["online", "ready", "offline"]
 NodeStrategy = Literal["per-entry", "merged"]
 NODE_STRATEGIES: tuple[NodeStrategy, ...] = ("per-entry", "merged")
 
+# Ints that become array sizes (see edvit/limits.py).
+FrameSide = Annotated[int, Field(ge=1, le=MAX_FRAME_SIDE)]
+TensorDim = Annotated[int, Field(ge=1, le=MAX_TENSOR_DIM)]
+ClassIndex = Annotated[int, Field(ge=0)]
+
 
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # allow_inf_nan=False: NaN/inf in any float field (nested ones too) is refused.
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+    # The topic kind a message travels on, whose payload limit `decode` applies.
+    PAYLOAD_KIND: ClassVar[PayloadKind | None] = None
 
 
 class Preprocessing(_Message):
     """How a node turns any frame into the model's input tensor [1, C, H, W]."""
 
     channels: Literal[1, 3]
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
+    height: TensorDim
+    width: TensorDim
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: Literal["area", "linear", "nearest"] = "area"
@@ -51,13 +69,14 @@ class Preprocessing(_Message):
 
 
 class FrameMsg(_Message):
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "frame"
     v: Literal[1] = WIRE_VERSION
     camera: str
     seq: int = Field(ge=0)
     ts: float
     enc: Encoding
     data: bytes
-    shape: tuple[int, ...] | None = None
+    shape: tuple[FrameSide, ...] | None = Field(default=None, max_length=3)  # jpeg/png: info
     dtype: Literal["uint8"] | None = None
     label: int | None = None
 
@@ -68,14 +87,18 @@ class FrameMsg(_Message):
                 raise ValueError("raw frames need shape [H, W] or [H, W, C]")
             if self.dtype is None:
                 raise ValueError("raw frames need dtype")
+            if len(self.shape) == 3 and self.shape[2] not in (1, 3, 4):
+                raise ValueError("raw frames have 1, 3 or 4 channels")
         return self
 
 
 class SubmodelRef(_Message):
     id: str
-    classes: tuple[int, ...]
+    classes: tuple[ClassIndex, ...]
     sha256: str
-    feature_dim: int = Field(gt=0)
+    feature_dim: TensorDim
+    # v1 addition: the ONNX file's size, so a planner can place it by memory.
+    bytes: int | None = Field(default=None, ge=0)
 
 
 class StemRef(_Message):
@@ -84,8 +107,8 @@ class StemRef(_Message):
     ONNX file on `models/{slice id}`, so a camera can run the first J blocks and a node
     can run the rest of the stem once for all its sub-models."""
 
-    blocks: int = Field(ge=1)  # K
-    token_shape: tuple[int, int]  # tokens, width: the same at every block boundary <= K
+    blocks: int = Field(ge=1, le=MAX_STEM_BLOCKS)  # K
+    token_shape: tuple[TensorDim, TensorDim]  # tokens, width: the same at every block boundary <= K
     slices: dict[str, str]  # slice id -> sha256 (see the *_id methods)
     tails: dict[str, str]  # sub-model id -> sha256 of its tail (tokens at block K -> features)
 
@@ -120,6 +143,7 @@ class StemRef(_Message):
 
 
 class PlanMsg(_Message):
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "plan"
     v: Literal[1] = WIRE_VERSION
     plan_id: str
     bundle_sha256: str
@@ -131,18 +155,29 @@ class PlanMsg(_Message):
     preprocessing: Preprocessing
     stem: StemRef | None = None  # only for sliced bundles
     created: float = Field(default_factory=time.time)
+    # v1 additions, set on plans a planner derived from a deployed one (self-healing): the
+    # deployed plan's id and assignments, restored once its nodes are back.
+    base_plan_id: str | None = None
+    base_assignments: dict[str, tuple[str, ...]] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanMsg:
         ids = [s.id for s in self.submodels]
         if len(set(ids)) != len(ids):
             raise ValueError("duplicate sub-model ids in plan")
+        for ref in self.submodels:
+            if any(c >= len(self.classes) for c in ref.classes):
+                raise ValueError(
+                    f"sub-model {_name(ref.id)} names a class beyond the plan's classes"
+                )
         if self.stem is not None and set(self.stem.tails) != set(ids):
             raise ValueError("the stem must list one tail per sub-model")
         for node, assigned in self.assignments.items():
             unknown = set(assigned) - set(ids)
             if unknown:
-                raise ValueError(f"node {node} is assigned unknown sub-models {sorted(unknown)}")
+                raise ValueError(
+                    f"node {_name(node)} is assigned unknown sub-models {_name(sorted(unknown))}"
+                )
         return self
 
     def submodel(self, submodel_id: str) -> SubmodelRef:
@@ -184,13 +219,14 @@ class TokensMsg(_Message):
     """A camera that ran the first `block` stem blocks itself sends the tokens at that block
     boundary instead of the frame."""
 
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "tokens"
     v: Literal[1] = WIRE_VERSION
     camera: str
     seq: int = Field(ge=0)
     ts: float
-    block: int = Field(ge=0)
+    block: int = Field(ge=0, le=MAX_STEM_BLOCKS)
     dtype: FeatureDtype
-    shape: tuple[int, int]  # tokens, width
+    shape: tuple[TensorDim, TensorDim]  # tokens, width
     data: bytes
     label: int | None = None
     # The plan whose stem slices computed these tokens (v1 addition; absent from older
@@ -207,12 +243,21 @@ class TokensMsg(_Message):
 
 
 class ModelMsg(_Message):
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "model"
     v: Literal[1] = WIRE_VERSION
     sha256: str
     onnx: bytes
 
 
+class Capacity(_Message):
+    """What a node offers a planner: memory for model files and relative speed."""
+
+    memory_mb: float = Field(gt=0)
+    speed: float = Field(default=1.0, gt=0)
+
+
 class StatusMsg(_Message):
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "status"
     state: State
     plan_id: str | None = None  # the newest plan the service follows ("ready": it serves it)
     submodels: tuple[str, ...] = ()
@@ -220,11 +265,13 @@ class StatusMsg(_Message):
     # plan was refused (the service then keeps serving the one before).
     serving_plan_id: str | None = None
     error: str | None = None
+    capacity: Capacity | None = None  # v1 addition, nodes only
     ts: float = Field(default_factory=time.time)
     counters: dict[str, int] = Field(default_factory=dict)
 
 
 class FeaturesMsg(_Message):
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "features"
     v: Literal[1] = WIRE_VERSION
     camera: str
     seq: int = Field(ge=0)
@@ -234,9 +281,9 @@ class FeaturesMsg(_Message):
     node: str
     dtype: FeatureDtype
     data: bytes
-    dim: int = Field(gt=0)
-    infer_ms: float  # the whole batch's inference time
-    batch: int = Field(default=1, ge=1)  # how many frames shared that inference call
+    dim: TensorDim
+    infer_ms: float = Field(ge=0)  # the whole batch's inference time
+    batch: int = Field(default=1, ge=1, le=MAX_BATCH)  # how many frames shared that call
     label: int | None = None  # the frame's true label, passed through when the camera knew it
 
     @model_validator(mode="after")
@@ -244,14 +291,20 @@ class FeaturesMsg(_Message):
         itemsize = 4 if self.dtype == "float32" else 2
         if len(self.data) != self.dim * itemsize:
             raise ValueError(f"data has {len(self.data)} bytes, expected dim*{itemsize}")
+        values = np.frombuffer(self.data, dtype="<f4" if self.dtype == "float32" else "<f2")
+        if not np.isfinite(values).all():
+            raise ValueError("features contain NaN or infinity")
         return self
 
 
 class PredictionMsg(_Message):
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "prediction"
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", populate_by_name=True, allow_inf_nan=False
+    )
 
     camera: str
-    seq: int
+    seq: int = Field(ge=0)
     ts: float
     label: int
     class_name: str = Field(alias="class")
@@ -269,7 +322,28 @@ OFFLINE_STATUS = StatusMsg(state="offline", ts=0.0)
 
 M = TypeVar("M", bound=_Message)
 
-_JSON_MESSAGES = (PlanMsg, StatusMsg, PredictionMsg)
+
+class HealthMsg(_Message):
+    """The planner's retained view of the fleet (`{prefix}/fleet/health`)."""
+
+    PAYLOAD_KIND: ClassVar[PayloadKind] = "health"
+    planner: str  # the instance that is planning
+    plan_id: str | None
+    base_plan_id: str | None
+    healthy: bool  # every sub-model of the deployed plan is served where it was placed
+    degraded: tuple[str, ...] = ()  # sub-models no live node serves: answers lack them
+    moved: dict[str, str] = Field(default_factory=dict)  # sub-model -> node it was moved to
+    nodes: dict[str, str] = Field(default_factory=dict)  # node -> live/down/suspect/holding
+    ts: float = Field(default_factory=time.time)
+
+
+def plan_id_for(bundle_sha256: str, assignments: dict[str, tuple[str, ...]]) -> str:
+    """A plan's id: the same bundle placed the same way always gets the same id."""
+    identity = bundle_sha256 + repr(sorted((n, tuple(ids)) for n, ids in assignments.items()))
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+_JSON_MESSAGES = (PlanMsg, StatusMsg, PredictionMsg, HealthMsg)
 
 
 def encode(message: _Message) -> bytes:
@@ -286,6 +360,11 @@ def decode(kind: type[M], payload: bytes) -> M | None:
     """
     if not payload:
         return None
+    if kind.PAYLOAD_KIND is not None and len(payload) > max_payload_bytes(kind.PAYLOAD_KIND):
+        raise BadPayload(
+            f"{kind.__name__}: {len(payload)} bytes, over the limit of"
+            f" {max_payload_bytes(kind.PAYLOAD_KIND)} for {kind.PAYLOAD_KIND} payloads"
+        )
     raw: Any
     try:
         if issubclass(kind, _JSON_MESSAGES):
@@ -297,11 +376,31 @@ def decode(kind: type[M], payload: bytes) -> M | None:
         raise BadPayload(f"not valid {fmt}: {type(exc).__name__}") from None
     if not isinstance(raw, dict):
         raise BadPayload(f"expected a map, got {type(raw).__name__}")
+    if issubclass(kind, _JSON_MESSAGES):
+        try:  # JSON escapes can make lone surrogates, which no service could publish again
+            json.dumps(raw, ensure_ascii=False).encode()
+        except (UnicodeEncodeError, RecursionError) as exc:
+            raise BadPayload(f"not valid JSON text: {type(exc).__name__}") from None
     if "v" in kind.model_fields and raw.get("v") != WIRE_VERSION:
-        raise BadPayload(f"unsupported wire version {raw.get('v')!r} (this build speaks v1)")
+        version = _one_line(repr(raw.get("v")), 40)
+        raise BadPayload(f"unsupported wire version {version} (this build speaks v1)")
     try:
         return kind.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or kind.__name__
-        raise BadPayload(f"{kind.__name__}: {where}: {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        reason = f"{where}: {first['msg']}" if where else first["msg"]
+        raise BadPayload(_one_line(f"{kind.__name__}: {reason}")) from None
+
+
+def _name(value: object) -> str:
+    """A name from a payload, quoted and cut short, for a reason."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A reason fit for one log line: the payload's own strings (keys, ids) may carry
+    newlines or control characters, and may be long."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 2])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
