@@ -1,8 +1,8 @@
 """Aggregator: joins the feature vectors of one frame across sub-models, runs the fusion
 MLP and publishes exactly one prediction per frame.
 
-A frame whose features are not all in after `timeout_ms` is fused with what arrived
-(the fusion model takes a presence mask) and published as degraded; features that
+A frame whose features are not all in by its deadline is fused with what arrived (the
+fusion model takes a presence mask) and published as degraded; features that
 arrive for an already answered frame are counted and ignored.
 
 Plan changes lose no frame: features are joined per plan (each feature vector names the
@@ -10,20 +10,35 @@ plan it was computed under), for the plan being served, the one before it and th
 being loaded. A frame is answered under the first plan for which all its features are in;
 at the deadline, under the plan that has most of them. So during a switch a frame is
 answered under the old plan or under the new one, never under a mix, and never twice.
+
+Status-aware fusion: the aggregator follows every node's retained status. A sub-model
+whose node is offline, or not serving the frame's plan, is not waited for: a frame is
+answered as soon as the features of every sub-model being served are in. A node that says
+it serves but sends nothing (frozen, cut off before its keepalive runs out) costs each
+frame at most the adaptive deadline, a multiple of the recent feature arrival spread
+between a floor and a cap; after `SUSPECT_AFTER` such misses in a row its sub-models are
+no longer waited for either, until it sends features or a fresh status again.
+
+Several aggregators may run: a lease (edvit/lease.py) picks the one that answers; the
+others follow the same features as a standby, drop what they see answered, and on taking
+over answer what the old one left.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edvit.errors import BadPayload, ConfigError
 from edvit.inference import Fusion, softmax
+from edvit.lease import Lease
 from edvit.mqtt import MqttClient, Transport, unique_client_id
 from edvit.retained import PlanFollower
 from edvit.schemas import (
@@ -35,15 +50,62 @@ from edvit.schemas import (
     decode,
     encode,
 )
-from edvit.topics import Topics
+from edvit.service import Worker
+from edvit.topics import Topics, validate_id
 
 log = logging.getLogger("edvit.aggregator")
 
 FrameKey = tuple[str, int, float]  # camera, seq, capture ts (seq restarts with the camera)
 ANSWERED_MEMORY = 4096
 PLANS_KEPT = 2  # the plan served and the one before it, so frames in flight finish
-# A frame none of whose plans has a loaded fusion yet waits this many deadlines at most.
-UNLOADED_WAIT_FACTOR = 10
+# A frame none of whose plans has a loaded fusion yet waits this long at most.
+UNLOADED_WAIT_S = 5.0
+# Deadline misses in a row after which a serving node's sub-model is not waited for.
+SUSPECT_AFTER = 3
+# A standby keeps frames this long past the lease ttl, to answer them if it takes over.
+STANDBY_KEEP_S = 2.0
+
+
+@dataclass(frozen=True)
+class DeadlinePolicy:
+    """How long a frame waits for a live sub-model's features, measured from its first
+    feature vector: `factor` x the `percentile` of the recent arrival spreads (first to
+    last feature of complete frames), within [floor_s, cap_s]; the cap until
+    `min_samples` spreads are known."""
+
+    floor_s: float = 0.02
+    cap_s: float = 0.25
+    factor: float = 4.0
+    percentile: float = 95.0
+    window: int = 256
+    min_samples: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor_s <= self.cap_s:
+            raise ConfigError("deadline: need 0 < floor <= cap")
+        if self.factor <= 0 or not 0 < self.percentile <= 100:
+            raise ConfigError("deadline: factor must be positive, percentile in (0, 100]")
+
+
+class ArrivalDeadline:
+    def __init__(self, policy: DeadlinePolicy) -> None:
+        self.policy = policy
+        self._spreads: deque[float] = deque(maxlen=policy.window)
+        self._current = policy.cap_s
+        self._since_update = 0
+
+    def observe(self, spread_s: float) -> None:
+        self._spreads.append(spread_s)
+        self._since_update += 1
+        if self._since_update >= 8 and len(self._spreads) >= self.policy.min_samples:
+            self._since_update = 0
+            p = self.policy
+            measured = float(np.percentile(self._spreads, p.percentile)) * p.factor
+            self._current = min(max(measured, p.floor_s), p.cap_s)
+
+    @property
+    def seconds(self) -> float:
+        return self._current
 
 
 def load_fusion(plan: PlanMsg, blob: bytes, threads: int = 1) -> Fusion:
@@ -74,6 +136,15 @@ class _Frame:
     by_plan: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
+def serves(status: StatusMsg | None, plan_id: str) -> bool:
+    """Whether a node with this status is serving the plan now."""
+    if status is None or status.state == "offline":
+        return False
+    if status.serving_plan_id is not None:
+        return status.serving_plan_id == plan_id
+    return status.state == "ready" and status.plan_id == plan_id  # nodes before v1 additions
+
+
 class Aggregator:
     def __init__(
         self,
@@ -81,19 +152,26 @@ class Aggregator:
         *,
         client: Transport | None = None,
         topics: Topics | None = None,
-        timeout_ms: float = 1000.0,
+        deadline: DeadlinePolicy | None = None,
         topk: int = 3,
         threads: int = 1,
+        instance: str | None = None,
+        lease_ttl_s: float = 3.0,
     ) -> None:
-        if timeout_ms <= 0:
-            raise ConfigError("--timeout-ms must be positive")
         self.topics = topics or Topics()
-        self.timeout_s = timeout_ms / 1000.0
+        self.deadline = ArrivalDeadline(deadline or DeadlinePolicy())
         self.topk = topk
         self.threads = threads
+        try:
+            self.instance = validate_id(
+                "aggregator", instance or f"{socket.gethostname()}-{os.getpid()}"
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.client = client or MqttClient(
-            unique_client_id("aggregator"), broker, status_topic=self.topics.aggregator_status(),
-            logger=log,
+            unique_client_id("aggregator"), broker,
+            status_topic=self.topics.aggregator_instance_status(self.instance),
+            will_topic=self.topics.aggregator_status(), logger=log,
         )  # fmt: skip
         self.counters = self.client.counters
         self.follower: PlanFollower[Fusion] = PlanFollower(
@@ -105,27 +183,37 @@ class Aggregator:
         self._fusions: OrderedDict[str, tuple[PlanMsg, Fusion]] = OrderedDict()
         self._pending: dict[FrameKey, _Frame] = {}
         self._answered: OrderedDict[FrameKey, None] = OrderedDict()
+        self._nodes: dict[str, StatusMsg] = {}
+        self._misses: Counter[tuple[str, str]] = Counter()  # (node, sub-model) in a row
+        self._suspects: dict[str, float] = {}  # node -> when it was suspected (monotonic)
+        self.lease = Lease(
+            self.client, self.topics.aggregator_lease(), self.instance, ttl_s=lease_ttl_s,
+            on_change=self._on_lease, logger=log,
+        )  # fmt: skip
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep, name="deadlines", daemon=True)
+        self._sweeper = Worker("sweeper", self._sweep_once, self.counters, log, interval_s=0.02)
 
     def start(self) -> None:
         self.client.set_status(StatusMsg(state="online"))
         self.follower.start()
+        self.client.route(self.topics.all_node_statuses(), self._on_node_status, qos=1)
         self.client.route(self.topics.all_features(), self._on_features, qos=0)
+        self.client.route(self.topics.all_predictions(), self._on_prediction, qos=1)
+        self.client.route(self.topics.aggregator_status(), self._on_shared_status, qos=1)
         self._sweeper.start()
         self.client.start()
+        self.lease.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._sweeper.stop()
+        self.lease.stop()
         self.follower.stop()
-        self._sweeper.join(timeout=2)
         self.client.stop()
         log.info("stopped; counters %s", dict(self.counters))
 
     # -- plan and fusion model ------------------------------------------------------------
     def _on_update(self) -> None:
-        active, target = self.follower.active, self.follower.target
+        active = self.follower.active
         with self._lock:
             if active is None:
                 self._fusions.clear()
@@ -133,6 +221,10 @@ class Aggregator:
                 self._fusions[active.plan.plan_id] = (active.plan, active.runtime)
                 while len(self._fusions) > PLANS_KEPT:
                     self._fusions.popitem(last=False)
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        active, target = self.follower.active, self.follower.target
         self.client.set_status(
             StatusMsg(
                 state="ready" if self.follower.ready else "online",
@@ -142,6 +234,87 @@ class Aggregator:
                 error=self.follower.refused,
             )
         )
+
+    # -- leadership -------------------------------------------------------------------------
+    @property
+    def answering(self) -> bool:
+        return self.lease.held
+
+    def _on_lease(self, held: bool) -> None:
+        log.info("aggregator %s %s", self.instance, "answers now" if held else "is a standby")
+        self.client.mirror_status(self.topics.aggregator_status() if held else None)
+
+    def _on_shared_status(self, _topic: str, payload: bytes) -> None:
+        status = decode(StatusMsg, payload)
+        if self.lease.held and (status is None or status.state == "offline"):
+            self._publish_status()  # another instance's Will: the serving one is still here
+
+    def _on_prediction(self, _topic: str, payload: bytes) -> None:
+        if self.lease.held:
+            return  # our own answers
+        prediction = decode(PredictionMsg, payload)
+        if prediction is None:
+            return
+        key = (prediction.camera, prediction.seq, prediction.ts)
+        with self._lock:
+            if key in self._pending:
+                self._close(key)
+
+    # -- node statuses and suspects --------------------------------------------------------
+    def _on_node_status(self, topic: str, payload: bytes) -> None:
+        node = self.topics.parts(topic)[1]
+        status = decode(StatusMsg, payload)
+        with self._lock:
+            if status is None:
+                self._nodes.pop(node, None)
+            else:
+                self._nodes[node] = status
+            suspected = self._suspects.get(node)
+            if suspected is not None and time.monotonic() - suspected > 1.0:
+                self._clear_suspect(node, "it published a status")
+
+    def _clear_suspect(self, node: str, why: str) -> None:
+        if self._suspects.pop(node, None) is not None:
+            log.info("node %s is answering again (%s)", node, why)
+        for pair in [p for p in self._misses if p[0] == node]:
+            del self._misses[pair]
+
+    def suspect_nodes(self) -> set[str]:
+        """Nodes that say they serve but whose features stopped coming."""
+        with self._lock:
+            return set(self._suspects)
+
+    def _expected(self, plan: PlanMsg) -> set[str]:
+        """The plan's sub-models whose features may come: their node serves the plan and is
+        not suspected of having stopped."""
+        return {
+            sid
+            for node, ids in plan.assignments.items()
+            if node not in self._suspects and serves(self._nodes.get(node), plan.plan_id)
+            for sid in ids
+        }
+
+    def _enough(self, plan: PlanMsg, got: dict[str, np.ndarray]) -> bool:
+        """Every sub-model being served has sent its features (and some are served)."""
+        expected = self._expected(plan)
+        return bool(expected) and expected <= set(got)
+
+    def _count_misses(self, plan: PlanMsg, got: dict[str, np.ndarray]) -> None:
+        """After a frame was answered at its deadline: which serving nodes sent nothing."""
+        for node, ids in plan.assignments.items():
+            if node in self._suspects or not serves(self._nodes.get(node), plan.plan_id):
+                continue
+            for sid in ids:
+                if sid in got:
+                    continue
+                self._misses[(node, sid)] += 1
+                if self._misses[(node, sid)] >= SUSPECT_AFTER:
+                    self._suspects[node] = time.monotonic()
+                    self.counters["nodes_suspected"] += 1
+                    log.warning(
+                        "node %s says it serves %s but sent nothing for %d frames; "
+                        "not waiting for it until it answers again", node, sid, SUSPECT_AFTER,
+                    )  # fmt: skip
 
     def _plan_named(self, plan_id: str) -> PlanMsg | None:
         """A plan features may be joined under: one with a fusion loaded, or the one loading."""
@@ -178,11 +351,19 @@ class Aggregator:
             if key in self._answered:
                 self.counters["features_late"] += 1
                 return
-            frame = self._pending.setdefault(key, _Frame(time.monotonic(), msg.ts, msg.label))
+            now = time.monotonic()
+            if msg.node in self._suspects:
+                self._clear_suspect(msg.node, "its features arrive")
+            self._misses.pop((msg.node, msg.submodel), None)
+            frame = self._pending.setdefault(key, _Frame(now, msg.ts, msg.label))
             blocks = frame.by_plan.setdefault(plan.plan_id, {})
             blocks[msg.submodel] = np.frombuffer(msg.data, dtype=msg.dtype).astype(np.float32)
+            if len(blocks) == len(plan.submodels):
+                self.deadline.observe(now - frame.first_seen)
             loaded = self._fusions.get(plan.plan_id)
-            if loaded is None or len(blocks) < len(plan.submodels):
+            if loaded is None or not self.lease.held:
+                return
+            if len(blocks) < len(plan.submodels) and not self._enough(plan, blocks):
                 return
             self._close(key)
         self._answer(key, frame, *loaded)
@@ -194,36 +375,43 @@ class Aggregator:
             self._answered.popitem(last=False)
 
     def _choose(self, frame: _Frame, expired: bool) -> tuple[PlanMsg, Fusion] | None:
-        """The plan to answer `frame` under now: one with all its features in (any time), or
-        at the deadline the loaded one with most features (the newer plan on a tie)."""
+        """The plan to answer `frame` under now: one for which every sub-model being served
+        has sent its features (any time), or at the deadline the loaded one with most
+        features (the newer plan on a tie)."""
         best = None
         for rank, (plan_id, (plan, fusion)) in enumerate(self._fusions.items()):
-            got = len(frame.by_plan.get(plan_id, ()))
-            if got == len(plan.submodels) or (expired and got > 0):
-                score = (got == len(plan.submodels), got, rank)
+            got = frame.by_plan.get(plan_id, {})
+            if not got:
+                continue
+            complete = len(got) == len(plan.submodels)
+            enough = complete or self._enough(plan, got)
+            if enough or expired:
+                score = (complete, enough, len(got), rank)
                 if best is None or score > best[0]:
                     best = (score, (plan, fusion))
         return best[1] if best else None
 
-    def _sweep(self) -> None:
-        while not self._stop.wait(0.02):
-            try:
-                self._sweep_once()
-            except Exception:  # the sweeper must outlive any bug
-                self.counters["sweeper_errors"] += 1
-                log.exception("deadline sweep failed")
-
     def _sweep_once(self) -> None:
         now = time.monotonic()
+        deadline = self.deadline.seconds
+        answering = self.lease.held
         due: list[tuple[FrameKey, _Frame, PlanMsg, Fusion]] = []
         with self._lock:
             for key, frame in list(self._pending.items()):
                 age = now - frame.first_seen
-                chosen = self._choose(frame, expired=age > self.timeout_s)
+                if not answering:
+                    if age > self.lease.ttl_s + STANDBY_KEEP_S:
+                        self._close(key)  # the serving aggregator had it
+                    continue
+                expired = age > deadline
+                chosen = self._choose(frame, expired)
                 if chosen is not None:
                     self._close(key)
                     due.append((key, frame, *chosen))
-                elif age > self.timeout_s * UNLOADED_WAIT_FACTOR:
+                    if expired:
+                        plan = chosen[0]
+                        self._count_misses(plan, frame.by_plan.get(plan.plan_id, {}))
+                elif age > UNLOADED_WAIT_S:
                     self._close(key)
                     self.counters["frames_unanswerable"] += 1
                     log.warning("no fusion loaded for %s/%d's plan; dropped", key[0], key[1])
@@ -242,6 +430,8 @@ class Aggregator:
         missing = tuple(sid for sid, b in zip(ids, blocks, strict=True) if b is None)
         if missing:
             self.counters["predictions_degraded"] += 1
+            for sid in missing:
+                self.counters[f"degraded_missing_{sid}"] += 1
         prediction = PredictionMsg(
             camera=camera,
             seq=seq,

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import IO, Literal
 
 from edvit.errors import BrokerError
+from edvit.limits import MAX_PACKET_BYTES
 from edvit.process import stop_process
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ def resolve_kind(kind: KindArg) -> Kind:
 def mosquitto_config(host: str, port: int) -> str:
     """A mosquitto 2.x config for one anonymous listener, logging to stderr.
 
-    message_size_limit is left at its default (0: up to the 256 MB MQTT limit), so retained
-    model files of a few MB pass.
+    max_packet_size is the contract's largest payload (a model file) plus headers
+    (edvit/limits.py): a client sending more is disconnected before the broker stores or
+    forwards it; the services enforce the smaller per-topic limits.
     """
     return "\n".join(
         (
@@ -82,6 +84,7 @@ def mosquitto_config(host: str, port: int) -> str:
             "allow_anonymous true",
             "persistence false",
             "set_tcp_nodelay true",
+            f"max_packet_size {MAX_PACKET_BYTES}",
             "log_dest stderr",
             "log_type error",
             "log_type warning",

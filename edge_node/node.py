@@ -1,15 +1,23 @@
 """Edge node agent: loads the models its plan names and publishes one feature vector per
 frame per sub-model.
 
-Network callbacks only decode and enqueue; one worker thread runs inference and the plan
-follower (edvit/retained.py) builds sessions on a thread of its own, so neither a slow model
-nor a large model file stalls the MQTT network thread. Frames (and, for sliced bundles,
+Network callbacks decode, check and prepare each request (once: a frame that cannot be
+decoded is dropped there and never displaces a camera's good frame) and enqueue it; one
+worker thread runs inference and the plan follower (edvit/retained.py) builds sessions on
+a thread of its own, so neither a slow model nor a large model file stalls the MQTT
+network thread. Frames (and, for sliced bundles,
 tokens) from all cameras are batched (batcher.py) and run with one ONNX Runtime call per
 model per batch (runners.py); when requests arrive faster than the node can serve them, a
 camera's waiting request is replaced by its newest one and counted.
 
 On a plan change a batch already taken runs under the plan it was taken under; every batch
-taken after the swap runs under the new plan. Each feature vector names its plan.
+taken after the swap runs under the new plan. Each feature vector names its plan. A request
+prepared under the old plan is served under the new one when its input is still valid
+there (same preprocessing; tokens: the same stem blocks), else dropped and counted.
+
+A node advertises its capacity (memory for model files, relative speed) in its status, for
+the planner; it refuses a plan whose model files exceed its memory and keeps serving the
+one before.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from edvit.preprocess import decode_frame, to_model_input
 from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
     NODE_STRATEGIES,
+    Capacity,
     FeaturesMsg,
     FrameMsg,
     NodeStrategy,
@@ -38,6 +47,7 @@ from edvit.schemas import (
     decode,
     encode,
 )
+from edvit.service import Worker
 from edvit.topics import Topics, validate_id
 
 from .batcher import DynamicBatcher
@@ -47,6 +57,7 @@ log = logging.getLogger("edvit.node")
 
 Runner = WholeModels | PerEntry | Merged
 STEMS_REMEMBERED = 8
+BYTES_PER_MB = 1_000_000
 
 
 def make_runner(plan: PlanMsg, assigned: tuple[str, ...], blobs: dict[str, bytes],
@@ -95,7 +106,20 @@ class _Pending:
     seq: int
     ts: float
     label: int | None
-    message: FrameMsg | TokensMsg
+    request: Request
+    plan: PlanMsg  # the plan it was prepared under
+
+
+def available_memory_mb() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / BYTES_PER_MB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class EdgeNode:
@@ -112,6 +136,8 @@ class EdgeNode:
         max_wait_ms: float = 1.0,
         newest_only: bool = True,
         strategy: NodeStrategy = "per-entry",
+        memory_mb: float | None = None,
+        speed: float = 1.0,
     ) -> None:
         try:
             self.node_id = validate_id("node", node_id)
@@ -124,6 +150,11 @@ class EdgeNode:
         if strategy not in NODE_STRATEGIES:
             raise ConfigError(f"unknown strategy {strategy!r}: choose {', '.join(NODE_STRATEGIES)}")
         self.strategy = strategy
+        memory_mb = memory_mb if memory_mb is not None else available_memory_mb()
+        try:
+            self.capacity = Capacity(memory_mb=memory_mb, speed=speed) if memory_mb else None
+        except ValueError as exc:
+            raise ConfigError(f"--memory-mb/--speed: {exc}".splitlines()[0]) from None
         self.topics = topics or Topics()
         self.threads = threads
         self.client = client or MqttClient(
@@ -140,20 +171,18 @@ class EdgeNode:
         self._stems: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._update_lock = threading.Lock()
         self._serving_requests = False
-        self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._serve, name="inference", daemon=True)
+        self._worker = Worker("inference", self._serve_once, self.counters, log)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        self.client.set_status(StatusMsg(state="online"))
+        self.client.set_status(StatusMsg(state="online", capacity=self.capacity))
         self.follower.start()
         self._worker.start()
         self.client.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._worker.stop()
         self.follower.stop()
-        self._worker.join(timeout=5)
         self.client.stop()
         log.info("stopped; counters %s", dict(self.counters))
 
@@ -170,6 +199,12 @@ class EdgeNode:
         if not assigned:
             log.warning("plan %s assigns nothing to node %s", plan.plan_id, self.node_id)
             return Share(assigned, None)
+        need_mb = sum(len(blob) for blob in blobs.values()) / BYTES_PER_MB
+        if self.capacity is not None and need_mb > self.capacity.memory_mb:
+            raise ConfigError(
+                f"its model files need {need_mb:.1f} MB; this node offers "
+                f"{self.capacity.memory_mb:.1f} MB (--memory-mb)"
+            )
         runner = make_runner(plan, assigned, blobs, self.strategy, self.threads)
         check_runner(runner, plan, assigned)
         self.counters["model_bytes"] = runner.model_bytes
@@ -190,7 +225,9 @@ class EdgeNode:
                     self.client.unroute(self.topics.all_frames())
                     self.client.unroute(self.topics.all_tokens())
             if target is None:
-                status = StatusMsg(state="online", error=self.follower.refused)
+                status = StatusMsg(
+                    state="online", error=self.follower.refused, capacity=self.capacity
+                )
             else:
                 received = self.follower.received()
                 ready = self.follower.ready and serving
@@ -203,31 +240,79 @@ class EdgeNode:
                     ),
                     serving_plan_id=active.plan.plan_id if serving and active else None,
                     error=self.follower.refused,
+                    capacity=self.capacity,
                 )  # fmt: skip
             self.client.set_status(status)
 
-    # -- requests -------------------------------------------------------------------------
+    # -- requests: prepared on the network thread, served by the worker ---------------------
     def _on_frame(self, topic: str, payload: bytes) -> None:
-        self._enqueue(topic, decode(FrameMsg, payload))
+        message = decode(FrameMsg, payload)
+        active = self._accept(topic, message)
+        if message is None or active is None:
+            return
+        image = to_model_input(decode_frame(message), active.plan.preprocessing)
+        self._enqueue(message, Request(IMAGE_ENTRY, image), active.plan)
 
     def _on_tokens(self, topic: str, payload: bytes) -> None:
-        self._enqueue(topic, decode(TokensMsg, payload))
-
-    def _enqueue(self, topic: str, message: FrameMsg | TokensMsg | None) -> None:
-        if message is None:
+        message = decode(TokensMsg, payload)
+        active = self._accept(topic, message)
+        if message is None or active is None:
             return
+        self._enqueue(message, self._tokens_request(message, active.plan), active.plan)
+
+    def _accept(self, topic: str, message: FrameMsg | TokensMsg | None) -> Active[Share] | None:
+        if message is None:
+            return None
         if message.camera != self.topics.parts(topic)[1]:
             raise BadPayload(f"message says camera {message.camera!r} but came on {topic}")
-        pending = _Pending(message.camera, message.seq, message.ts, message.label, message)
+        active = self.follower.active
+        if active is None or active.runtime.runner is None:
+            self.counters["requests_not_serving"] += 1
+            return None
+        return active
+
+    def _enqueue(self, message: FrameMsg | TokensMsg, request: Request, plan: PlanMsg) -> None:
+        pending = _Pending(message.camera, message.seq, message.ts, message.label, request, plan)
         self._batcher.put(message.camera, pending)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._serve_once()
-            except Exception:  # the worker must outlive any bug; count it and go on
-                self.counters["inference_errors"] += 1
-                log.exception("serving a batch failed")
+    def _tokens_request(self, message: TokensMsg, plan: PlanMsg) -> Request:
+        stem = plan.stem
+        if stem is None:
+            raise BadPayload("tokens for a plan without a shared stem")
+        if not 1 <= message.block <= stem.blocks:
+            raise BadPayload(f"tokens at block {message.block}; the stem has {stem.blocks}")
+        if message.shape != stem.token_shape:
+            raise BadPayload(f"tokens of shape {message.shape}; the stem's are {stem.token_shape}")
+        if message.plan_id is not None and not self._same_stem(
+            message.plan_id, plan, message.block
+        ):
+            # Another stem's tokens would go through this stem's blocks: never mix them.
+            raise BadPayload(
+                f"tokens computed by plan {message.plan_id}'s stem; serving {plan.plan_id}"
+            )
+        tokens = np.frombuffer(message.data, dtype=message.dtype).reshape(message.shape)
+        return Request(message.block, tokens.astype(np.float32))
+
+    def _same_stem(self, plan_id: str, plan: PlanMsg, block: int) -> bool:
+        """Whether plan `plan_id` computes tokens at `block` with the same files as `plan`."""
+        if plan_id == plan.plan_id:
+            return True
+        stem = plan.stem
+        theirs = self._stems.get(plan_id, {})
+        return stem is not None and all(
+            theirs.get(mid) == stem.slices[mid] for mid in stem.head_ids(block)
+        )
+
+    def _still_valid(self, pending: _Pending, plan: PlanMsg) -> bool:
+        """A request prepared under another plan can be served under `plan` when its input
+        means the same there."""
+        if pending.plan.plan_id == plan.plan_id:
+            return True
+        if pending.request.entry == IMAGE_ENTRY:
+            return pending.plan.preprocessing == plan.preprocessing
+        return self._same_stem(pending.plan.plan_id, plan, pending.request.entry) and (
+            plan.stem is not None and plan.stem.token_shape == pending.request.array.shape
+        )
 
     def _serve_once(self) -> None:
         batch = self._batcher.take(timeout=0.2)
@@ -238,50 +323,20 @@ class EdgeNode:
         if active is None or active.runtime.runner is None:
             self.counters["requests_not_serving"] += len(batch)
             return
-        prepared = self._prepare(batch, active.plan)
-        if prepared:
-            self._infer(prepared, active)
+        valid = [p for p in batch if self._still_valid(p, active.plan)]
+        if len(valid) < len(batch):
+            self.counters["requests_prepared_for_other_plan"] += len(batch) - len(valid)
+        if valid:
+            self._infer(valid, active)
 
-    def _prepare(self, batch: list[_Pending], plan: PlanMsg) -> list[tuple[_Pending, Request]]:
-        prepared = []
-        for pending in batch:
-            try:
-                prepared.append((pending, self._request(pending.message, plan)))
-            except BadPayload as exc:
-                self.counters["bad_payloads"] += 1
-                log.warning(
-                    "dropped %s/%d: %s [bad_payloads=%d]",
-                    pending.camera, pending.seq, exc, self.counters["bad_payloads"],
-                )  # fmt: skip
-        return prepared
-
-    def _request(self, message: FrameMsg | TokensMsg, plan: PlanMsg) -> Request:
-        if isinstance(message, FrameMsg):
-            image = to_model_input(decode_frame(message), plan.preprocessing)
-            return Request(IMAGE_ENTRY, image)
-        stem = plan.stem
-        if stem is None:
-            raise BadPayload("tokens for a plan without a shared stem")
-        if not 1 <= message.block <= stem.blocks:
-            raise BadPayload(f"tokens at block {message.block}; the stem has {stem.blocks}")
-        if message.shape != stem.token_shape:
-            raise BadPayload(f"tokens of shape {message.shape}; the stem's are {stem.token_shape}")
-        if message.plan_id is not None and message.plan_id != plan.plan_id:
-            # Tokens from another plan's stem may come from other weights: never mix them.
-            raise BadPayload(
-                f"tokens computed under plan {message.plan_id}, serving {plan.plan_id}"
-            )
-        tokens = np.frombuffer(message.data, dtype=message.dtype).reshape(message.shape)
-        return Request(message.block, tokens.astype(np.float32))
-
-    def _infer(self, prepared: list[tuple[_Pending, Request]], active: Active[Share]) -> None:
+    def _infer(self, prepared: list[_Pending], active: Active[Share]) -> None:
         runner = active.runtime.runner
         assert runner is not None
         started = time.perf_counter()
-        features = runner([request for _, request in prepared])
+        features = runner([pending.request for pending in prepared])
         infer_ms = round((time.perf_counter() - started) * 1000.0, 3)
         for submodel_id, vectors in features.items():
-            for (pending, _), vector in zip(prepared, vectors, strict=True):
+            for pending, vector in zip(prepared, vectors, strict=True):
                 vector = vector.astype(np.float32, copy=False)
                 msg = FeaturesMsg(
                     camera=pending.camera,

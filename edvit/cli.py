@@ -73,12 +73,14 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _run_service(service: object) -> int:
-    service.start()  # type: ignore[attr-defined]
+def _run_service(*services: object) -> int:
+    for service in services:
+        service.start()  # type: ignore[attr-defined]
     try:
         wait_for_stop_signal()
     finally:
-        service.stop()  # type: ignore[attr-defined]
+        for service in reversed(services):
+            service.stop()  # type: ignore[attr-defined]
         ignore_stop_signals()  # stopped: a late stop signal must not turn exit 0 into -2
     return 0
 
@@ -90,17 +92,36 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.id, args.broker, topics=Topics(args.prefix), threads=args.threads,
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         newest_only=not args.keep_all_frames, strategy=args.strategy,
+        memory_mb=args.memory_mb, speed=args.speed,
     )  # fmt: skip
     return _run_service(node)
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
-    from edvit.aggregator.service import Aggregator
+    from edvit.aggregator.service import Aggregator, DeadlinePolicy
 
-    aggregator = Aggregator(
-        args.broker, topics=Topics(args.prefix), timeout_ms=args.timeout_ms, topk=args.topk,
+    deadline = DeadlinePolicy(
+        floor_s=args.deadline_floor_ms / 1000.0, cap_s=args.timeout_ms / 1000.0,
+        factor=args.deadline_factor,
     )  # fmt: skip
-    return _run_service(aggregator)
+    aggregator = Aggregator(
+        args.broker, topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
+        instance=args.id, lease_ttl_s=args.lease_ttl_s,
+    )  # fmt: skip
+    services: list[object] = []
+    if not args.no_planner:
+        from edvit.fleet.planner import Planner
+
+        # The planner shares the aggregator's connection and lease: only the aggregator
+        # that answers plans, so exactly one plans and its standby takes over both.
+        services.append(
+            Planner(
+                aggregator.client, aggregator.topics, instance=aggregator.instance,
+                is_active=lambda: aggregator.answering, suspects=aggregator.suspect_nodes,
+                hold_off_s=args.hold_off_s,
+            )
+        )  # fmt: skip
+    return _run_service(*services, aggregator)  # the aggregator connects, last
 
 
 def cmd_camera(args: argparse.Namespace) -> int:
@@ -205,6 +226,18 @@ def cmd_bench_slicing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from edvit.fleet.chaos import run_chaos
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+
+    run_chaos(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, scenarios=tuple(args.scenarios),
+        fps=args.fps, hold_off_s=args.hold_off_s, json_path=Path(args.json) if args.json else None,
+        soak_s=args.soak_s,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
     from edvit.fleet import plan
@@ -264,14 +297,50 @@ def build_parser() -> argparse.ArgumentParser:
         "per block with late entries joining the running batch (less memory)",
     )  # fmt: skip
     p.add_argument(
+        "--memory-mb", type=_positive_float,
+        help="memory this node offers for model files; plans needing more are refused and "
+        "the planner places nothing beyond it (default: the memory available at start)",
+    )  # fmt: skip
+    p.add_argument(
+        "--speed", type=_positive_float, default=1.0,
+        help="relative speed, for the planner (default %(default)g)",
+    )  # fmt: skip
+    p.add_argument(
         "--keep-all-frames", action="store_true",
         help="queue every frame instead of keeping only each camera's newest waiting one",
     )  # fmt: skip
 
     p = add("aggregator", cmd_aggregator, "fuse features into predictions")
     p.add_argument(
-        "--timeout-ms", type=_positive_float, default=1000.0,
-        help="answer with the features that arrived after this long (degraded)",
+        "--timeout-ms", type=_positive_float, default=250.0,
+        help="the longest a frame waits for a serving node's features before it is answered "
+        "with what arrived (degraded); the adaptive deadline's cap (default %(default)g)",
+    )  # fmt: skip
+    p.add_argument(
+        "--deadline-floor-ms", type=_positive_float, default=20.0,
+        help="the adaptive deadline's floor (default %(default)g)",
+    )  # fmt: skip
+    p.add_argument(
+        "--deadline-factor", type=_positive_float, default=4.0,
+        help="deadline = factor x the 95th percentile of recent feature arrival spreads "
+        "(default %(default)g)",
+    )  # fmt: skip
+    p.add_argument(
+        "--id", help="this instance's id among several aggregators (default HOST-PID)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-planner", action="store_true",
+        help="do not re-place the sub-models of nodes that go down",
+    )  # fmt: skip
+    p.add_argument(
+        "--hold-off-s", type=_non_negative_float, default=5.0,
+        help="a node that was down gets its sub-models back after being up this long "
+        "(default %(default)g)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lease-ttl-s", type=_positive_float, default=3.0,
+        help="a standby takes over after hearing nothing from the serving aggregator for "
+        "this long (default %(default)g)",
     )  # fmt: skip
     p.add_argument("--topk", type=_positive_int, default=3)
 
@@ -330,6 +399,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_positive_int, default=3,
         help="runs per J and strategy, interleaved; the table keeps the least node CPU (default 3)",
     )  # fmt: skip
+
+    p = benches.add_parser(
+        "chaos", parents=[_common()], help="kill, freeze and restart parts of a 3-node fleet",
+        description="a 3-node fleet on a local mosquitto with a camera at 20 fps; kills, "
+        "freezes and restarts nodes, the serving aggregator and the broker, and measures how "
+        "the fleet answers",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_chaos)
+    p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
+    p.add_argument(
+        "--scenarios", nargs="+",
+        choices=["kill", "freeze", "cut", "failover", "broker", "hostile", "soak"],
+        default=["kill", "freeze", "cut", "failover", "broker", "hostile"],
+    )  # fmt: skip
+    p.add_argument(
+        "--soak-s", type=_positive_float, default=600.0,
+        help="length of the soak scenario (opt-in: --scenarios soak)",
+    )  # fmt: skip
+    p.add_argument("--fps", type=_positive_float, default=20.0)
+    p.add_argument("--hold-off-s", type=_non_negative_float, default=3.0)
+    p.add_argument("--json", help="also write the results here")
 
     p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")
     p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")

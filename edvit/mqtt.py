@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
@@ -25,11 +25,18 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edvit.errors import BadPayload, BrokerError, ConfigError
+from edvit.limits import MAX_PACKET_BYTES, max_payload_bytes, topic_kind
 from edvit.schemas import OFFLINE_STATUS, StatusMsg, encode
 
 Handler = Callable[[str, bytes], None]
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+# Fleet timing (README, "Failure behaviour"): a client pings the broker after KEEPALIVE_S
+# of silence and the broker gives up on it (and sends its Will) after 1.5x that, so a board
+# that loses power or network is declared offline within ~8 s; a frozen node is caught
+# sooner by the aggregator, from its missing features. Reconnects retry every 1..5 s.
+KEEPALIVE_S = 5
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 5
 # Model files travel as retained messages; paho's default of unlimited in-flight bytes is
 # fine, but the broker must accept messages this large (mosquitto's default is 256 MB).
 PUBLISH_TIMEOUT_S = 30.0
@@ -64,32 +71,60 @@ class Transport(Protocol):
     counters: Counter[str]
 
     def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None: ...
-    def unroute(self, topic_filter: str) -> None: ...
+    def unroute(self, topic_filter: str, handler: Handler | None = None) -> None: ...
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False
                 ) -> object: ...  # fmt: skip
     def set_status(self, status: StatusMsg) -> None: ...
+    def mirror_status(self, topic: str | None) -> None: ...
     def start(self, wait: float | None = 10.0, required: bool = False) -> bool: ...
     def stop(self, timeout: float = 5.0) -> None: ...
 
 
+def payload_limit(topic: str) -> int:
+    """The largest payload the contract accepts on this topic (edvit/limits.py). The prefix
+    may have several levels, so the contract's topic is found from the end."""
+    levels = topic.split("/")
+    for size in (3, 2, 1):
+        kind = topic_kind(levels[-size:]) if len(levels) > size else None
+        if kind is not None:
+            return max_payload_bytes(kind)
+    return MAX_PACKET_BYTES
+
+
 def deliver(
-    handler: Handler, topic: str, payload: bytes, counters: Counter[str], log: logging.Logger
+    handlers: Sequence[Handler],
+    topic: str,
+    payload: bytes,
+    counters: Counter[str],
+    log: logging.Logger,
 ) -> None:
-    """Call a handler the way every transport must: a BadPayload drops the message with one
-    log line and a count; any other exception is a bug, logged and counted, and never
-    reaches the thread that delivered the message."""
+    """Call a message's handlers the way every transport must: a BadPayload drops the
+    message with one log line and a count (the other handlers would find it bad too); any
+    other exception is a bug, logged and counted, and never reaches the thread that
+    delivered the message."""
     counters["messages_in"] += 1
-    try:
-        handler(topic, payload)
-    except BadPayload as exc:
+    limit = payload_limit(topic)
+    if len(payload) > limit:
         counters["bad_payloads"] += 1
+        counters["payloads_too_large"] += 1
         log.warning(
-            "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
-            topic, len(payload), exc, counters["bad_payloads"],
+            "dropped message on %s: %d bytes, the limit for this topic is %d [bad_payloads=%d]",
+            topic, len(payload), limit, counters["bad_payloads"],
         )  # fmt: skip
-    except Exception:
-        counters["handler_errors"] += 1
-        log.exception("handler for %s failed", topic)
+        return
+    for handler in handlers:
+        try:
+            handler(topic, payload)
+        except BadPayload as exc:
+            counters["bad_payloads"] += 1
+            log.warning(
+                "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
+                topic, len(payload), exc, counters["bad_payloads"],
+            )  # fmt: skip
+            return
+        except Exception:
+            counters["handler_errors"] += 1
+            log.exception("handler for %s failed", topic)
 
 
 def unique_client_id(kind: str) -> str:
@@ -114,8 +149,9 @@ class MqttClient:
         broker: str | BrokerAddress,
         *,
         status_topic: str | None = None,
+        will_topic: str | None = None,
         logger: logging.Logger | None = None,
-        keepalive: int = 30,
+        keepalive: int = KEEPALIVE_S,
         status_interval_s: float = 15.0,
     ) -> None:
         self.client_id = client_id
@@ -123,8 +159,9 @@ class MqttClient:
         self.log = logger or logging.getLogger(f"edvit.mqtt.{client_id}")
         self.counters: Counter[str] = Counter()
         self._status_topic = status_topic
+        self._mirror_topic: str | None = None
         self._status: StatusMsg | None = None
-        self._routes: dict[str, tuple[Handler, int]] = {}
+        self._routes: dict[str, tuple[list[Handler], int]] = {}
         self._status_interval_s = status_interval_s
         self._stopping = threading.Event()
         self._connected = threading.Event()
@@ -137,35 +174,54 @@ class MqttClient:
             protocol=MQTTProtocolVersion.MQTTv311,
             clean_session=True,
         )
-        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         self._client.max_queued_messages_set(1000)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_socket_open = _disable_nagle
-        if status_topic:
-            self._client.will_set(status_topic, encode(OFFLINE_STATUS), qos=1, retain=True)
+        if will_topic or status_topic:
+            will = will_topic or status_topic
+            self._client.will_set(will, encode(OFFLINE_STATUS), qos=1, retain=True)
 
     # -- wiring -----------------------------------------------------------------------
     def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
         """Call handler(topic, payload) for messages matching topic_filter; subscribed on every
-        connect. A handler raising BadPayload has the message dropped with one log line."""
+        connect. Several handlers may share a filter (services sharing a client). A handler
+        raising BadPayload has the message dropped with one log line."""
         with self._lock:
-            self._routes[topic_filter] = (handler, qos)
-        self._client.message_callback_add(topic_filter, self._guarded(handler))
+            handlers, _ = self._routes.get(topic_filter, ([], qos))
+            first = not handlers
+            self._routes[topic_filter] = ([*handlers, handler], qos)
+        if first:
+            self._client.message_callback_add(topic_filter, self._dispatcher(topic_filter))
         if self._connected.is_set():
+            # Also for a filter already subscribed: subscribing again makes the broker send
+            # its retained messages again, which a handler added now has not seen.
             self._client.subscribe(topic_filter, qos)
 
-    def unroute(self, topic_filter: str) -> None:
+    def unroute(self, topic_filter: str, handler: Handler | None = None) -> None:
+        """Stop calling `handler` (default: every handler) for topic_filter; unsubscribe when
+        no handler is left."""
         with self._lock:
-            if self._routes.pop(topic_filter, None) is None:
+            handlers, qos = self._routes.get(topic_filter, ([], 0))
+            kept = [h for h in handlers if handler is not None and h != handler]
+            if not handlers or len(kept) == len(handlers):
                 return
+            if kept:
+                self._routes[topic_filter] = (kept, qos)
+                return
+            del self._routes[topic_filter]
         self._client.message_callback_remove(topic_filter)
         if self._connected.is_set():
             self._client.unsubscribe(topic_filter)
 
-    def _guarded(self, handler: Handler) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
+    def _dispatcher(
+        self, topic_filter: str
+    ) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
         def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-            deliver(handler, msg.topic, msg.payload, self.counters, self.log)
+            with self._lock:
+                handlers = self._routes.get(topic_filter, ([], 0))[0]
+            deliver(handlers, msg.topic, msg.payload, self.counters, self.log)
 
         return dispatch
 
@@ -194,8 +250,9 @@ class MqttClient:
         """Publish the offline status (if any), then disconnect cleanly."""
         self._stopping.set()
         if self._status_topic and self._connected.is_set():
-            offline = self._stamped(self._status or OFFLINE_STATUS, state="offline")
-            info = self._client.publish(self._status_topic, encode(offline), 1, True)
+            offline = encode(self._stamped(self._status or OFFLINE_STATUS, state="offline"))
+            for topic in filter(None, (self._mirror_topic, self._status_topic)):
+                info = self._client.publish(topic, offline, 1, True)
             # If the connection drops meanwhile, the broker sends the Will instead.
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
@@ -245,10 +302,17 @@ class MqttClient:
             update={"ts": time.time(), "counters": dict(self.counters), **update}
         )
 
+    def mirror_status(self, topic: str | None) -> None:
+        """Also publish the status on `topic` (None: stop), e.g. the serving aggregator's
+        shared status topic while this instance is the one serving."""
+        self._mirror_topic = topic
+        self._publish_status()
+
     def _publish_status(self) -> None:
         if self._status_topic and self._status is not None and self._connected.is_set():
             payload = encode(self._stamped(self._status))
-            self._client.publish(self._status_topic, payload, qos=1, retain=True)
+            for topic in filter(None, (self._status_topic, self._mirror_topic)):
+                self._client.publish(topic, payload, qos=1, retain=True)
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(self._status_interval_s):

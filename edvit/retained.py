@@ -31,6 +31,7 @@ from edvit.bundle import sha256_bytes
 from edvit.errors import BadPayload, ConfigError, IntegrityError
 from edvit.mqtt import Transport
 from edvit.schemas import ModelMsg, PlanMsg, decode
+from edvit.service import Worker
 from edvit.topics import Topics
 
 R = TypeVar("R")
@@ -71,14 +72,13 @@ class PlanFollower(Generic[R]):
         self._on_update = on_update or (lambda: None)
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stop = threading.Event()
         self._target: PlanMsg | None = None  # the newest plan accepted
         self._wanted: dict[str, str] = {}  # what the target needs: model id -> sha256
         self._blobs: dict[str, tuple[str, bytes]] = {}  # model id -> newest sound (sha, bytes)
         self._active: Active[R] | None = None
         self._refused: str | None = None
         self._failed: tuple[str, dict[str, str]] | None = None  # (plan id, models) that failed
-        self._worker = threading.Thread(target=self._run, name="plan-loader", daemon=True)
+        self._worker = Worker("loader", self._wait_and_step, self.counters, self.log)
 
     # -- what the service reads ------------------------------------------------------------
     @property
@@ -113,10 +113,9 @@ class PlanFollower(Generic[R]):
         self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._worker.stopping.set()
         self._wake.set()
-        if self._worker.is_alive():
-            self._worker.join(timeout=5)
+        self._worker.stop()
 
     # -- network thread: decode, verify, remember; never load ----------------------------------
     def _on_plan(self, _topic: str, payload: bytes) -> None:
@@ -184,17 +183,10 @@ class PlanFollower(Generic[R]):
         self._on_update()
 
     # -- worker thread: load, then swap ---------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait()
+    def _wait_and_step(self) -> None:
+        if self._wake.wait(1.0) and not self._worker.stopping.is_set():
             self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self._step()
-            except Exception:  # a bug must not kill the loader; the next message retries
-                self.counters["loader_errors"] += 1
-                self.log.exception("plan loader failed")
+            self._step()
 
     def _step(self) -> None:
         with self._lock:

@@ -44,7 +44,18 @@ class Topics:
         return self._join("nodes", node, "status")
 
     def aggregator_status(self) -> str:
+        """The serving aggregator's status (the leader's, when several run)."""
         return self._join("aggregator", "status")
+
+    def aggregator_instance_status(self, instance: str) -> str:
+        return self._join("aggregators", instance, "status")
+
+    def aggregator_lease(self) -> str:
+        """Retained: which aggregator instance answers and plans now."""
+        return self._join("aggregator", "lease")
+
+    def fleet_health(self) -> str:
+        return self._join("fleet", "health")
 
     def features(self, camera: str, submodel_id: str) -> str:
         return self._join("features", camera, submodel_id)

@@ -6,14 +6,21 @@ it names already retained on the broker.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
 from edvit.mqtt import MqttClient, unique_client_id
-from edvit.schemas import FUSION_MODEL_ID, ModelMsg, PlanMsg, StemRef, SubmodelRef, encode
+from edvit.schemas import (
+    FUSION_MODEL_ID,
+    ModelMsg,
+    PlanMsg,
+    StemRef,
+    SubmodelRef,
+    encode,
+    plan_id_for,
+)
 from edvit.topics import Topics, validate_id
 
 log = logging.getLogger("edvit.fleet.deploy")
@@ -45,7 +52,6 @@ def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMs
     placed = sorted(sid for ids in assignments.values() for sid in ids)
     if placed != sorted(s.id for s in m.submodels):
         raise ConfigError("the assignment must place every sub-model exactly once")
-    identity = bundle.sha256 + repr(sorted(assignments.items()))
     stem = None
     if m.stem is not None:
         tail_files = set(m.stem.tails.values())
@@ -60,7 +66,7 @@ def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMs
             tails={sid: bundle.file_sha256(f) for sid, f in m.stem.tails.items()},
         )
     return PlanMsg(
-        plan_id=hashlib.sha256(identity.encode()).hexdigest()[:12],
+        plan_id=plan_id_for(bundle.sha256, assignments),
         bundle_sha256=bundle.sha256,
         classes=m.class_names,
         submodels=tuple(
@@ -69,6 +75,7 @@ def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMs
                 classes=s.classes,
                 sha256=bundle.file_sha256(s.file),
                 feature_dim=s.feature_dim,
+                bytes=bundle.path(s.file).stat().st_size,
             )
             for s in m.submodels
         ),

@@ -37,10 +37,12 @@ class LocalFleet:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, broker_url: str | None = None) -> subprocess.Popen:
+        """Start `edvit ARGS` as `name`, on this fleet's broker (or `broker_url`, e.g. a
+        proxy in front of it)."""
         command = [
             sys.executable, "-m", "edvit", *args,
-            "--broker", self.broker_url, "--prefix", self.topics.prefix,
+            "--broker", broker_url or self.broker_url, "--prefix", self.topics.prefix,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(self.log_path(name), "wb") as out:

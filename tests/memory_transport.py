@@ -42,19 +42,26 @@ class MemoryTransport:
     def __init__(self, broker: MemoryBroker, name: str = "memory") -> None:
         self.broker = broker
         self.counters: Counter[str] = Counter()
-        self.routes: dict[str, Handler] = {}
+        self.routes: dict[str, list[Handler]] = {}
         self.statuses: list[StatusMsg] = []
+        self.mirrored: str | None = None
         self.log = logging.getLogger(f"memory.{name}")
         broker.clients.append(self)
 
     def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
-        self.routes[topic_filter] = handler
+        self.routes.setdefault(topic_filter, []).append(handler)
         for topic, payload in list(self.broker.retained.items()):
             if topic_matches_sub(topic_filter, topic):
-                deliver(handler, topic, payload, self.counters, self.log)
+                deliver([handler], topic, payload, self.counters, self.log)
 
-    def unroute(self, topic_filter: str) -> None:
-        self.routes.pop(topic_filter, None)
+    def unroute(self, topic_filter: str, handler: Handler | None = None) -> None:
+        kept = [
+            h for h in self.routes.get(topic_filter, []) if handler is not None and h != handler
+        ]
+        if kept:
+            self.routes[topic_filter] = kept
+        else:
+            self.routes.pop(topic_filter, None)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False):
         data = payload.encode() if isinstance(payload, str) else payload
@@ -62,12 +69,15 @@ class MemoryTransport:
         self.counters["messages_out"] += 1
 
     def receive(self, topic: str, payload: bytes) -> None:
-        for topic_filter, handler in list(self.routes.items()):
+        for topic_filter, handlers in list(self.routes.items()):
             if topic_matches_sub(topic_filter, topic):
-                deliver(handler, topic, payload, self.counters, self.log)
+                deliver(list(handlers), topic, payload, self.counters, self.log)
 
     def set_status(self, status: StatusMsg) -> None:
         self.statuses.append(status)
+
+    def mirror_status(self, topic: str | None) -> None:
+        self.mirrored = topic
 
     def start(self, wait: float | None = 10.0, required: bool = False) -> bool:
         return True

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from memory_transport import MemoryBroker, MemoryTransport
 
-from edvit.aggregator.service import Aggregator
+from edvit.aggregator.service import Aggregator, DeadlinePolicy
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.edge_node.node import EdgeNode
@@ -102,7 +102,7 @@ def test_follower_loads_off_the_network_thread_and_swaps_atomically() -> None:
         active = follower.active
         assert active is not None and active.plan == plan
         assert active.runtime == {"m0": b"zero", "m1": b"one"}
-        assert [(pid, thread) for pid, _, thread in loader.loads] == [("p1", "plan-loader")]
+        assert [(pid, thread) for pid, _, thread in loader.loads] == [("p1", "loader")]
         assert set(client.routes) == {topics.plan(), topics.model("m0"), topics.model("m1")}
     finally:
         follower.stop()
@@ -237,7 +237,8 @@ class _MemoryFleet:
             for n in nodes
         ]
         self.aggregator = Aggregator(
-            client=MemoryTransport(self.broker, "aggregator"), timeout_ms=300
+            client=MemoryTransport(self.broker, "aggregator"),
+            deadline=DeadlinePolicy(cap_s=0.3),
         )
         self.deployer = MemoryTransport(self.broker, "deploy")
 
@@ -276,7 +277,7 @@ def test_plan_switch_in_memory_loses_and_repeats_no_frame(digits_bundle: Path) -
     frames = _frames(60)
     with _MemoryFleet(["n0", "n1", "n2"]) as fleet:
         first = fleet.deploy(bundle, ["n0", "n1", "n2"])
-        wait_until(lambda: fleet.serving(first))
+        wait_until(lambda: fleet.serving(first) and fleet.aggregator.answering)
         for seq, (png, label) in enumerate(frames[:20]):
             fleet.send(seq, png, label)
         second = fleet.deploy(bundle, ["n2", "n0", "n1"])  # every sub-model moves
@@ -302,7 +303,9 @@ def test_aggregator_answers_a_frame_whose_features_came_under_the_previous_plan(
     """Features computed under the old plan after the aggregator switched still complete."""
     bundle = Bundle.load(digits_bundle)
     broker, topics = MemoryBroker(), Topics()
-    aggregator = Aggregator(client=MemoryTransport(broker, "aggregator"), timeout_ms=5000)
+    aggregator = Aggregator(
+        client=MemoryTransport(broker, "aggregator"), deadline=DeadlinePolicy(cap_s=5.0)
+    )
     deployer = MemoryTransport(broker, "deploy")
     aggregator.start()
     try:
@@ -311,7 +314,7 @@ def test_aggregator_answers_a_frame_whose_features_came_under_the_previous_plan(
         new = make_plan(bundle, round_robin(ids, ["b"]))
         publish = lambda t, p: deployer.publish(t, p, retain=True)  # noqa: E731
         publish_bundle(publish, bundle, old, topics)
-        wait_until(lambda: aggregator.follower.ready)
+        wait_until(lambda: aggregator.follower.ready and aggregator.answering)
 
         def features(plan: PlanMsg, sid: str) -> None:
             dim = plan.submodel(sid).feature_dim

@@ -1,0 +1,434 @@
+"""`edvit bench chaos`: a 3-node fleet on a local mosquitto, a camera at 20 fps, and the
+faults the fleet must survive, one scenario after another, with the figures of each.
+
+Scenarios (each with its own camera stream of a fixed frame count, so that every frame
+can be checked for exactly one answer):
+
+- kill:     SIGKILL a node, later start it again.
+- freeze:   SIGSTOP a node (alive, connected, silent), later SIGCONT it.
+- cut:      cut a node's network (a proxy drops its bytes: no Will until its keepalive
+            runs out), later restore it.
+- failover: two aggregators; SIGKILL the one answering and planning, then kill a node.
+- broker:   kill and restart the broker.
+
+Every time is measured here, from the events this process causes to the messages it
+receives (predictions, statuses, plans, the aggregator lease), on one clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edvit.broker.local import LocalBroker
+from edvit.bundle import Bundle
+from edvit.fleet.deploy import deploy
+from edvit.fleet.local import LocalFleet
+from edvit.fleet.proxy import CuttableProxy
+from edvit.mqtt import MqttClient, unique_client_id
+from edvit.schemas import PlanMsg, PredictionMsg, StatusMsg, decode
+from edvit.topics import Topics
+
+NODES = ("node-0", "node-1", "node-2")
+VICTIM = "node-1"
+CUT_NODE = "node-2"
+
+
+@dataclass
+class Observer:
+    """Everything the fleet says, with this process's receive time."""
+
+    topics: Topics
+    predictions: list[tuple[float, PredictionMsg]] = field(default_factory=list)
+    statuses: list[tuple[float, str, StatusMsg]] = field(default_factory=list)
+    plans: list[tuple[float, PlanMsg]] = field(default_factory=list)
+    leases: list[tuple[float, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def attach(self, client: MqttClient) -> None:
+        t = self.topics
+        client.route(t.all_predictions(), self._on_prediction, qos=1)
+        client.route(t.all_node_statuses(), self._on_status, qos=1)
+        client.route(t.plan(), self._on_plan, qos=1)
+        client.route(t.aggregator_lease(), self._on_lease, qos=1)
+
+    def _on_prediction(self, _topic: str, payload: bytes) -> None:
+        p = decode(PredictionMsg, payload)
+        if p is not None:
+            with self.lock:
+                self.predictions.append((time.time(), p))
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        s = decode(StatusMsg, payload)
+        if s is not None:
+            with self.lock:
+                self.statuses.append((time.time(), self.topics.parts(topic)[1], s))
+
+    def _on_plan(self, _topic: str, payload: bytes) -> None:
+        p = decode(PlanMsg, payload)
+        if p is not None:
+            with self.lock:
+                self.plans.append((time.time(), p))
+
+    def _on_lease(self, _topic: str, payload: bytes) -> None:
+        if payload:
+            holder = json.loads(payload).get("holder", "?")
+            with self.lock:
+                if not self.leases or self.leases[-1][1] != holder:
+                    self.leases.append((time.time(), holder))
+
+    def of_camera(self, camera: str) -> list[tuple[float, PredictionMsg]]:
+        with self.lock:
+            return [(t, p) for t, p in self.predictions if p.camera == camera]
+
+    def first(self, items: list, predicate: Callable[..., bool]) -> float | None:
+        with self.lock:
+            return next((item[0] for item in items if predicate(*item)), None)
+
+
+def _p95(values: list[float]) -> float | None:
+    return round(float(np.percentile(values, 95)), 1) if values else None
+
+
+def _since(t: float | None, origin: float) -> float | None:
+    return None if t is None else round(t - origin, 3)
+
+
+def exactly_once(predictions: list[tuple[float, PredictionMsg]], count: int) -> dict[str, int]:
+    seqs = [p.seq for _, p in predictions]
+    return {
+        "frames": count,
+        "unanswered": len(set(range(count)) - set(seqs)),
+        "answered_twice": len(seqs) - len(set(seqs)),
+    }
+
+
+class ChaosFleet:
+    """Broker, nodes, aggregators and cameras for the scenarios, with an observer."""
+
+    def __init__(self, bundle: Bundle, log_dir: Path, fps: float, hold_off_s: float) -> None:
+        self.bundle, self.fps, self.hold_off_s = bundle, fps, hold_off_s
+        self.broker = LocalBroker(kind="mosquitto", log_path=log_dir / "broker.log")
+        self.log_dir = log_dir
+        self.topics = Topics(f"chaos{os.getpid()}")
+        self.observer = Observer(self.topics)
+        self.proxy: CuttableProxy | None = None
+
+    def __enter__(self) -> ChaosFleet:
+        self.broker.start()
+        self.fleet = LocalFleet(self.broker.url, self.log_dir, self.topics)
+        self.probe = MqttClient(unique_client_id("chaos"), self.broker.url)
+        self.observer.attach(self.probe)
+        self.probe.start(required=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proxy is not None:
+            self.proxy.restore()
+        self.fleet.stop()
+        self.probe.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.broker.stop()
+
+    def start(
+        self, aggregators: tuple[str, ...] = ("agg-a",), proxied: tuple[str, ...] = ()
+    ) -> PlanMsg:
+        """Deploy, start the nodes (those in `proxied` behind a cuttable proxy) and the
+        aggregators; wait until the first aggregator and every node serve."""
+        plan = deploy(self.bundle, self.broker.url, list(NODES), self.topics)
+        if proxied:
+            self.proxy = CuttableProxy(self.broker.host, self.broker.port).start()
+        for node in NODES:
+            via = self.proxy.url if self.proxy is not None and node in proxied else None
+            self.fleet.spawn(node, "node", "--id", node, broker_url=via)
+        for i, agg in enumerate(aggregators):
+            self.fleet.spawn(agg, "aggregator", "--id", agg, "--hold-off-s", str(self.hold_off_s))
+            if i == 0:
+                self.fleet.wait_ready(plan, timeout=60)
+        return plan
+
+    def camera(self, name: str, frames: int) -> None:
+        self.fleet.spawn(
+            name, "camera", "--id", name, "--source", f"dataset:{self.bundle.manifest.dataset}",
+            "--loop", "--count", str(frames), "--fps", str(self.fps),
+        )  # fmt: skip
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> float:
+        process = self.fleet.processes[name]
+        at = time.time()
+        os.kill(process.pid, sig)
+        if sig == signal.SIGKILL:
+            process.wait(10)
+            del self.fleet.processes[name]  # killed on purpose: not a failure of the fleet
+        return at
+
+    def wait_answers(self, camera: str, frames: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = {p.seq for _, p in self.observer.of_camera(camera)}
+            if len(got) >= frames:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # anything answered twice comes now
+
+
+def scenario_kill(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    frames = int(cf.fps * 18)
+    cf.camera("cam-kill", frames)
+    time.sleep(4.0)
+    killed = cf.kill(VICTIM)
+    time.sleep(6.0)
+    restarted = time.time()
+    cf.fleet.spawn(f"{VICTIM}-restarted", "node", "--id", VICTIM)
+    cf.wait_answers("cam-kill", frames, 30)
+    obs, answers = cf.observer, cf.observer.of_camera("cam-kill")
+    offline = obs.first(
+        obs.statuses, lambda t, n, s: t > killed and n == VICTIM and s.state == "offline"
+    )
+    up_again = obs.first(
+        obs.statuses, lambda t, n, s: t > restarted and n == VICTIM and s.state != "offline"
+    )
+    restored = obs.first(obs.plans, lambda t, p: t > restarted and p.plan_id == base.plan_id)
+    return {
+        "scenario": "kill a node (SIGKILL), then start it again",
+        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < killed - 0.5]),
+        "offline_status_s": _since(offline, killed),
+        "first_degraded_answer_s": _since(
+            obs.first(answers, lambda t, p: t > killed and p.degraded), killed
+        ),
+        "degraded_p95_after_offline_ms": _p95(
+            [p.latency_ms for _, p in answers if offline and p.ts > offline and p.degraded]
+        ),
+        "full_answers_again_s": _since(
+            obs.first(answers, lambda t, p: p.ts > killed + 0.05 and not p.degraded), killed
+        ),
+        "node_up_again_s": _since(up_again, restarted),
+        "placement_restored_after_up_s": _since(restored, up_again) if up_again else None,
+        **exactly_once(answers, frames),
+    }
+
+
+def scenario_freeze(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    frames = int(cf.fps * 16)
+    cf.camera("cam-freeze", frames)
+    victim = "node-2"
+    time.sleep(4.0)
+    stopped = cf.kill(victim, signal.SIGSTOP)
+    time.sleep(6.0)
+    resumed = cf.kill(victim, signal.SIGCONT)
+    cf.wait_answers("cam-freeze", frames, 30)
+    obs, answers = cf.observer, cf.observer.of_camera("cam-freeze")
+    during = [p.latency_ms for _, p in answers if stopped <= p.ts < resumed]
+    restored = obs.first(obs.plans, lambda t, p: t > resumed and p.plan_id == base.plan_id)
+    return {
+        "scenario": "freeze a node (SIGSTOP), then resume it (SIGCONT)",
+        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < stopped - 0.5]),
+        "max_latency_while_frozen_ms": round(max(during), 1) if during else None,
+        "full_answers_again_s": _since(
+            obs.first(
+                answers,
+                lambda t, p: p.ts > stopped + 0.05 and not p.degraded and p.plan_id != base.plan_id,
+            ),
+            stopped,
+        ),  # fmt: skip
+        "placement_restored_after_resume_s": _since(restored, resumed),
+        **exactly_once(answers, frames),
+    }
+
+
+def scenario_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    frames = int(cf.fps * 20)
+    cf.camera("cam-cut", frames)
+    assert cf.proxy is not None
+    time.sleep(4.0)
+    cut = time.time()
+    cf.proxy.cut()
+    time.sleep(10.0)  # past the keepalive: the broker sends the node's Will
+    restored_link = time.time()
+    cf.proxy.restore()
+    cf.wait_answers("cam-cut", frames, 30)
+    obs, answers = cf.observer, cf.observer.of_camera("cam-cut")
+    during = [p.latency_ms for _, p in answers if cut <= p.ts < restored_link]
+    offline = obs.first(
+        obs.statuses, lambda t, n, s: t > cut and n == CUT_NODE and s.state == "offline"
+    )
+    restored = obs.first(obs.plans, lambda t, p: t > restored_link and p.plan_id == base.plan_id)
+    return {
+        "scenario": "cut a node's network (bytes dropped), then restore it",
+        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < cut - 0.5]),
+        "max_latency_while_cut_ms": round(max(during), 1) if during else None,
+        "full_answers_again_s": _since(
+            obs.first(
+                answers,
+                lambda t, p: p.ts > cut + 0.05 and not p.degraded and p.plan_id != base.plan_id,
+            ),
+            cut,
+        ),  # fmt: skip
+        "will_offline_after_cut_s": _since(offline, cut),
+        "placement_restored_after_link_back_s": _since(restored, restored_link),
+        **exactly_once(answers, frames),
+    }
+
+
+def scenario_failover(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    frames = int(cf.fps * 16)
+    obs = cf.observer
+    cf.camera("cam-failover", frames)
+    time.sleep(4.0)
+    with obs.lock:
+        holder = obs.leases[-1][1] if obs.leases else "agg-a"
+    killed = cf.kill(holder)
+    time.sleep(5.0)
+    taken = obs.first(obs.leases, lambda t, h: t > killed and h != holder)
+    node_killed = cf.kill("node-0")
+    cf.wait_answers("cam-failover", frames, 30)
+    answers = obs.of_camera("cam-failover")
+    return {
+        "scenario": "kill the answering aggregator and planner, then a node",
+        "standby_took_over_s": _since(taken, killed),
+        "full_answers_again_after_node_kill_s": _since(
+            obs.first(answers, lambda t, p: p.ts > node_killed + 0.05 and not p.degraded),
+            node_killed,
+        ),
+        **exactly_once(answers, frames),
+    }
+
+
+def scenario_broker(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    frames = int(cf.fps * 12)
+    cf.camera("cam-broker", frames)
+    time.sleep(4.0)
+    cf.broker.restart(hard=True)
+    back = time.time()
+    cf.wait_answers("cam-broker", frames, 30)
+    answers = cf.observer.of_camera("cam-broker")
+    return {
+        "scenario": "kill and restart the broker",
+        "answers_again_after_broker_back_s": _since(
+            cf.observer.first(answers, lambda t, p: t > back), back
+        ),
+        "frames": frames,
+        "answered": len({p.seq for _, p in answers}),
+        "answered_twice": len(answers) - len({p.seq for _, p in answers}),
+    }
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def scenario_soak(
+    cf: ChaosFleet, base: PlanMsg, *, seconds: float = 600.0, cameras: int = 4,
+    fps: float = 200.0, window_s: float = 10.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Cameras offering far more than the fleet can serve, for a long time: memory must stay
+    flat, the queues bounded (newest frames replace waiting ones), answers prompt."""
+    names = [f"cam-soak{i}" for i in range(cameras)]
+    for name in names:
+        cf.fleet.spawn(
+            name, "camera", "--id", name, "--source", f"dataset:{cf.bundle.manifest.dataset}",
+            "--loop", "--count", str(int(fps * seconds)), "--fps", str(fps),
+        )  # fmt: skip
+    services = [n for n in cf.fleet.processes if not n.startswith("cam")]
+    samples: list[dict[str, Any]] = []
+    started = time.time()
+    while time.time() - started < seconds:
+        time.sleep(window_s)
+        now = time.time()
+        with cf.observer.lock:
+            recent = [p for t, p in cf.observer.predictions if now - window_s <= t < now]
+        samples.append({
+            "t_s": round(now - started),
+            "served_fps": round(len(recent) / window_s, 1),
+            "p95_ms": _p95([p.latency_ms for p in recent]),
+            "rss_mb": {n: rss_mb(cf.fleet.processes[n].pid) for n in services},
+        })  # fmt: skip
+    for name in names:
+        cf.kill(name, signal.SIGINT)
+    first, last = samples[0], samples[-1]
+    growth = {n: round((last["rss_mb"][n] or 0) - (first["rss_mb"][n] or 0), 1) for n in services}
+    with cf.observer.lock:
+        keys = [(p.camera, p.seq) for _, p in cf.observer.predictions if p.camera in names]
+    return {
+        "scenario": f"{cameras} cameras at {fps:g} fps for {seconds:g} s",
+        "offered_fps": cameras * fps,
+        "served_fps_first_last": (first["served_fps"], last["served_fps"]),
+        "p95_ms_first_last": (first["p95_ms"], last["p95_ms"]),
+        "rss_growth_mb_first_to_last_window": growth,
+        "answered_twice": len(keys) - len(set(keys)),
+        "windows": samples,
+    }
+
+
+SCENARIOS = {
+    "kill": scenario_kill,
+    "freeze": scenario_freeze,
+    "cut": scenario_cut,
+    "failover": scenario_failover,
+    "broker": scenario_broker,
+}
+
+
+DEFAULT_SCENARIOS = ("kill", "freeze", "cut", "failover", "broker", "hostile")
+
+
+def run_chaos(
+    bundle_dir: Path,
+    *,
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS,
+    fps: float = 20.0,
+    hold_off_s: float = 3.0,
+    json_path: Path | None = None,
+    soak_s: float = 600.0,
+    say: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    from edvit.fleet.fuzz import scenario_hostile
+
+    runners = {
+        **SCENARIOS,
+        "hostile": scenario_hostile,
+        "soak": functools.partial(scenario_soak, seconds=soak_s),
+    }
+    bundle = Bundle.load(bundle_dir)
+    results = []
+    for name in scenarios:
+        log_dir = Path(tempfile.mkdtemp(prefix=f"edvit-chaos-{name}-"))
+        aggregators = ("agg-a", "agg-b") if name == "failover" else ("agg-a",)
+        with ChaosFleet(bundle, log_dir, fps, hold_off_s) as cf:
+            base = cf.start(aggregators, proxied=(CUT_NODE,) if name == "cut" else ())
+            if len(aggregators) > 1:
+                time.sleep(1.0)  # the standby follows the plan and the lease
+            result = {"name": name, **runners[name](cf, base), "logs": str(log_dir)}
+        results.append(result)
+        say(_render(result))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _render(result: dict[str, Any]) -> str:
+    lines = [f"{result['name']}: {result['scenario']}"]
+    for key, value in result.items():
+        if key not in ("name", "scenario", "logs", "windows"):
+            lines.append(f"  {key:<40s} {value}")
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Self-healing placement: when a node goes down, its sub-models move to live nodes that
+have room; when it is back and healthy, the deployed placement returns.
+
+The planner runs inside the serving aggregator (`edvit aggregator` starts one; only the
+instance holding the aggregator lease plans, so exactly one is active and a standby takes
+over with the lease). It watches the retained plan and every node's retained status, and
+asks the aggregator which nodes say they serve but send nothing (frozen, cut off).
+
+- The deployed plan (published by `edvit deploy`) is the base. A plan the planner derives
+  carries `base_plan_id` and `base_assignments`, so the base survives the planner itself.
+- A node is live when its status is not offline and the aggregator does not suspect it.
+  A node that was dropped must stay live for `hold_off_s` before it gets work again, so a
+  flapping node does not flap the plan.
+- Sub-models of nodes that are not live are placed on live nodes with memory left, using
+  the placement code (edvit.fleet.assignment), largest first; where a moved sub-model
+  already runs on a live node it stays there. What fits nowhere stays unplaced: answers
+  lack it (degraded), and the fleet health message says so.
+- A new plan goes out (retained) only when the placement changes, at most every
+  `min_interval_s`; it has the same bundle, so every model file is already on the broker.
+- `{prefix}/fleet/health` (retained) says what the planner sees: live, down, suspect and
+  holding nodes, moved and unplaced sub-models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from edvit.errors import ConfigError
+from edvit.fleet.assignment import Item, assign
+from edvit.fleet.devices import Device, Inventory
+from edvit.mqtt import Transport
+from edvit.schemas import HealthMsg, PlanMsg, StatusMsg, decode, encode, plan_id_for
+from edvit.service import Worker
+from edvit.topics import Topics
+
+log = logging.getLogger("edvit.planner")
+
+Assignments = dict[str, tuple[str, ...]]
+BYTES_PER_MB = 1_000_000
+UNKNOWN_SIZE_MB = 1.0  # a sub-model whose plan does not give its size
+
+
+def heal(
+    base: Assignments,
+    current: Assignments,
+    live: dict[str, Device],
+    sizes_mb: dict[str, float],
+) -> tuple[Assignments, tuple[str, ...]]:
+    """The base placement with every sub-model of a node that is not live moved to a live
+    node with room. Returns the placement and the sub-models that fit nowhere."""
+    placed: dict[str, list[str]] = {node: list(base.get(node, ())) for node in live}
+    orphans = [sid for node, ids in base.items() if node not in live for sid in ids]
+    free = {
+        node: device.memory_mb - sum(sizes_mb[sid] for sid in placed[node])
+        for node, device in live.items()
+    }
+    # Keep a moved sub-model where the current plan already runs it, if that node is live.
+    where_now = {sid: node for node, ids in current.items() for sid in ids}
+    left = []
+    for sid in orphans:
+        node = where_now.get(sid)
+        if node in live and free[node] >= sizes_mb[sid]:
+            placed[node].append(sid)
+            free[node] -= sizes_mb[sid]
+        else:
+            left.append(sid)
+    unplaced: list[str] = []
+    # Largest first, each onto the live node where it fits and finishes earliest.
+    for sid in sorted(left, key=lambda s: (-sizes_mb[s], s)):
+        devices = tuple(
+            Device(id=n, memory_mb=max(free[n], 0.0), speed=live[n].speed) for n in sorted(live)
+        )
+        try:
+            choice = assign([Item(id=sid, memory_mb=sizes_mb[sid], latency_ms=sizes_mb[sid])],
+                            Inventory(devices=devices))  # fmt: skip
+        except ConfigError:  # Infeasible: no live node has room
+            unplaced.append(sid)
+            continue
+        node = next(n for n, ids in choice.placement.items() if sid in ids)
+        placed[node].append(sid)
+        free[node] -= sizes_mb[sid]
+    return {n: tuple(ids) for n, ids in placed.items() if ids}, tuple(sorted(unplaced))
+
+
+class Planner:
+    def __init__(
+        self,
+        client: Transport,
+        topics: Topics,
+        *,
+        instance: str,
+        is_active: Callable[[], bool] = lambda: True,
+        suspects: Callable[[], set[str]] = set,
+        hold_off_s: float = 5.0,
+        min_interval_s: float = 0.5,
+        tick_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if hold_off_s < 0 or min_interval_s < 0 or tick_s <= 0:
+            raise ConfigError("planner: hold-off and intervals must not be negative")
+        self.client, self.topics, self.instance = client, topics, instance
+        self.counters = client.counters
+        self._is_active, self._suspects = is_active, suspects
+        self.hold_off_s, self.min_interval_s, self.tick_s = hold_off_s, min_interval_s, tick_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._plan: PlanMsg | None = None
+        self._nodes: dict[str, StatusMsg] = {}
+        self._up_since: dict[str, float] = {}  # node -> since when it is not offline
+        self._last_publish = -float("inf")
+        self._last_health: HealthMsg | None = None
+        self._worker = Worker("planner", self.tick, self.counters, log, interval_s=tick_s)
+
+    def start(self) -> None:
+        self.client.route(self.topics.plan(), self._on_plan, qos=1)
+        self.client.route(self.topics.all_node_statuses(), self._on_status, qos=1)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._worker.stop()
+
+    # -- what the planner hears -------------------------------------------------------------
+    def _on_plan(self, _topic: str, payload: bytes) -> None:
+        plan = decode(PlanMsg, payload)
+        with self._lock:
+            self._plan = plan
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        node = self.topics.parts(topic)[1]
+        status = decode(StatusMsg, payload)
+        now = self._clock()
+        with self._lock:
+            if status is None:
+                self._nodes.pop(node, None)
+            else:
+                self._nodes[node] = status
+            if status is None or status.state == "offline":
+                self._up_since.pop(node, None)
+            else:
+                self._up_since.setdefault(node, now)
+
+    # -- deciding ---------------------------------------------------------------------------------
+    def tick(self) -> PlanMsg | None:
+        """One planning step; returns the plan it published, if any."""
+        if not self._is_active():
+            return None
+        now = self._clock()
+        with self._lock:
+            plan, nodes, up_since = self._plan, dict(self._nodes), dict(self._up_since)
+        if plan is None:
+            return None
+        base = plan.base_assignments if plan.base_assignments is not None else plan.assignments
+        base_id = plan.base_plan_id or plan.plan_id
+        suspects = self._suspects()
+        in_use = {n for n, ids in plan.assignments.items() if ids}
+        states: dict[str, str] = {}
+        live: dict[str, Device] = {}
+        for node in sorted(set(base) | set(nodes)):
+            status = nodes.get(node)
+            if status is None or status.state == "offline" or node not in up_since:
+                states[node] = "down"
+            elif node in suspects:
+                states[node] = "suspect"
+                with self._lock:  # once it answers again, it waits out the hold-off too
+                    self._up_since[node] = up_since[node] = now
+            elif node not in in_use and now - up_since[node] < self.hold_off_s and node in base:
+                states[node] = "holding"  # back, but not yet for long enough
+            else:
+                states[node] = "live"
+                memory = status.capacity.memory_mb if status.capacity else float("inf")
+                speed = status.capacity.speed if status.capacity else 1.0
+                live[node] = Device(id=node, memory_mb=min(memory, 1e12), speed=speed)
+        sizes = {
+            s.id: (s.bytes / BYTES_PER_MB if s.bytes is not None else UNKNOWN_SIZE_MB)
+            for s in plan.submodels
+        }
+        desired, unplaced = heal(base, plan.assignments, live, sizes)
+        moved = {
+            sid: node
+            for node, ids in desired.items()
+            for sid in ids
+            if sid not in base.get(node, ())
+        }
+        self._publish_health(
+            HealthMsg(
+                planner=self.instance, plan_id=plan.plan_id, base_plan_id=base_id,
+                healthy=not moved and not unplaced and desired == _nonempty(base),
+                degraded=unplaced, moved=moved, nodes=states,
+            )
+        )  # fmt: skip
+        if desired == _nonempty(plan.assignments) or now - self._last_publish < self.min_interval_s:
+            return None
+        if desired == _nonempty(base):
+            new_plan = plan.model_copy(
+                update={"plan_id": base_id, "assignments": base, "base_plan_id": None,
+                        "base_assignments": None, "created": time.time()}
+            )  # fmt: skip
+            log.warning("restoring the deployed placement (plan %s)", base_id)
+        else:
+            new_plan = plan.model_copy(
+                update={"plan_id": plan_id_for(plan.bundle_sha256, desired),
+                        "assignments": desired, "base_plan_id": base_id,
+                        "base_assignments": base, "created": time.time()}
+            )  # fmt: skip
+            log.warning(
+                "re-placing: %s; moved %s; unplaced %s (plan %s)",
+                {n: s for n, s in states.items() if s != "live"}, moved, list(unplaced),
+                new_plan.plan_id,
+            )  # fmt: skip
+        self._last_publish = now
+        self.counters["plans_published"] += 1
+        self.client.publish(self.topics.plan(), encode(new_plan), qos=1, retain=True)
+        with self._lock:
+            self._plan = new_plan
+        return new_plan
+
+    def _publish_health(self, health: HealthMsg) -> None:
+        last = self._last_health
+        comparable = health.model_copy(update={"ts": 0.0})
+        if last is not None and last.model_copy(update={"ts": 0.0}) == comparable:
+            return
+        self._last_health = health
+        self.client.publish(self.topics.fleet_health(), encode(health), qos=1, retain=True)
+
+
+def _nonempty(assignments: Assignments) -> Assignments:
+    return {n: tuple(ids) for n, ids in assignments.items() if ids}
