@@ -108,11 +108,12 @@ class ArrivalDeadline:
         return self._current
 
 
-def load_fusion(plan: PlanMsg, blob: bytes, threads: int = 1) -> Fusion:
-    """The plan's fusion MLP, checked against the plan: its inputs take the sub-models'
-    feature widths and it gives one logit per class."""
+def check_fusion(plan: PlanMsg, fusion: Fusion) -> None:
+    """Whether a fusion MLP fits the plan: its inputs take the sub-models' feature widths
+    and it gives one logit per class (ConfigError otherwise)."""
     dims = tuple(s.feature_dim for s in plan.submodels)
-    fusion = Fusion(blob, dims, threads)
+    if dims != fusion.feature_dims:
+        raise ConfigError(f"the plan's feature widths {dims} are not the fusion's")
     try:
         logits = fusion([np.zeros((1, d), np.float32) for d in dims])
     except Exception as exc:  # ORT raises its own types for shape mismatches
@@ -125,7 +126,6 @@ def load_fusion(plan: PlanMsg, blob: bytes, threads: int = 1) -> Fusion:
             f"the fusion model gives {logits.shape[-1]} logits, "
             f"the plan has {len(plan.classes)} classes"
         )
-    return fusion
 
 
 @dataclass
@@ -134,6 +134,13 @@ class _Frame:
     ts: float
     label: int | None
     by_plan: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def same_features(a: PlanMsg, b: PlanMsg) -> bool:
+    """Whether two plans' nodes compute the same feature vectors for a frame."""
+    return a.preprocessing == b.preprocessing and [
+        (s.id, s.sha256, s.feature_dim) for s in a.submodels
+    ] == [(s.id, s.sha256, s.feature_dim) for s in b.submodels]
 
 
 def serves(status: StatusMsg | None, plan_id: str) -> bool:
@@ -176,8 +183,11 @@ class Aggregator:
         self.counters = self.client.counters
         self.follower: PlanFollower[Fusion] = PlanFollower(
             self.client, self.topics, lambda plan: {FUSION_MODEL_ID: plan.fusion_sha256},
-            lambda plan, blobs: load_fusion(plan, blobs[FUSION_MODEL_ID], self.threads),
-            on_update=self._on_update, logger=log,
+            lambda plan, blobs: Fusion(
+                blobs[FUSION_MODEL_ID], tuple(s.feature_dim for s in plan.submodels),
+                self.threads,
+            ),
+            check=check_fusion, on_update=self._on_update, logger=log,
         )  # fmt: skip
         # Plans whose fusion is loaded, newest last: plan id -> (plan, fusion).
         self._fusions: OrderedDict[str, tuple[PlanMsg, Fusion]] = OrderedDict()
@@ -262,7 +272,7 @@ class Aggregator:
 
     # -- node statuses and suspects --------------------------------------------------------
     def _on_node_status(self, topic: str, payload: bytes) -> None:
-        node = self.topics.parts(topic)[1]
+        node = self.topics.node_of(topic)
         status = decode(StatusMsg, payload)
         with self._lock:
             if status is None:
@@ -317,12 +327,20 @@ class Aggregator:
                     )  # fmt: skip
 
     def _plan_named(self, plan_id: str) -> PlanMsg | None:
-        """A plan features may be joined under: one with a fusion loaded, or the one loading."""
+        """The plan features computed under `plan_id` are joined under: that plan when its
+        fusion is loaded or loading; for a plan this aggregator refused but nodes serve,
+        a loaded plan whose features are the same numbers (same sub-model files, widths and
+        preprocessing), so that no frame is lost to a plan only the aggregator refused."""
         known = self._fusions.get(plan_id)
         if known is not None:
             return known[0]
         target = self.follower.target
-        return target if target is not None and target.plan_id == plan_id else None
+        if target is None or target.plan_id != plan_id:
+            return None
+        if self.follower.refused is None:
+            return target
+        same = [plan for plan, _ in self._fusions.values() if same_features(plan, target)]
+        return same[-1] if same else None
 
     # -- features -------------------------------------------------------------------------
     def _on_features(self, topic: str, payload: bytes) -> None:
@@ -425,6 +443,10 @@ class Aggregator:
         blocks = [got.get(sid) for sid in ids]
         logits = fusion([None if b is None else b[None] for b in blocks])[0]
         probs = softmax(logits)
+        if not np.isfinite(probs).all():  # features within limits make this unreachable
+            self.counters["fusion_not_finite"] += 1
+            log.warning("fusion gave non-finite scores for %s/%d; not answered", camera, seq)
+            return
         order = np.argsort(-probs)[: self.topk]
         label = int(order[0])
         missing = tuple(sid for sid, b in zip(ids, blocks, strict=True) if b is None)

@@ -163,7 +163,7 @@ class EdgeNode:
         )  # fmt: skip
         self.counters = self.client.counters
         self.follower: PlanFollower[Share] = PlanFollower(
-            self.client, self.topics, self._model_ids, self._load,
+            self.client, self.topics, self._model_ids, self._load, check=self._check,
             on_update=self._on_update, logger=log,
         )  # fmt: skip
         # Stem slices of the plans seen lately (plan id -> slice id -> sha256): tokens a camera
@@ -206,11 +206,15 @@ class EdgeNode:
                 f"{self.capacity.memory_mb:.1f} MB (--memory-mb)"
             )
         runner = make_runner(plan, assigned, blobs, self.strategy, self.threads)
-        check_runner(runner, plan, assigned)
         self.counters["model_bytes"] = runner.model_bytes
         log.info("plan %s: serving %s with %d model files (%s)",
                  plan.plan_id, list(assigned), len(blobs), self.strategy)  # fmt: skip
         return Share(assigned, runner)
+
+    @staticmethod
+    def _check(plan: PlanMsg, share: Share) -> None:
+        if share.runner is not None:
+            check_runner(share.runner, plan, share.assigned)
 
     def _on_update(self) -> None:
         with self._update_lock:

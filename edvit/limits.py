@@ -26,6 +26,12 @@ MAX_STEM_BLOCKS = 256
 # How many frames one inference call may have served (the node's --max-batch).
 MAX_BATCH = 4096
 
+# Capture times are unix seconds; 1e10 is the year 2286.
+MAX_TIMESTAMP_S = 1e10
+# A feature vector's largest magnitude. Sub-model features are LayerNorm outputs (tens at
+# most); beyond this the fusion's logits can overflow to infinity.
+MAX_FEATURE_ABS = 1e6
+
 PayloadKind = Literal[
     "frame", "tokens", "features", "plan", "status", "prediction", "model", "health", "lease"
 ]

@@ -102,25 +102,25 @@ def deliver(
     message with one log line and a count (the other handlers would find it bad too); any
     other exception is a bug, logged and counted, and never reaches the thread that
     delivered the message."""
+
+    def drop(reason: object) -> None:
+        counters["bad_payloads"] += 1
+        log.warning(
+            "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
+            topic, len(payload), reason, counters["bad_payloads"],
+        )  # fmt: skip
+
     counters["messages_in"] += 1
     limit = payload_limit(topic)
     if len(payload) > limit:
-        counters["bad_payloads"] += 1
         counters["payloads_too_large"] += 1
-        log.warning(
-            "dropped message on %s: %d bytes, the limit for this topic is %d [bad_payloads=%d]",
-            topic, len(payload), limit, counters["bad_payloads"],
-        )  # fmt: skip
+        drop(f"over this topic's limit of {limit} bytes")
         return
     for handler in handlers:
         try:
             handler(topic, payload)
         except BadPayload as exc:
-            counters["bad_payloads"] += 1
-            log.warning(
-                "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
-                topic, len(payload), exc, counters["bad_payloads"],
-            )  # fmt: skip
+            drop(exc)
             return
         except Exception:
             counters["handler_errors"] += 1
@@ -304,8 +304,12 @@ class MqttClient:
 
     def mirror_status(self, topic: str | None) -> None:
         """Also publish the status on `topic` (None: stop), e.g. the serving aggregator's
-        shared status topic while this instance is the one serving."""
-        self._mirror_topic = topic
+        shared status topic while this instance is the one serving. The topic left behind
+        gets an offline status: whoever mirrors there next overwrites it."""
+        previous, self._mirror_topic = self._mirror_topic, topic
+        if previous and previous != topic and self._connected.is_set():
+            offline = self._stamped(self._status or OFFLINE_STATUS, state="offline")
+            self._client.publish(previous, encode(offline), qos=1, retain=True)
         self._publish_status()
 
     def _publish_status(self) -> None:

@@ -16,7 +16,7 @@ into sessions. The follower then
 - reports every change through one callback, from which the service derives its status.
 
 A plan whose model files are the same as the active plan's is switched to without loading
-anything again.
+anything again, once the service's check says the loaded models fit it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ ModelIds = Callable[[PlanMsg], dict[str, str]]
 Loader = Callable[[PlanMsg, dict[str, bytes]], R]
 """Model files (by id) -> the service's runtime; ConfigError (or BadPayload) refuses the plan."""
 
+Check = Callable[[PlanMsg, R], None]
+"""Whether a runtime fits a plan (input size, feature widths, classes): ConfigError refuses
+the plan. Run on every plan, also one that reuses the active plan's model files."""
+
 
 @dataclass(frozen=True)
 class Active(Generic[R]):
@@ -60,6 +64,7 @@ class PlanFollower(Generic[R]):
         model_ids: ModelIds,
         load: Loader[R],
         *,
+        check: Check[R] | None = None,
         on_update: Callable[[], None] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -69,6 +74,7 @@ class PlanFollower(Generic[R]):
         self.log = logger or logging.getLogger("edvit.retained")
         self._model_ids = model_ids
         self._load = load
+        self._check = check or (lambda _plan, _runtime: None)
         self._on_update = on_update or (lambda: None)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -203,17 +209,18 @@ class PlanFollower(Generic[R]):
             return
         if len(blobs) < len(wanted):
             return  # still waiting for model files
-        if active is not None and active.models == wanted:
-            runtime = active.runtime  # same files: switch the plan, keep the sessions
-        elif self._failed == (target.plan_id, wanted):
+        if self._failed == (target.plan_id, wanted):
             return
-        else:
-            try:
+        try:
+            if active is not None and active.models == wanted:
+                runtime = active.runtime  # same files: switch the plan, keep the sessions
+            else:
                 runtime = self._load(target, blobs)
-            except (ConfigError, BadPayload) as exc:
-                self._failed = (target.plan_id, wanted)
-                self._refuse(target, str(exc))
-                return
+            self._check(target, runtime)
+        except (ConfigError, BadPayload) as exc:
+            self._failed = (target.plan_id, wanted)
+            self._refuse(target, str(exc))
+            return
         with self._lock:
             if self._target is not target:
                 self._wake.set()  # a newer plan arrived while loading

@@ -20,9 +20,11 @@ from edvit import WIRE_VERSION
 from edvit.errors import BadPayload
 from edvit.limits import (
     MAX_BATCH,
+    MAX_FEATURE_ABS,
     MAX_FRAME_SIDE,
     MAX_STEM_BLOCKS,
     MAX_TENSOR_DIM,
+    MAX_TIMESTAMP_S,
     PayloadKind,
     max_payload_bytes,
 )
@@ -40,6 +42,11 @@ NODE_STRATEGIES: tuple[NodeStrategy, ...] = ("per-entry", "merged")
 FrameSide = Annotated[int, Field(ge=1, le=MAX_FRAME_SIDE)]
 TensorDim = Annotated[int, Field(ge=1, le=MAX_TENSOR_DIM)]
 ClassIndex = Annotated[int, Field(ge=0)]
+
+
+# Capture times, unix seconds: bounded so that latencies computed from them stay finite
+# (ts = 1e308 is finite, but now - ts is not).
+Timestamp = Annotated[float, Field(ge=0, le=MAX_TIMESTAMP_S)]
 
 
 class _Message(BaseModel):
@@ -73,7 +80,7 @@ class FrameMsg(_Message):
     v: Literal[1] = WIRE_VERSION
     camera: str
     seq: int = Field(ge=0)
-    ts: float
+    ts: Timestamp
     enc: Encoding
     data: bytes
     shape: tuple[FrameSide, ...] | None = Field(default=None, max_length=3)  # jpeg/png: info
@@ -172,12 +179,14 @@ class PlanMsg(_Message):
                 )
         if self.stem is not None and set(self.stem.tails) != set(ids):
             raise ValueError("the stem must list one tail per sub-model")
-        for node, assigned in self.assignments.items():
-            unknown = set(assigned) - set(ids)
-            if unknown:
-                raise ValueError(
-                    f"node {_name(node)} is assigned unknown sub-models {_name(sorted(unknown))}"
-                )
+        for placement in (self.assignments, self.base_assignments or {}):
+            for node, assigned in placement.items():
+                unknown = set(assigned) - set(ids)
+                if unknown:
+                    raise ValueError(
+                        f"node {_name(node)} is assigned unknown sub-models "
+                        f"{_name(sorted(unknown))}"
+                    )
         return self
 
     def submodel(self, submodel_id: str) -> SubmodelRef:
@@ -223,7 +232,7 @@ class TokensMsg(_Message):
     v: Literal[1] = WIRE_VERSION
     camera: str
     seq: int = Field(ge=0)
-    ts: float
+    ts: Timestamp
     block: int = Field(ge=0, le=MAX_STEM_BLOCKS)
     dtype: FeatureDtype
     shape: tuple[TensorDim, TensorDim]  # tokens, width
@@ -266,7 +275,7 @@ class StatusMsg(_Message):
     serving_plan_id: str | None = None
     error: str | None = None
     capacity: Capacity | None = None  # v1 addition, nodes only
-    ts: float = Field(default_factory=time.time)
+    ts: Timestamp = Field(default_factory=time.time)
     counters: dict[str, int] = Field(default_factory=dict)
 
 
@@ -275,7 +284,7 @@ class FeaturesMsg(_Message):
     v: Literal[1] = WIRE_VERSION
     camera: str
     seq: int = Field(ge=0)
-    ts: float
+    ts: Timestamp
     submodel: str
     plan_id: str
     node: str
@@ -294,6 +303,8 @@ class FeaturesMsg(_Message):
         values = np.frombuffer(self.data, dtype="<f4" if self.dtype == "float32" else "<f2")
         if not np.isfinite(values).all():
             raise ValueError("features contain NaN or infinity")
+        if values.size and float(np.abs(values).max()) > MAX_FEATURE_ABS:
+            raise ValueError(f"features beyond ±{MAX_FEATURE_ABS:g}")
         return self
 
 
@@ -305,7 +316,7 @@ class PredictionMsg(_Message):
 
     camera: str
     seq: int = Field(ge=0)
-    ts: float
+    ts: Timestamp
     label: int
     class_name: str = Field(alias="class")
     score: float
@@ -334,7 +345,7 @@ class HealthMsg(_Message):
     degraded: tuple[str, ...] = ()  # sub-models no live node serves: answers lack them
     moved: dict[str, str] = Field(default_factory=dict)  # sub-model -> node it was moved to
     nodes: dict[str, str] = Field(default_factory=dict)  # node -> live/down/suspect/holding
-    ts: float = Field(default_factory=time.time)
+    ts: Timestamp = Field(default_factory=time.time)
 
 
 def plan_id_for(bundle_sha256: str, assignments: dict[str, tuple[str, ...]]) -> str:

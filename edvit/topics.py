@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edvit.errors import BadPayload
+
 DEFAULT_PREFIX = "edvit"
 FUSION_MODEL_ID = "fusion"  # the fusion MLP's model id
 
@@ -78,6 +80,14 @@ class Topics:
 
     def all_node_statuses(self) -> str:
         return self.node_status("+")
+
+    def node_of(self, topic: str) -> str:
+        """The node id of a received `nodes/{node}/...` topic; BadPayload for an id no node
+        can have (e.g. the empty one of `nodes//status`)."""
+        try:
+            return validate_id("node", self.parts(topic)[1])
+        except (ValueError, IndexError) as exc:
+            raise BadPayload(f"{topic} names no valid node: {exc}") from None
 
     def parts(self, topic: str) -> list[str]:
         """Split a received topic into its parts after the prefix."""

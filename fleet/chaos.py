@@ -33,9 +33,11 @@ import numpy as np
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
+from edvit.errors import BadPayload
 from edvit.fleet.deploy import deploy
 from edvit.fleet.local import LocalFleet
 from edvit.fleet.proxy import CuttableProxy
+from edvit.lease import LeaseMsg
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import PlanMsg, PredictionMsg, StatusMsg, decode
 from edvit.topics import Topics
@@ -83,7 +85,10 @@ class Observer:
 
     def _on_lease(self, _topic: str, payload: bytes) -> None:
         if payload:
-            holder = json.loads(payload).get("holder", "?")
+            try:
+                holder = LeaseMsg.model_validate_json(payload).holder
+            except ValueError:
+                raise BadPayload("not a lease") from None
             with self.lock:
                 if not self.leases or self.leases[-1][1] != holder:
                     self.leases.append((time.time(), holder))
@@ -220,66 +225,64 @@ def scenario_kill(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
     }
 
 
-def scenario_freeze(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
-    frames = int(cf.fps * 16)
-    cf.camera("cam-freeze", frames)
-    victim = "node-2"
+def _silenced(
+    cf: ChaosFleet, base: PlanMsg, *, camera: str, victim: str, what: str,
+    silence: Callable[[], object], restore: Callable[[], object], silent_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    """A node that stays connected (or seems to) but sends nothing for `silent_s`."""
+    frames = int(cf.fps * (silent_s + 10))
+    cf.camera(camera, frames)
     time.sleep(4.0)
-    stopped = cf.kill(victim, signal.SIGSTOP)
-    time.sleep(6.0)
-    resumed = cf.kill(victim, signal.SIGCONT)
-    cf.wait_answers("cam-freeze", frames, 30)
-    obs, answers = cf.observer, cf.observer.of_camera("cam-freeze")
-    during = [p.latency_ms for _, p in answers if stopped <= p.ts < resumed]
-    restored = obs.first(obs.plans, lambda t, p: t > resumed and p.plan_id == base.plan_id)
+    silenced = time.time()
+    silence()
+    time.sleep(silent_s)
+    restored_at = time.time()
+    restore()
+    cf.wait_answers(camera, frames, 30)
+    obs, answers = cf.observer, cf.observer.of_camera(camera)
+    during = [p.latency_ms for _, p in answers if silenced <= p.ts < restored_at]
+    offline = obs.first(
+        obs.statuses, lambda t, n, s: t > silenced and n == victim and s.state == "offline"
+    )
+    restored = obs.first(obs.plans, lambda t, p: t > restored_at and p.plan_id == base.plan_id)
     return {
-        "scenario": "freeze a node (SIGSTOP), then resume it (SIGCONT)",
-        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < stopped - 0.5]),
-        "max_latency_while_frozen_ms": round(max(during), 1) if during else None,
+        "scenario": what,
+        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < silenced - 0.5]),
+        "max_latency_while_silent_ms": round(max(during), 1) if during else None,
         "full_answers_again_s": _since(
             obs.first(
                 answers,
-                lambda t, p: p.ts > stopped + 0.05 and not p.degraded and p.plan_id != base.plan_id,
+                lambda t, p: (
+                    p.ts > silenced + 0.05 and not p.degraded and p.plan_id != base.plan_id
+                ),
             ),
-            stopped,
+            silenced,
         ),  # fmt: skip
-        "placement_restored_after_resume_s": _since(restored, resumed),
+        "will_offline_s": _since(offline, silenced),
+        "placement_restored_after_recovery_s": _since(restored, restored_at),
         **exactly_once(answers, frames),
     }
+
+
+def scenario_freeze(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    victim = "node-2"
+    return _silenced(
+        cf, base, camera="cam-freeze", victim=victim,
+        what="freeze a node (SIGSTOP), then resume it (SIGCONT)",
+        silence=lambda: cf.kill(victim, signal.SIGSTOP),
+        restore=lambda: cf.kill(victim, signal.SIGCONT), silent_s=6.0,
+    )  # fmt: skip
 
 
 def scenario_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
-    frames = int(cf.fps * 20)
-    cf.camera("cam-cut", frames)
-    assert cf.proxy is not None
-    time.sleep(4.0)
-    cut = time.time()
-    cf.proxy.cut()
-    time.sleep(10.0)  # past the keepalive: the broker sends the node's Will
-    restored_link = time.time()
-    cf.proxy.restore()
-    cf.wait_answers("cam-cut", frames, 30)
-    obs, answers = cf.observer, cf.observer.of_camera("cam-cut")
-    during = [p.latency_ms for _, p in answers if cut <= p.ts < restored_link]
-    offline = obs.first(
-        obs.statuses, lambda t, n, s: t > cut and n == CUT_NODE and s.state == "offline"
-    )
-    restored = obs.first(obs.plans, lambda t, p: t > restored_link and p.plan_id == base.plan_id)
-    return {
-        "scenario": "cut a node's network (bytes dropped), then restore it",
-        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < cut - 0.5]),
-        "max_latency_while_cut_ms": round(max(during), 1) if during else None,
-        "full_answers_again_s": _since(
-            obs.first(
-                answers,
-                lambda t, p: p.ts > cut + 0.05 and not p.degraded and p.plan_id != base.plan_id,
-            ),
-            cut,
-        ),  # fmt: skip
-        "will_offline_after_cut_s": _since(offline, cut),
-        "placement_restored_after_link_back_s": _since(restored, restored_link),
-        **exactly_once(answers, frames),
-    }
+    proxy = cf.proxy
+    assert proxy is not None
+    # 10 s: past the keepalive, so the broker sends the node's Will meanwhile.
+    return _silenced(
+        cf, base, camera="cam-cut", victim=CUT_NODE,
+        what="cut a node's network (bytes dropped), then restore it",
+        silence=proxy.cut, restore=proxy.restore, silent_s=10.0,
+    )  # fmt: skip
 
 
 def scenario_failover(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:

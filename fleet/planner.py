@@ -50,7 +50,8 @@ def heal(
     sizes_mb: dict[str, float],
 ) -> tuple[Assignments, tuple[str, ...]]:
     """The base placement with every sub-model of a node that is not live moved to a live
-    node with room. Returns the placement and the sub-models that fit nowhere."""
+    node with room. Returns the placement and the sub-models that fit nowhere (left on
+    their base node)."""
     placed: dict[str, list[str]] = {node: list(base.get(node, ())) for node in live}
     orphans = [sid for node, ids in base.items() if node not in live for sid in ids]
     free = {
@@ -71,8 +72,13 @@ def heal(
     # Largest first, each onto the live node where it fits and finishes earliest.
     for sid in sorted(left, key=lambda s: (-sizes_mb[s], s)):
         devices = tuple(
-            Device(id=n, memory_mb=max(free[n], 0.0), speed=live[n].speed) for n in sorted(live)
+            Device(id=n, memory_mb=free[n], speed=live[n].speed)
+            for n in sorted(live)
+            if free[n] > 0
         )
+        if not devices:
+            unplaced.append(sid)
+            continue
         try:
             choice = assign([Item(id=sid, memory_mb=sizes_mb[sid], latency_ms=sizes_mb[sid])],
                             Inventory(devices=devices))  # fmt: skip
@@ -82,6 +88,11 @@ def heal(
         node = next(n for n, ids in choice.placement.items() if sid in ids)
         placed[node].append(sid)
         free[node] -= sizes_mb[sid]
+    # What fits nowhere stays where the deployed plan put it: served again when that node is.
+    for node, ids in base.items():
+        for sid in ids:
+            if sid in unplaced:
+                placed.setdefault(node, []).append(sid)
     return {n: tuple(ids) for n, ids in placed.items() if ids}, tuple(sorted(unplaced))
 
 
@@ -129,7 +140,7 @@ class Planner:
             self._plan = plan
 
     def _on_status(self, topic: str, payload: bytes) -> None:
-        node = self.topics.parts(topic)[1]
+        node = self.topics.node_of(topic)
         status = decode(StatusMsg, payload)
         now = self._clock()
         with self._lock:

@@ -30,9 +30,9 @@ def test_a_killed_node_is_routed_around_healed_and_restored() -> None:
 
 def test_a_frozen_node_costs_at_most_the_deadline_and_is_healed() -> None:
     r = _run("freeze")
-    assert r["max_latency_while_frozen_ms"] < 250 + 250  # the deadline's cap, plus slack
+    assert r["max_latency_while_silent_ms"] < 250 + 250  # the deadline's cap, plus slack
     assert r["full_answers_again_s"] < 3.0
-    assert r["placement_restored_after_resume_s"] is not None
+    assert r["placement_restored_after_recovery_s"] is not None
 
 
 def test_the_standby_aggregator_takes_over_and_still_heals() -> None:
@@ -43,7 +43,7 @@ def test_the_standby_aggregator_takes_over_and_still_heals() -> None:
 
 def test_a_node_cut_off_costs_at_most_the_deadline_and_is_healed_before_its_will() -> None:
     r = _run("cut")
-    assert r["max_latency_while_cut_ms"] < 250 + 250
+    assert r["max_latency_while_silent_ms"] < 250 + 250
     assert r["full_answers_again_s"] < 3.0
-    assert r["full_answers_again_s"] < r["will_offline_after_cut_s"]  # not waiting for the Will
-    assert r["placement_restored_after_link_back_s"] is not None
+    assert r["full_answers_again_s"] < r["will_offline_s"]  # not waiting for the Will
+    assert r["placement_restored_after_recovery_s"] is not None
