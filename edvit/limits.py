@@ -38,9 +38,11 @@ PayloadKind = Literal[
 
 # Largest payload (bytes) per topic kind; anything longer is dropped before decoding.
 MAX_PAYLOAD_BYTES: dict[PayloadKind, int] = {
-    # Every frame within MAX_FRAME_PIXELS fits in any encoding: the largest, raw BGRA 4K,
-    # is 33,177,600 bytes; an incompressible PNG adds well under 100 KB of framing.
-    "frame": 32 * MiB,
+    # A grey raw frame at MAX_FRAME_PIXELS (8.3 MB) fits, and any JPEG/PNG of a 4K camera;
+    # a colour raw 4K frame (25 MB) must be sent encoded. Kept this low because a client
+    # reads a whole packet before it can drop it: a node's network thread stalls ~60 ms on
+    # an 8 MiB frame, ~0.25 s on a 32 MiB one (measured with edvit bench chaos, hostile).
+    "frame": 8 * MiB,
     # 577 tokens x 1024 float32 (ViT-L at 384 px) is 2.4 MB.
     "tokens": 4 * MiB,
     # MAX_TENSOR_DIM float32 values are 32 KiB, plus ids.

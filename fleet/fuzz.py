@@ -35,7 +35,7 @@ counters in its offline status, and compares them with what it sent. The counts 
 only while every node follows frames: a node the planner leaves without work unsubscribes
 (`plans_during_run` says whether that happened).
 
-The default mix has two frames one byte over the 32 MiB frame limit (OVERSIZED). The
+The default mix has two frames one byte over the 8 MiB frame limit (OVERSIZED). The
 broker accepts them (its max_packet_size is the model limit), and paho reads each whole
 before `deliver` can drop it: ~0.25 s of every node's network thread, long enough for the
 aggregator to suspect nodes and the planner to re-place them, and glibc may keep tens of MB
@@ -92,7 +92,7 @@ SPECIAL: tuple[Any, ...] = (
     -0.0, True, False, None, "", LONG, "\x00\n\u202e\ufeff", "ünïcödé", [], {}, [[[]]],
     [NAN] * 3, {"a": [1, {"b": NAN}]}, [1, "a", None], {"v": 1},
 )  # fmt: skip
-# Payloads one byte over their topic kind's limit, how many of each (a frame's is 32 MiB).
+# Payloads one byte over their topic kind's limit, how many of each (a frame's is 8 MiB).
 OVERSIZED: dict[PayloadKind, int] = {
     "frame": 2, "tokens": 4, "plan": 4, "features": 20, "status": 20, "prediction": 20,
     "lease": 20,
