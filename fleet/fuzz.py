@@ -63,7 +63,7 @@ import numpy as np
 
 from edvit.bundle import sha256_bytes
 from edvit.errors import BadPayload
-from edvit.fleet.chaos import NODES, ChaosFleet
+from edvit.fleet.chaos import NODES, ChaosFleet, rss_mb
 from edvit.lease import LeaseMsg
 from edvit.limits import MAX_PAYLOAD_BYTES, PayloadKind
 from edvit.mqtt import MqttClient, payload_limit, unique_client_id
@@ -132,29 +132,29 @@ def _junk(rng: random.Random, json_text: bool, depth: int = 0) -> Any:
     return None
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def field_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     found = [prefix] if prefix else []
     if isinstance(value, dict):
         for key, item in value.items():
-            found += _paths(item, (*prefix, key))
+            found += field_paths(item, (*prefix, key))
     elif isinstance(value, list):
         for i, item in enumerate(value[:4]):
-            found += _paths(item, (*prefix, i))
+            found += field_paths(item, (*prefix, i))
     return found
 
 
 def mutate(rng: random.Random, base: dict[str, Any], json_text: bool) -> dict[str, Any]:
     """`base` with one or two fields (nested ones too) replaced, deleted or added."""
     message = copy.deepcopy(base)
-    paths = _paths(message) + [("extra",), ("v",)]
+    paths = field_paths(message) + [("extra",), ("v",)]
     for _ in range(rng.randint(1, 2)):
         path = rng.choice(paths)
         target: Any = message
@@ -170,30 +170,45 @@ def mutate(rng: random.Random, base: dict[str, Any], json_text: bool) -> dict[st
     return message
 
 
-def _msgpack(value: Any) -> bytes:
+def msgpack_bytes(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def _json(value: Any) -> bytes:
+def json_bytes(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
-def _png(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise RuntimeError("cv2 could not encode a PNG")
     return data.tobytes()
 
 
-def _png_header(width: int, height: int) -> bytes:
+def png_header(width: int, height: int, depth: int = 8) -> bytes:
     """A PNG that declares width x height and carries no pixels."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         crc = struct.pack(">I", zlib.crc32(kind + body))
         return struct.pack(">I", len(body)) + kind + body + crc
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def frame_outcome(camera: str, payload: bytes) -> bool | None:
+    """What a node does with a frame on `camera`'s topic: True refuses it, False serves it,
+    None ignores it (empty)."""
+    try:
+        frame = decode(FrameMsg, payload)
+        if frame is None:
+            return None
+        if frame.camera != camera:
+            return True
+        decode_frame(frame)
+    except BadPayload:
+        return True
+    return False
 
 
 # -- the generator ---------------------------------------------------------------------------------
@@ -219,7 +234,7 @@ class HostileGenerator:
             sid: (node,) for node, ids in plan.assignments.items() for sid in ids
         } | {FUSION_MODEL_ID: (aggregator,)}
         self._image = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
-        self._png = _png(self._image)
+        self._png = png_bytes(self._image)
         self.makers: list[tuple[float, Callable[[], Hostile | None]]] = [
             (18, lambda: self.frame(self.rng.choice(FAKE_CAMERAS))),
             (10, lambda: self.frame(self.good)),
@@ -272,7 +287,7 @@ class HostileGenerator:
     def _frame_base(self, camera: str) -> dict[str, Any]:
         message = FrameMsg(camera=camera, seq=self.rng.randint(0, 2**40), ts=1.5, enc="png",
                            data=self._png, label=3)  # fmt: skip
-        return _plain(message.model_dump(mode="python"))
+        return plain(message.model_dump(mode="python"))
 
     def _inconsistent_frame(self, camera: str) -> bytes:
         rng = self.rng
@@ -290,25 +305,12 @@ class HostileGenerator:
             case 3:  # png cut short
                 fields = {"enc": "png", "data": self._png[: rng.randint(1, len(self._png) - 1)]}
             case 4:  # 16-bit png
-                fields = {"enc": "png", "data": _png(self._image.astype(np.uint16) * 257)}
+                fields = {"enc": "png", "data": png_bytes(self._image.astype(np.uint16) * 257)}
             case 5:  # a tiny file that declares a huge image
-                fields = {"enc": "png", "data": _png_header(rng.randint(4000, 2**31 - 1), 4000)}
+                fields = {"enc": "png", "data": png_header(rng.randint(4000, 2**31 - 1), 4000)}
             case _:  # jpeg garbage
                 fields = {"enc": "jpeg", "data": b"\xff\xd8" + rng.randbytes(rng.randint(0, 64))}
-        return _msgpack({**self._frame_base(camera), "shape": None, "dtype": None, **fields})
-
-    def _frame_outcome(self, camera: str, payload: bytes) -> bool | None:
-        """True: the nodes refuse it; False: they serve it; None: empty (ignored)."""
-        try:
-            frame = decode(FrameMsg, payload)
-            if frame is None:
-                return None
-            if frame.camera != camera:
-                return True
-            decode_frame(frame)
-        except BadPayload:
-            return True
-        return False
+        return msgpack_bytes({**self._frame_base(camera), "shape": None, "dtype": None, **fields})
 
     def frame(self, camera: str) -> Hostile | None:
         """A frame the nodes refuse (never a valid one: see valid_frame)."""
@@ -318,8 +320,8 @@ class HostileGenerator:
         if roll < 0.2:
             payload = self._inconsistent_frame(camera)
         else:
-            payload = self._bytes_or(lambda: _msgpack(mutate(rng, base, json_text=False)))
-        if self._frame_outcome(camera, payload) is not True:
+            payload = self._bytes_or(lambda: msgpack_bytes(mutate(rng, base, json_text=False)))
+        if frame_outcome(camera, payload) is not True:
             return None  # valid or empty: not what this category sends
         return self._hostile(self.topics.frame(camera), payload, "frame", True)
 
@@ -330,7 +332,7 @@ class HostileGenerator:
         image = np.frombuffer(rng.randbytes(h * w * 3), np.uint8).reshape(h, w, 3)
         ts = rng.choice((0.0, 1.5, 4e9, time.time() - 1e6))  # odd but valid; bad ones elsewhere
         if rng.random() < 0.5:
-            pixels: dict[str, Any] = {"enc": "png", "data": _png(image)}
+            pixels: dict[str, Any] = {"enc": "png", "data": png_bytes(image)}
         else:
             pixels = {"enc": "raw", "data": image.tobytes(), "shape": (h, w, 3), "dtype": "uint8"}
         camera = rng.choice(FAKE_CAMERAS)
@@ -339,7 +341,7 @@ class HostileGenerator:
             label=rng.choice((None, -1, 2**63 - 1)), **pixels,
         )  # fmt: skip
         payload = encode(frame)
-        if self._frame_outcome(camera, payload) is not False:
+        if frame_outcome(camera, payload) is not False:
             return None
         return self._hostile(self.topics.frame(camera), payload, "frame-valid", False)
 
@@ -347,13 +349,13 @@ class HostileGenerator:
         rng = self.rng
         camera = rng.choice((*FAKE_CAMERAS, self.good))
         rows, width = rng.randint(1, 64), rng.randint(1, 64)
-        base = _plain(TokensMsg(camera=camera, seq=1, ts=1.5, block=1, dtype="float32",
+        base = plain(TokensMsg(camera=camera, seq=1, ts=1.5, block=1, dtype="float32",
                                 shape=(rows, width), data=bytes(rows * width * 4), label=2,
                                 plan_id=self.plan.plan_id).model_dump(mode="python"))  # fmt: skip
         if rng.random() < 0.2:  # valid but inconsistent with the plan (which has no stem)
-            payload = _msgpack({**base, "block": rng.randint(0, 256)})
+            payload = msgpack_bytes({**base, "block": rng.randint(0, 256)})
         else:
-            payload = self._bytes_or(lambda: _msgpack(mutate(rng, base, json_text=False)))
+            payload = self._bytes_or(lambda: msgpack_bytes(mutate(rng, base, json_text=False)))
         # The shipped bundle has no stem: the nodes refuse every tokens message.
         return self._hostile(self.topics.tokens(camera), payload, "tokens", True)
 
@@ -365,7 +367,7 @@ class HostileGenerator:
             submodel=sid, plan_id=plan_id, node="x", dtype="float32",
             data=np.ones(dim, np.float32).tobytes(), dim=dim, infer_ms=0.1, label=1,
         )  # fmt: skip
-        return _plain(message.model_dump(mode="python"))
+        return plain(message.model_dump(mode="python"))
 
     def _features_outcome(self, topic: str, payload: bytes) -> bool | None:
         """True: refused; False: valid for another plan (counted as such); None: valid for
@@ -391,7 +393,7 @@ class HostileGenerator:
         sid = rng.choice([s.id for s in self.plan.submodels])
         base = self._features_base(sid, self.plan.plan_id)
         topic_sid = rng.choice((sid, sid, sid, "sub9", ""))
-        payload = self._bytes_or(lambda: _msgpack(mutate(rng, base, json_text=False)))
+        payload = self._bytes_or(lambda: msgpack_bytes(mutate(rng, base, json_text=False)))
         topic = self.topics.features(base["camera"], topic_sid)
         if self._features_outcome(topic, payload) is not True:
             return None
@@ -401,17 +403,17 @@ class HostileGenerator:
         sid = self.rng.choice([s.id for s in self.plan.submodels])
         base = self._features_base(sid, self.rng.choice(("p-gone", "", "x" * 100)))
         topic = self.topics.features(base["camera"], sid)
-        payload = _msgpack(base)
+        payload = msgpack_bytes(base)
         if self._features_outcome(topic, payload) is not False:
             return None
         return self._hostile(topic, payload, "features-other-plan", False)
 
     # -- plan, models ------------------------------------------------------------------------
     def plan_message(self) -> Hostile | None:
-        base = _plain(json.loads(encode(self.plan)))
+        base = plain(json.loads(encode(self.plan)))
         if self.rng.random() < 0.5:
             base["plan_id"] = "fuzzed"
-        payload = self._bytes_or(lambda: _json(mutate(self.rng, base, json_text=True)))
+        payload = self._bytes_or(lambda: json_bytes(mutate(self.rng, base, json_text=True)))
         try:
             if decode(PlanMsg, payload) is None:
                 return None  # never the empty plan: that is the (legitimate) clear
@@ -424,8 +426,8 @@ class HostileGenerator:
         model_id = rng.choice((*self.model_readers, "nope"))
         onnx = rng.randbytes(rng.randint(0, 64))
         sha = sha256_bytes(onnx) if rng.random() < 0.5 else sha256_bytes(onnx + b"!")
-        base = _plain(ModelMsg(sha256=sha, onnx=onnx).model_dump(mode="python"))
-        payload = self._bytes_or(lambda: _msgpack(mutate(rng, base, json_text=False)))
+        base = plain(ModelMsg(sha256=sha, onnx=onnx).model_dump(mode="python"))
+        payload = self._bytes_or(lambda: msgpack_bytes(mutate(rng, base, json_text=False)))
         try:
             message = decode(ModelMsg, payload)
         except BadPayload:
@@ -444,12 +446,12 @@ class HostileGenerator:
             state="ready", plan_id=self.plan.plan_id, submodels=("sub0",),
             serving_plan_id=self.plan.plan_id, counters={"frames_served": 3},
         )  # fmt: skip
-        return _plain(json.loads(encode(status)))
+        return plain(json.loads(encode(status)))
 
     def _bad_status(self) -> bytes | None:
         """A malformed status (None when the mutation happened to make a valid one: a status
         that makes a fake node live is a forgery, not sent)."""
-        payload = self._bytes_or(lambda: _json(mutate(self.rng, self._status_base(), True)))
+        payload = self._bytes_or(lambda: json_bytes(mutate(self.rng, self._status_base(), True)))
         try:
             decode(StatusMsg, payload)
         except BadPayload:
@@ -478,7 +480,7 @@ class HostileGenerator:
 
     def lease(self) -> Hostile | None:
         base = {"holder": "agg-q", "ttl_s": 3.0, "ts": time.time()}
-        payload = self._bytes_or(lambda: _json(mutate(self.rng, base, json_text=True)))
+        payload = self._bytes_or(lambda: json_bytes(mutate(self.rng, base, json_text=True)))
         try:
             LeaseMsg.model_validate_json(payload)
         except ValueError:
@@ -493,12 +495,12 @@ class HostileGenerator:
     def prediction(self) -> Hostile | None:
         rng = self.rng
         camera = rng.choice((*FAKE_CAMERAS, self.good))
-        base = _plain(json.loads(encode(PredictionMsg(
+        base = plain(json.loads(encode(PredictionMsg(
             camera=camera, seq=3, ts=1.5, label=1, class_name="Trouser", score=0.5,
             topk=(("Trouser", 0.5),), latency_ms=1.0, submodels=("sub0",),
             plan_id=self.plan.plan_id,
         ))))  # fmt: skip
-        payload = self._bytes_or(lambda: _json(mutate(rng, base, json_text=True)))
+        payload = self._bytes_or(lambda: json_bytes(mutate(rng, base, json_text=True)))
         if camera == self.good:
             try:
                 if decode(PredictionMsg, payload) is not None:
@@ -547,16 +549,6 @@ class HostileGenerator:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-def rss_mb(pid: int) -> float | None:
-    """VmRSS of a process, in MB (10^6 bytes); None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 class RssSampler:

@@ -135,3 +135,27 @@ def assert_exit_codes(fleet: LocalFleet, killed: Iterable[str] = ()) -> None:
         if code != expected.get(name)
     )
     assert fleet.exit_codes == expected, f"{fleet.exit_codes} != {expected}\n{wrong}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s: {what}")
+        time.sleep(0.005)
+
+
+def dataset_pngs(name: str, count: int) -> list[tuple[bytes, int]]:
+    """The first `count` test images of a dataset as PNG bytes, with their labels."""
+    import cv2
+
+    from edvit.datasets import load_dataset
+
+    data = load_dataset(name, "test")
+    out = []
+    for i in range(count):
+        ok, png = cv2.imencode(".png", data.images[i])
+        assert ok
+        out.append((png.tobytes(), int(data.labels[i])))
+    return out

@@ -28,17 +28,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import struct
 import tempfile
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
-import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -47,17 +43,27 @@ from memory_transport import MemoryBroker, MemoryTransport
 
 from edvit.aggregator.service import Aggregator, DeadlinePolicy
 from edvit.bundle import Bundle, sha256_bytes
-from edvit.datasets import load_dataset
 from edvit.edge_node.node import EdgeNode
 from edvit.errors import BadPayload
 from edvit.fleet.demo import DEFAULT_BUNDLE
 from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
 from edvit.fleet.devices import Device
+from edvit.fleet.fuzz import (
+    INF,
+    LONG,
+    NAN,
+    field_paths,
+    frame_outcome,
+    json_bytes,
+    msgpack_bytes,
+    plain,
+    png_bytes,
+    png_header,
+)
 from edvit.fleet.planner import Planner, heal
 from edvit.lease import LeaseMsg
 from edvit.limits import MAX_PAYLOAD_BYTES, PayloadKind
 from edvit.mqtt import payload_limit
-from edvit.preprocess import decode_frame
 from edvit.schemas import (
     Capacity,
     FeaturesMsg,
@@ -73,6 +79,7 @@ from edvit.schemas import (
 )
 from edvit.service import Worker
 from edvit.topics import Topics
+from helpers import dataset_pngs, wait_until
 
 FUZZ = settings(
     max_examples=int(os.environ.get("EDVIT_FUZZ_EXAMPLES", "60")),  # more for a deeper run
@@ -86,7 +93,6 @@ FUZZ = settings(
         HealthCheck.function_scoped_fixture,  # `fuzz` only checks the module fleet around a test
     ],
 )
-NAN, INF = float("nan"), float("inf")
 NODE, ANSWERING, STANDBY, PLANNER = "n0", "agg-a", "agg-z", "planner"
 SPARE = "n-spare"
 CAMERA = "c"  # hostile frames, tokens, features and predictions name this camera
@@ -97,23 +103,9 @@ MSGPACK_INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 
 # -- known bugs: reported, not fixed here (see the module docstring) --------------------------
 # -- waiting ---------------------------------------------------------------------------------
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s: {what}")
-        time.sleep(0.005)
 
 
 # -- the fleet -------------------------------------------------------------------------------
-def _good_pngs(count: int) -> list[tuple[bytes, int]]:
-    data = load_dataset("fashion-mnist", "test")
-    out = []
-    for i in range(count):
-        ok, png = cv2.imencode(".png", data.images[i])
-        assert ok
-        out.append((png.tobytes(), int(data.labels[i])))
-    return out
 
 
 class FuzzFleet:
@@ -276,7 +268,15 @@ def fleet() -> Iterator[FuzzFleet]:
     wait_until(lambda: answering.answering, 10, "the first aggregator to take the lease")
     standby.start()  # hears the retained lease: a standby
     fleet = FuzzFleet(
-        broker, topics, node, answering, standby, planner, injector, plan, _good_pngs(16)
+        broker,
+        topics,
+        node,
+        answering,
+        standby,
+        planner,
+        injector,
+        plan,
+        dataset_pngs("fashion-mnist", 16),
     )
     followers = [node.follower, answering.follower, standby.follower]
     wait_until(
@@ -302,7 +302,6 @@ def fuzz(fleet: FuzzFleet) -> Iterator[FuzzFleet]:
 
 
 # -- hostile values and payloads ---------------------------------------------------------------
-LONG = "x" * 70_000  # longer than the features, status, prediction and lease limits
 SPECIAL: list[Any] = [
     NAN, INF, -INF, 2**62, -1, 0, 2**63 - 1, -(2**63), 2**64 - 1, 1e308, -1e308, 5e-324, -0.0,
     True, False, None, "", LONG, "\x00\n\u202e\ufeff", "ünïcödé", [], {}, [[[]]], [NAN] * 3,
@@ -333,32 +332,11 @@ def junk(json_text: bool) -> st.SearchStrategy[Any]:
     )  # fmt: skip
 
 
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so a mutated copy can be edited in place."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every field of a message, nested ones too (the first 4 items of lists)."""
-    found = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value[:4]):
-            found += _paths(item, (*prefix, i))
-    return found
-
-
 @st.composite
 def mutated(draw: st.DrawFn, base: dict[str, Any], json_text: bool) -> dict[str, Any]:
     """`base` with one or two fields (nested ones too) replaced, deleted, or added."""
     message = copy.deepcopy(base)
-    paths = _paths(message)
+    paths = field_paths(message)
     for _ in range(draw(st.integers(1, 2))):
         path = draw(st.sampled_from(paths + [("extra",), ("v",)]))
         action = draw(st.sampled_from(["replace", "replace", "replace", "delete"]))
@@ -376,34 +354,10 @@ def mutated(draw: st.DrawFn, base: dict[str, Any], json_text: bool) -> dict[str,
     return message
 
 
-def _msgpack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value).encode()  # NaN and Infinity written as JSON's extensions
-
-
 def hostile(base: dict[str, Any], json_text: bool, min_size: int = 0) -> st.SearchStrategy[bytes]:
     """Arbitrary bytes, or `base` mutated and encoded as its topic's format."""
-    encoded = mutated(base, json_text).map(_json if json_text else _msgpack)
+    encoded = mutated(base, json_text).map(json_bytes if json_text else msgpack_bytes)
     return st.one_of(st.binary(min_size=min_size, max_size=300), encoded, encoded)
-
-
-def _png(image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", image)
-    assert ok
-    return data.tobytes()
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _png_header(width: int, height: int, depth: int = 8) -> bytes:
-    """A PNG that declares width x height and has no pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IEND", b"")
 
 
 @st.composite
@@ -413,7 +367,7 @@ def inconsistent_frames(draw: st.DrawFn, camera: str = CAMERA) -> bytes:
     c = draw(st.sampled_from([1, 3, 4]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     image = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
-    png = _png(image if c > 1 else image[:, :, 0])
+    png = png_bytes(image if c > 1 else image[:, :, 0])
     kind = draw(st.sampled_from(
         ["raw-size", "raw-ok", "png-ok", "png-as-jpeg", "png-cut", "png-16", "png-huge",
          "png-shape", "jpeg-junk", "raw-channels"]
@@ -432,28 +386,28 @@ def inconsistent_frames(draw: st.DrawFn, camera: str = CAMERA) -> bytes:
     elif kind == "png-cut":
         fields["data"] = png[: draw(st.integers(1, len(png) - 1))]
     elif kind == "png-16":
-        fields["data"] = _png(image[:, :, 0].astype(np.uint16) * 257)
+        fields["data"] = png_bytes(image[:, :, 0].astype(np.uint16) * 257)
     elif kind == "png-huge":
-        fields["data"] = _png_header(draw(st.integers(4000, 2**31 - 1)), 4000)
+        fields["data"] = png_header(draw(st.integers(4000, 2**31 - 1)), 4000)
     elif kind == "png-shape":
         fields["shape"] = [draw(st.integers(1, 65535)) for _ in range(draw(st.integers(0, 3)))]
     elif kind == "jpeg-junk":
         fields = {"enc": "jpeg", "data": b"\xff\xd8" + draw(st.binary(max_size=64))}
     message = {"v": 1, "camera": camera, "seq": draw(st.integers(0, 2**40)), "ts": 1.5,
                "label": None, "shape": None, "dtype": None, **fields}  # fmt: skip
-    return _msgpack(message)
+    return msgpack_bytes(message)
 
 
 def frame_base(camera: str = CAMERA) -> dict[str, Any]:
-    png = _png(np.full((28, 28), 128, np.uint8))
+    png = png_bytes(np.full((28, 28), 128, np.uint8))
     frame = FrameMsg(camera=camera, seq=7, ts=1.5, enc="png", data=png, label=3)
-    return _plain(frame.model_dump(mode="python"))
+    return plain(frame.model_dump(mode="python"))
 
 
 def tokens_base() -> dict[str, Any]:
     tokens = TokensMsg(camera=CAMERA, seq=1, ts=1.5, block=1, dtype="float32", shape=(4, 8),
                        data=bytes(4 * 8 * 4), label=2, plan_id="p")  # fmt: skip
-    return _plain(tokens.model_dump(mode="python"))
+    return plain(tokens.model_dump(mode="python"))
 
 
 @st.composite
@@ -463,7 +417,7 @@ def inconsistent_tokens(draw: st.DrawFn) -> bytes:
     size = rows * width * (4 if dtype == "float32" else 2) + draw(st.sampled_from([0, 0, 1, -1]))
     message = {**tokens_base(), "shape": [rows, width], "dtype": dtype,
                "data": bytes(max(size, 0)), "block": draw(st.integers(-1, 300))}  # fmt: skip
-    return _msgpack(message)
+    return msgpack_bytes(message)
 
 
 def features_base(plan: PlanMsg, sid: str) -> dict[str, Any]:
@@ -472,7 +426,7 @@ def features_base(plan: PlanMsg, sid: str) -> dict[str, Any]:
         camera=CAMERA, seq=3, ts=1.5, submodel=sid, plan_id=plan.plan_id, node="x",
         dtype="float32", data=np.ones(dim, np.float32).tobytes(), dim=dim, infer_ms=0.1, label=1,
     )  # fmt: skip
-    return _plain(features.model_dump(mode="python"))
+    return plain(features.model_dump(mode="python"))
 
 
 @st.composite
@@ -487,7 +441,7 @@ def inconsistent_features(draw: st.DrawFn, plan: PlanMsg, sid: str) -> bytes:
         "plan_id": draw(st.sampled_from([plan.plan_id, "other", ""])),
         "batch": draw(st.sampled_from([1, 0, 4096, 4097])), "seq": draw(st.integers(0, 2**40)),
     }  # fmt: skip
-    return _msgpack(message)
+    return msgpack_bytes(message)
 
 
 def _fit(plan: PlanMsg) -> tuple[object, ...]:
@@ -533,20 +487,6 @@ def refused(kind: type[Any], payload: bytes) -> bool:
     return False
 
 
-def frame_refused(topic_camera: str, payload: bytes) -> bool | None:
-    """What the node does with a frame: True refused, False served, None ignored (empty)."""
-    try:
-        frame = decode(FrameMsg, payload)
-        if frame is None:
-            return None
-        if frame.camera != topic_camera:
-            return True
-        decode_frame(frame)
-    except BadPayload:
-        return True
-    return False
-
-
 def counters_of(
     topic: str,
     payload: bytes,
@@ -584,11 +524,11 @@ def test_frames(fuzz: FuzzFleet, data: st.DataObject) -> None:
     )  # fmt: skip
     if camera == GOOD:
         # Never a valid frame on the good camera: it would be answered as the good camera's.
-        assume(frame_refused(camera, payload) is not False)
+        assume(frame_outcome(camera, payload) is not False)
     before, served = fuzz.bad(), fuzz.node.counters["frames_served"]
     topic = fuzz.topics.frame(camera)
     fuzz.publish(topic, payload)
-    outcome = frame_refused(camera, payload)
+    outcome = frame_outcome(camera, payload)
     fuzz.drain()
     fuzz.check()
     assert_counted(fuzz, before, counters_of(topic, payload, (NODE,), bool(outcome)))
@@ -646,7 +586,7 @@ def test_plan(fleet: FuzzFleet, data: st.DataObject) -> None:
     """Hostile plans (never an empty one, never retained); a valid one may be followed: the
     fleet must not break on it, and test_plan_end puts the good plan back."""
     fuzz = fleet
-    good = _plain(json.loads(encode(fuzz.plan)))
+    good = plain(json.loads(encode(fuzz.plan)))
     renamed = {**good, "plan_id": "fuzzed"}
     payload = data.draw(
         st.one_of(hostile(good, json_text=True, min_size=1),
@@ -682,7 +622,7 @@ def test_plan_end(fleet: FuzzFleet) -> None:
 def test_models(fuzz: FuzzFleet, data: st.DataObject) -> None:
     model_id = data.draw(st.sampled_from(["sub0", "sub2", "fusion", "nope"]), label="model")
     onnx = data.draw(st.binary(max_size=64), label="onnx")
-    base = _plain(ModelMsg(sha256=sha256_bytes(onnx), onnx=onnx).model_dump(mode="python"))
+    base = plain(ModelMsg(sha256=sha256_bytes(onnx), onnx=onnx).model_dump(mode="python"))
     payload = data.draw(hostile(base, json_text=False), label="payload")
     before = fuzz.bad()
     topic = fuzz.topics.model(model_id)
@@ -705,7 +645,7 @@ def status_base(plan: PlanMsg) -> dict[str, Any]:
         state="ready", plan_id=plan.plan_id, submodels=("sub0",), serving_plan_id=plan.plan_id,
         capacity=Capacity(memory_mb=512.0, speed=1.0), counters={"frames_served": 3},
     )  # fmt: skip
-    return _plain(json.loads(encode(status)))
+    return plain(json.loads(encode(status)))
 
 
 @FUZZ
@@ -741,7 +681,7 @@ def prediction_base(plan: PlanMsg) -> dict[str, Any]:
         camera=CAMERA, seq=3, ts=1.5, label=1, class_name="Trouser", score=0.5,
         topk=(("Trouser", 0.5),), latency_ms=1.0, submodels=("sub0",), plan_id=plan.plan_id,
     )  # fmt: skip
-    return _plain(json.loads(encode(prediction)))
+    return plain(json.loads(encode(prediction)))
 
 
 @FUZZ
@@ -840,7 +780,7 @@ def test_bug_frame_with_a_huge_ts(fleet: FuzzFleet) -> None:
     """ts = 1e308 is finite, but its latency is not: refused at decode."""
     png, label = fleet.pngs[0]
     frame = FrameMsg(camera=CAMERA, seq=1, ts=1.0, enc="png", data=png, label=label)
-    fleet.publish(fleet.topics.frame(CAMERA), _msgpack({**frame.model_dump(), "ts": 1e308}))
+    fleet.publish(fleet.topics.frame(CAMERA), msgpack_bytes({**frame.model_dump(), "ts": 1e308}))
     fleet.drain()
     time.sleep(DEADLINE_S + 0.1)
     errors = _bug_fleet_errors(fleet)
@@ -858,7 +798,7 @@ def test_bug_features_that_overflow_the_fusion(fleet: FuzzFleet) -> None:
             dim=s.feature_dim, infer_ms=0.1,
         )  # fmt: skip
         huge = np.full(s.feature_dim, 3e38, np.float32).tobytes()
-        payload = _msgpack({**message.model_dump(), "data": huge})
+        payload = msgpack_bytes({**message.model_dump(), "data": huge})
         fleet.publish(fleet.topics.features(CAMERA, s.id), payload)
     time.sleep(DEADLINE_S + 0.1)
     errors = _bug_fleet_errors(fleet)

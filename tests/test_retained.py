@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from memory_transport import MemoryBroker, MemoryTransport
 
 from edvit.aggregator.service import Aggregator, DeadlinePolicy
 from edvit.bundle import Bundle
-from edvit.datasets import load_dataset
 from edvit.edge_node.node import EdgeNode
 from edvit.errors import ConfigError
 from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
@@ -33,16 +31,9 @@ from edvit.schemas import (
     encode,
 )
 from edvit.topics import Topics
+from helpers import dataset_pngs, wait_until
 
 SHA_A = "a" * 64
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def _model(payload: bytes) -> bytes:
@@ -214,18 +205,6 @@ def test_network_thread_keeps_delivering_while_a_slow_model_loads(mosquitto_brok
 # -- node and aggregator over the in-memory transport, with the real digits bundle ----------
 
 
-def _frames(count: int) -> list[tuple[bytes, int]]:
-    import cv2
-
-    data = load_dataset("digits", "test")
-    out = []
-    for i in range(count):
-        ok, png = cv2.imencode(".png", data.images[i])
-        assert ok
-        out.append((png.tobytes(), int(data.labels[i])))
-    return out
-
-
 class _MemoryFleet:
     """Three nodes and an aggregator on one in-memory broker."""
 
@@ -274,7 +253,7 @@ class _MemoryFleet:
 
 def test_plan_switch_in_memory_loses_and_repeats_no_frame(digits_bundle: Path) -> None:
     bundle = Bundle.load(digits_bundle)
-    frames = _frames(60)
+    frames = dataset_pngs("digits", 60)
     with _MemoryFleet(["n0", "n1", "n2"]) as fleet:
         first = fleet.deploy(bundle, ["n0", "n1", "n2"])
         wait_until(lambda: fleet.serving(first) and fleet.aggregator.answering)
