@@ -253,6 +253,12 @@ class Aggregator:
     def _on_lease(self, held: bool) -> None:
         log.info("aggregator %s %s", self.instance, "answers now" if held else "is a standby")
         self.client.mirror_status(self.topics.aggregator_status() if held else None)
+        # Only a standby needs to see the answers (to drop what is answered): the one that
+        # answers would receive every prediction it publishes back from the broker.
+        if held:
+            self.client.unroute(self.topics.all_predictions(), self._on_prediction)
+        else:
+            self.client.route(self.topics.all_predictions(), self._on_prediction, qos=1)
 
     def _on_shared_status(self, _topic: str, payload: bytes) -> None:
         status = decode(StatusMsg, payload)

@@ -263,13 +263,10 @@ class HostileGenerator:
                 return (*self.nodes, self.aggregator)
             case ("models", model_id):
                 return self.model_readers.get(model_id, ())
-            case (
-                ("nodes", _, "status")
-                | ("features", _, _)
-                | ("predictions", _)
-                | ("aggregator", "status" | "lease")
-            ):
+            case ("nodes", _, "status") | ("features", _, _) | ("aggregator", "status" | "lease"):
                 return (self.aggregator,)
+            case ("predictions", _):
+                return ()  # only a standby reads the answers, and this fleet has none
         return ()
 
     def _hostile(self, topic: str, payload: bytes, kind: str, bad: bool) -> Hostile:

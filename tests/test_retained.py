@@ -217,7 +217,7 @@ class _MemoryFleet:
         ]
         self.aggregator = Aggregator(
             client=MemoryTransport(self.broker, "aggregator"),
-            deadline=DeadlinePolicy(cap_s=0.3),
+            deadline=DeadlinePolicy(floor_s=0.3, cap_s=0.3),  # fixed: see test_handlers_fuzz
         )
         self.deployer = MemoryTransport(self.broker, "deploy")
 
