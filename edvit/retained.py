@@ -80,7 +80,9 @@ class PlanFollower(Generic[R]):
         self._wake = threading.Event()
         self._target: PlanMsg | None = None  # the newest plan accepted
         self._wanted: dict[str, str] = {}  # what the target needs: model id -> sha256
-        self._blobs: dict[str, tuple[str, bytes]] = {}  # model id -> newest sound (sha, bytes)
+        # Model id -> sound files by sha256: the one the target names (when here) and the
+        # newest other one, so that a stray sound file cannot evict the plan's own.
+        self._blobs: dict[str, dict[str, bytes]] = {}
         self._active: Active[R] | None = None
         self._refused: str | None = None
         self._failed: tuple[str, dict[str, str]] | None = None  # (plan id, models) that failed
@@ -109,9 +111,7 @@ class PlanFollower(Generic[R]):
     def received(self) -> set[str]:
         """The target's model ids whose files are here and match the plan."""
         with self._lock:
-            return {
-                mid for mid, sha in self._wanted.items() if self._blobs.get(mid, ("",))[0] == sha
-            }
+            return {mid for mid, sha in self._wanted.items() if sha in self._blobs.get(mid, {})}
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,10 +139,15 @@ class PlanFollower(Generic[R]):
                 return  # the same retained plan again (a reconnect)
             before = set(self._wanted)
             self._target, self._wanted, self._refused = plan, wanted, None
-            self._blobs = {mid: blob for mid, blob in self._blobs.items() if mid in wanted}
+            self._blobs = {mid: shas for mid, shas in self._blobs.items() if mid in wanted}
+            # Needed and subscribed, but its file is not here: subscribe again, and the
+            # broker sends the retained file again.
+            refetch = [m for m in set(wanted) & before if wanted[m] not in self._blobs.get(m, {})]
         for model_id in sorted(before - set(wanted)):
             self.client.unroute(self.topics.model(model_id))
-        for model_id in sorted(set(wanted) - before):
+        for model_id in sorted(refetch):
+            self.client.unroute(self.topics.model(model_id))
+        for model_id in sorted((set(wanted) - before) | set(refetch)):
             self.client.route(self.topics.model(model_id), self._on_model, qos=1)
         if plan is None:
             self.log.info("plan cleared")
@@ -170,7 +175,9 @@ class PlanFollower(Generic[R]):
         with self._lock:
             if model_id not in self._wanted:
                 return
-            self._blobs[model_id] = (actual, msg.onnx)
+            kept = {actual, self._wanted[model_id]}
+            shas = {**self._blobs.get(model_id, {}), actual: msg.onnx}
+            self._blobs[model_id] = {sha: blob for sha, blob in shas.items() if sha in kept}
         if actual != expected:
             # Sound bytes, but not the current plan's: a deploy publishes the next plan's
             # models before the plan, so keep them.
@@ -197,8 +204,8 @@ class PlanFollower(Generic[R]):
     def _step(self) -> None:
         with self._lock:
             target, wanted = self._target, dict(self._wanted)
-            blobs = {mid: self._blobs[mid][1] for mid, sha in wanted.items()
-                     if self._blobs.get(mid, ("",))[0] == sha}  # fmt: skip
+            blobs = {mid: self._blobs[mid][sha] for mid, sha in wanted.items()
+                     if sha in self._blobs.get(mid, {})}  # fmt: skip
         active = self._active
         if target is None:
             if active is not None:
