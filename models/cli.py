@@ -18,6 +18,14 @@ SIZES = ("test", "small", "medium")
 _BUILD_MODULES = ("torch", "timm", "onnx", "onnxscript", "tqdm")
 
 
+def yes_no(value: str) -> bool:
+    if value.lower() in ("yes", "true", "1", "on"):
+        return True
+    if value.lower() in ("no", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Option:
     """One `edvit build` option: how argparse reads it and the BuildSettings field it sets."""
@@ -84,9 +92,41 @@ OPTIONS: tuple[Option, ...] = (
         setting="size",
     ),
     Option("--epochs", "epochs for the original ViT", type=int, setting="epochs"),
-    Option("--sub-epochs", "fine-tuning epochs per sub-model", type=int, setting="sub_epochs"),
+    Option(
+        "--sub-steps",
+        "distillation steps per sub-model, turned into epochs by its data size (default 1500)",
+        type=int,
+        setting="sub_steps",
+    ),
+    Option(
+        "--sub-epochs",
+        "fine-tuning epochs per sub-model (overrides --sub-steps)",
+        type=int,
+        setting="sub_epochs",
+    ),
     Option("--fusion-epochs", "epochs for the fusion MLP", type=int, setting="fusion_epochs"),
+    Option(
+        "--fusion-hidden",
+        "fusion MLP hidden width (default: the widest that keeps it at most half the largest "
+        "sub-model)",
+        type=int,
+        setting="fusion_hidden",
+    ),
     Option("--batch-size", "training batch size", type=int, setting="batch_size"),
+    Option(
+        "--augment-shift",
+        "original's training: random shifts of up to this many pixels (default by dataset)",
+        type=int,
+        metavar="PIXELS",
+        setting="augment_shift",
+    ),
+    Option(
+        "--augment-flip",
+        "original's training: random horizontal flips (default by dataset)",
+        type=yes_no,
+        metavar="yes|no",
+        setting="augment_flip",
+    ),
     Option(
         "--param-budget",
         "parameters per sub-model (default 0.95 * original / N)",
@@ -128,6 +168,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--seed", "random seed (default 0)", type=int, default=0, setting="seed"),
     Option("--threads", "CPU threads (default: all available)", type=int, setting="threads"),
+    Option(
+        "--device",
+        "where torch trains: auto (a CUDA GPU if torch sees one), cpu, cuda[:N] (default auto)",
+        setting="device",
+    ),
     Option("--force", "overwrite a non-empty --out", switch=True),
 )
 RECORDED_FIRST = ("--dataset", "--num-devices")

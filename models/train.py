@@ -1,6 +1,7 @@
 """Plain, seeded training loops: AdamW, per-step cosine learning rate with a short warm-up,
-optional label smoothing or a caller's loss (knowledge distillation), a tqdm bar per epoch on
-stderr."""
+optional label smoothing or a caller's loss (knowledge distillation), optional augmentation
+(random shifts and horizontal flips), on the CPU or a CUDA device, a tqdm bar per epoch on
+stderr. Modules come back on the CPU, where pruning and export expect them."""
 
 from __future__ import annotations
 
@@ -21,6 +22,36 @@ Criterion = Callable[..., torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Augment:
+    """Per-sample random translation by up to ``shift`` pixels (zero padding) and, with
+    ``flip``, a horizontal flip half of the time. Applied to image batches [B, C, H, W]."""
+
+    shift: int = 0
+    flip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.shift > 0 or self.flip
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        if self.flip:
+            flip = (torch.rand(batch, generator=generator) < 0.5).to(images.device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.shift > 0:
+            s = self.shift
+            padded = nn.functional.pad(images, (s, s, s, s))
+            dy = torch.randint(0, 2 * s + 1, (batch,), generator=generator).to(images.device)
+            dx = torch.randint(0, 2 * s + 1, (batch,), generator=generator).to(images.device)
+            rows = (dy[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
+            sample = torch.arange(batch, device=images.device)[:, None, None, None]
+            channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+            images = padded[sample, channel, rows, cols]
+        return images
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int
     batch_size: int = 128
@@ -29,6 +60,20 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.05
     seed: int = 0
+    device: str = "cpu"
+    augment: Augment | None = None  # applied to the first input (the images) only
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cpu``/``cuda``/``cuda:N`` as given
+    (a ValueError when CUDA is asked for and missing)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}: choose auto, cpu or cuda[:N]")
+    return name
 
 
 def set_threads(threads: int | None) -> int:
@@ -72,8 +117,12 @@ def fit(
     n = len(labels)
     if n == 0 or config.epochs <= 0:
         return []
+    device = torch.device(config.device)
+    module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = int(total * config.warmup_fraction)
@@ -83,6 +132,7 @@ def fit(
     loss_fn = criterion or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
+    augment = config.augment if config.augment is not None and config.augment.active else None
     history: list[float] = []
     module.train()
     for epoch in range(config.epochs):
@@ -97,36 +147,48 @@ def fit(
         )
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            outputs = forward(*(x[idx] for x in inputs))
-            loss = loss_fn(outputs, labels[idx], *(t[idx] for t in targets))
+            batch = [x[idx].to(device, non_blocking=True) for x in inputs]
+            if augment is not None:
+                batch[0] = augment(batch[0], generator)
+            outputs = forward(*batch)
+            loss = loss_fn(outputs, labels[idx].to(device), *(t[idx].to(device) for t in targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += loss.item() * len(idx)
+            total_loss += loss.detach() * len(idx)
             seen += len(idx)
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+                bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}")
         bar.close()
-        history.append(total_loss / seen)
+        history.append(float(total_loss) / seen)
         print(
             f"[edvit build] {desc} epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f}",
             file=sys.stderr,
         )
     module.eval()
+    module.to("cpu")
     return history
 
 
 @torch.no_grad()
 def predict(
-    forward: Forward, images: torch.Tensor, batch_size: int = 512, desc: str | None = None
+    module: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 512,
+    desc: str | None = None,
+    device: str = "cpu",
 ) -> np.ndarray:
-    """Run ``forward`` over ``images`` in batches (eval mode is the caller's job)."""
+    """Run ``module`` over ``images`` in batches on ``device`` (eval mode is the caller's job);
+    the module is back on the CPU afterwards."""
     outputs = []
+    module.to(device)
     starts = range(0, len(images), batch_size)
     bar = tqdm(starts, desc=desc, file=sys.stderr, leave=False, disable=desc is None)
     for start in bar:
-        outputs.append(forward(images[start : start + batch_size]).numpy())
+        batch = images[start : start + batch_size].to(device)
+        outputs.append(module(batch).cpu().numpy())
+    module.to("cpu")
     return np.concatenate(outputs)
 
 

@@ -148,6 +148,19 @@ class SubModel(nn.Module):
         return self.vit.head(self.forward(image))
 
 
+MAX_FUSION_HIDDEN = 256
+
+
+def fusion_hidden_for(feature_dims: tuple[int, ...], num_classes: int, max_params: int) -> int:
+    """The widest hidden layer (at most ``MAX_FUSION_HIDDEN``, at least ``num_classes``) that
+    keeps a ``FusionMLP`` over ``feature_dims`` within ``max_params`` parameters. The fusion
+    runs on a board too: it should not outweigh the sub-models it fuses."""
+    inputs = sum(feature_dims) + len(feature_dims)
+    # params(h) = (inputs + 1) * h + (h + 1) * num_classes
+    widest = (max_params - num_classes) // (inputs + 1 + num_classes)
+    return int(max(num_classes, min(MAX_FUSION_HIDDEN, widest)))
+
+
 class FusionMLP(nn.Module):
     """Concatenated sub-model features + presence flags -> class logits.
 
@@ -161,7 +174,7 @@ class FusionMLP(nn.Module):
         self,
         feature_dims: tuple[int, ...],
         num_classes: int,
-        hidden_dim: int = 256,
+        hidden_dim: int = MAX_FUSION_HIDDEN,
         dropout: float = 0.1,
         drop_prob: float = 0.0,
     ) -> None:
