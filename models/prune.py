@@ -445,10 +445,10 @@ def _slice_linear(linear: nn.Linear, rows: Tensor | None, cols: Tensor | None) -
 
 
 def _slice_channels(module: nn.Module, channels: Tensor) -> None:
-    """Slice a LayerNorm / LayerScale (or nothing, for Identity) to ``channels``."""
+    """Slice a LayerNorm / RmsNorm / LayerScale (or nothing, for Identity) to ``channels``."""
     for name, param in list(module.named_parameters(recurse=False)):
         _set(module, name, param.data.index_select(0, channels))
-    if isinstance(module, nn.LayerNorm):
+    if hasattr(module, "normalized_shape"):  # nn.LayerNorm, timm's RmsNorm and SimpleNorm
         module.normalized_shape = (len(channels),)
 
 
