@@ -277,12 +277,12 @@ def validate(settings: BuildSettings) -> None:
     if settings.embed_keep_ratio is not None and not 0.0 < settings.embed_keep_ratio <= 1.0:
         raise ConfigError("--embed-keep-ratio must be in (0, 1]")
     if settings.size is not None:
-        check_shared_blocks(settings, SIZES[settings.size].depth, f"--size {settings.size}")
+        validate_shared_blocks(settings, SIZES[settings.size].depth, f"--size {settings.size}")
     if settings.shared_blocks and settings.embed_keep_ratio not in (None, 1.0):
         raise ConfigError("--shared-blocks keeps the embedding width: drop --embed-keep-ratio")
 
 
-def check_shared_blocks(settings: BuildSettings, depth: int, what: str) -> None:
+def validate_shared_blocks(settings: BuildSettings, depth: int, what: str) -> None:
     if not 0 <= settings.shared_blocks < depth:
         raise ConfigError(f"--shared-blocks must be between 0 and {depth - 1} for {what}")
 
@@ -408,7 +408,7 @@ def load_user_model(settings: BuildSettings) -> TimmModel | None:
         check_supported(user.vit)
     except NotImplementedError as exc:
         raise ConfigError(f"--model {settings.model}: edvit cannot prune it: {exc}") from None
-    check_shared_blocks(settings, len(user.vit.blocks), f"--model {settings.model}")
+    validate_shared_blocks(settings, len(user.vit.blocks), f"--model {settings.model}")
     return user
 
 
