@@ -23,10 +23,11 @@ from torch.nn import functional as F  # noqa: E402
 
 from edvit.bundle import Bundle  # noqa: E402
 from edvit.cli import main  # noqa: E402
-from edvit.datasets import load_dataset  # noqa: E402
+from edvit.datasets import Dataset, load_dataset  # noqa: E402
 from edvit.inference import FeatureExtractor  # noqa: E402
-from edvit.models.build import ORIGINAL_WEIGHTS  # noqa: E402
-from edvit.models.vit import load_timm_checkpoint  # noqa: E402
+from edvit.models.build import ORIGINAL_WEIGHTS, branch_spec, model_preprocessing  # noqa: E402
+from edvit.models.prune import count_params_after, prune_vit, score_units, select_units  # noqa: E402
+from edvit.models.vit import SubModel, count_params, load_timm_checkpoint  # noqa: E402
 from edvit.preprocess import dataset_to_model_input  # noqa: E402
 from edvit.schemas import Preprocessing  # noqa: E402
 
@@ -78,7 +79,7 @@ def save_checkpoint(path: Path, folder: Path | None = None, **kwargs: object) ->
     """A ``test_vit`` at the user's input size and classes, fine-tuned on ``folder``'s train
     images for a few seconds when given (else random), saved as timm's train.py does."""
     torch.manual_seed(0)
-    options = dict(img_size=IMG_SIZE, patch_size=PATCH, num_classes=len(CLASSES), **kwargs)
+    options = {"img_size": IMG_SIZE, "patch_size": PATCH, "num_classes": len(CLASSES), **kwargs}
     name = str(options.pop("name", NAME))
     vit = timm.create_model(name, pretrained=False, **options)
     if folder is not None:
@@ -177,6 +178,41 @@ def test_the_saved_original_is_a_checkpoint_for_the_same_model(
     assert again.architecture == Bundle.load(out).manifest.original.architecture
     for key, tensor in first.vit.state_dict().items():
         assert torch.equal(tensor, again.vit.state_dict()[key]), key
+
+
+def test_a_grey_model_at_another_size_sets_the_preprocessing(tmp_path: Path) -> None:
+    checkpoint = save_checkpoint(tmp_path / "grey.pt", in_chans=1, img_size=48)
+    model = load_timm_checkpoint(checkpoint, NAME)
+    assert model.kwargs == dict(
+        img_size=48, patch_size=PATCH, in_chans=1, num_classes=3, dynamic_img_size=False
+    )
+    images = np.zeros((2, SIDE, SIDE, 3), np.uint8)
+    data = Dataset("imagefolder", "train", images, np.zeros(2, np.int64), CLASSES)
+    pp = model_preprocessing(model, data)
+    assert (pp.channels, pp.height, pp.width, pp.interpolation) == (1, 48, 48, "linear")
+    assert pp.mean == (0.5,) and pp.std == (0.5,)  # the RGB config's, one grey channel
+    assert dataset_to_model_input(images, pp).shape == (2, 1, 48, 48)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_vit2", "test_vit4"])
+def test_timms_tiny_vits_prune_to_the_counted_size(name: str) -> None:
+    """Token and average pooling, LayerNorm and RmsNorm, layer scale: what pruning touches."""
+    torch.manual_seed(0)
+    vit = timm.create_model(name, img_size=IMG_SIZE, patch_size=PATCH, num_classes=3).eval()
+    x, y = torch.randn(8, 3, IMG_SIZE, IMG_SIZE), torch.randint(0, 3, (8,))
+
+    def loss(logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(logits, batch[1])
+
+    importance = score_units(vit, [(x, y)], loss)
+    branches = branch_spec(vit, importance.heads, importance.mlp, keep=4)
+    spec = select_units(
+        importance, vit, param_budget=count_params(vit) // 3, embed_keep_ratio=0.75, min_embed=8
+    )
+    for kept in (branches, spec):
+        pruned = prune_vit(vit, kept)
+        assert count_params(pruned) == count_params_after(vit, kept)
+        assert SubModel(pruned)(x).shape == (8, pruned.num_features)
 
 
 # --- one-line errors, before any output ---------------------------------------------------
