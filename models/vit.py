@@ -98,20 +98,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load ``state`` into ``model`` strictly; a one-line ConfigError starting with ``where``
-    and naming the first missing, unexpected or mis-shaped tensor otherwise."""
+    and naming the first mis-shaped, missing or unexpected tensor otherwise. Shapes come
+    first: another width says more than the blocks that another depth leaves missing."""
     expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key in state and tuple(state[key].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"{where}: {key} is {list(state[key].shape)} in the checkpoint but "
+                f"{list(tensor.shape)} in the model"
+            )
     missing = [k for k in expected if k not in state]
     if missing:
         raise ConfigError(f"{where}: {len(missing)} tensors missing, first {missing[0]}")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
         raise ConfigError(f"{where}: unexpected tensor {unexpected[0]}")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ConfigError(
-                f"{where}: {key} is {list(state[key].shape)} in the checkpoint but "
-                f"{list(tensor.shape)} in the model"
-            )
     model.load_state_dict(state)
 
 
