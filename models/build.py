@@ -436,7 +436,7 @@ def load_original_checkpoint(settings: BuildSettings, data: BuildData) -> Vision
     )
 
 
-def original_architecture(settings: BuildSettings, data: BuildData, user: TimmModel | None) -> str:
+def original_call(settings: BuildSettings, data: BuildData, user: TimmModel | None) -> str:
     """What the manifest names the original: the timm call that builds it."""
     if user is not None:
         return user.architecture
@@ -1081,7 +1081,7 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
         files=files,
         params=params,
         architectures=architectures,
-        original_architecture=original_architecture(settings, data, user),
+        original_architecture=original_call(settings, data, user),
     )
 
     # 7. Evaluate the exported files on the full test split, as the fleet would run them.
