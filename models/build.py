@@ -41,6 +41,13 @@ at random (``fusion_drop_prob``), so the fleet still answers with a node down.
 Preprocessing: the dataset's own channels (grey or RGB) and size, normalised with the
 per-channel mean and std of the training images, through
 ``edvit.preprocess.dataset_to_model_input`` exactly as the edge nodes do.
+
+A user's own model (``--model NAME --checkpoint FILE``): the original is timm's registered
+``NAME`` with the input size, patch size, channels and classes its checkpoint's tensors say
+(``vit.load_timm_checkpoint``); it is never trained or downloaded. Its head must have one
+class per dataset class. Preprocessing is then the model's, not the data's: images resized to
+its input size, normalised with the mean and std of the name's pretrained config (what timm
+fine-tunes with). The rest (pruning budgets, placement, fusion) is read from the model itself.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ from edvit.schemas import Preprocessing
 from .export import export_fusion, export_image_model
 from .prune import (
     PruneSpec,
+    check_supported,
     count_params_after,
     describe,
     full_spec,
@@ -104,11 +112,13 @@ from .vit import (
     SIZES,
     FusionMLP,
     SubModel,
+    TimmModel,
     architecture_name,
     check_patch_size,
     count_params,
     fusion_hidden_for,
     load_checkpoint,
+    load_timm_checkpoint,
     make_vit,
 )
 
@@ -133,7 +143,8 @@ class BuildSettings:
     num_devices: int = 3
     devices_file: str | None = None
     checkpoint: str | None = None
-    size: str = "test"
+    model: str | None = None  # a registered timm ViT name; needs checkpoint, excludes size
+    size: str | None = "test"
     epochs: int = 20
     sub_epochs: int | None = None  # default: enough epochs for sub_steps optimizer steps
     sub_steps: int = 3000
@@ -201,6 +212,8 @@ def default_settings(dataset: str, **overrides: object) -> BuildSettings:
     if dataset not in DEFAULTS:
         raise ConfigError(f"unknown dataset {dataset!r}: choose one of {', '.join(DEFAULTS)}")
     values = dict(DEFAULTS[dataset])
+    if overrides.get("model") is not None:
+        values["size"] = None  # the model is the user's: no preset (an explicit size is an error)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return BuildSettings(dataset=dataset, **values)  # type: ignore[arg-type]
 
@@ -252,8 +265,35 @@ def compute_preprocessing(train: Dataset) -> Preprocessing:
     )
 
 
+def model_preprocessing(model: TimmModel, train: Dataset) -> Preprocessing:
+    """A user's model: its channels and input size, normalised as its pretrained config says;
+    images are resized to it (area when shrinking, linear when enlarging)."""
+    side = model.img_size
+    mean, std = model.mean_std
+    shrinking = min(train.images.shape[1:3]) >= side
+    return Preprocessing(
+        channels=model.in_chans,
+        height=side,
+        width=side,
+        mean=mean,
+        std=std,
+        interpolation="area" if shrinking else "linear",
+    )
+
+
 def validate(settings: BuildSettings) -> None:
-    if settings.size not in SIZES:
+    if settings.model is not None:
+        if settings.checkpoint is None:
+            raise ConfigError(
+                f"--model {settings.model} needs --checkpoint: the weights you fine-tuned "
+                "(edvit does not download weights)"
+            )
+        if settings.size is not None:
+            raise ConfigError(
+                f"--model and --size exclude each other: --model {settings.model} is the "
+                f"architecture, --size {settings.size} a preset"
+            )
+    elif settings.size not in SIZES:
         raise ConfigError(f"unknown --size {settings.size!r}: choose one of {', '.join(SIZES)}")
     for name in ("epochs", "batch_size", "prune_steps", "budget_rounds"):
         if getattr(settings, name) < 1:
@@ -272,13 +312,15 @@ def validate(settings: BuildSettings) -> None:
         raise ConfigError("--fusion-drop-prob must be in [0, 1)")
     if settings.embed_keep_ratio is not None and not 0.0 < settings.embed_keep_ratio <= 1.0:
         raise ConfigError("--embed-keep-ratio must be in (0, 1]")
-    depth = SIZES[settings.size].depth
-    if not 0 <= settings.shared_blocks < depth:
-        raise ConfigError(
-            f"--shared-blocks must be between 0 and {depth - 1} for --size {settings.size}"
-        )
+    if settings.size is not None:
+        validate_shared_blocks(settings, SIZES[settings.size].depth, f"--size {settings.size}")
     if settings.shared_blocks and settings.embed_keep_ratio not in (None, 1.0):
         raise ConfigError("--shared-blocks keeps the embedding width: drop --embed-keep-ratio")
+
+
+def validate_shared_blocks(settings: BuildSettings, depth: int, what: str) -> None:
+    if not 0 <= settings.shared_blocks < depth:
+        raise ConfigError(f"--shared-blocks must be between 0 and {depth - 1} for {what}")
 
 
 def own_task_labels(labels: np.ndarray, subset: tuple[int, ...]) -> np.ndarray:
@@ -405,26 +447,67 @@ class BuildData:
         return len(self.inventory.devices)
 
 
-def load_data(settings: BuildSettings) -> BuildData:
-    """The inventory and the datasets; the class split and preprocessing they give."""
+def load_data(settings: BuildSettings, user: TimmModel | None = None) -> BuildData:
+    """The inventory and the datasets; the class split and preprocessing they give (the
+    ``user`` model's preprocessing when there is one)."""
     inventory = load_inventory_for(settings)
     train = load_dataset(settings.dataset, "train", settings.data_dir)
     test = load_dataset(settings.dataset, "test", settings.data_dir)
+    if user is None:
+        pp = compute_preprocessing(train)
+        check_patch_size(str(settings.size), pp.height, pp.width)
+    else:
+        check_class_count(settings, user, train)
+        pp = model_preprocessing(user, train)
     subsets = split_classes(len(train.class_names), len(inventory.devices))
-    pp = compute_preprocessing(train)
-    check_patch_size(settings.size, pp.height, pp.width)
     return BuildData(train=train, test=test, inventory=inventory, subsets=subsets, preprocessing=pp)
 
 
+def load_user_model(settings: BuildSettings) -> TimmModel | None:
+    """With --model, timm's model for the --checkpoint (see ``vit.load_timm_checkpoint``),
+    checked to be prunable. Loaded before the data and any output: a wrong checkpoint fails
+    in one line, before the images are read."""
+    if settings.model is None or settings.checkpoint is None:
+        return None
+    user = load_timm_checkpoint(settings.checkpoint, settings.model)
+    try:
+        check_supported(user.vit)
+    except NotImplementedError as exc:
+        raise ConfigError(f"--model {settings.model}: edvit cannot prune it: {exc}") from None
+    validate_shared_blocks(settings, len(user.vit.blocks), f"--model {settings.model}")
+    return user
+
+
+def check_class_count(settings: BuildSettings, user: TimmModel, train: Dataset) -> None:
+    """The checkpoint's head must classify exactly the dataset's classes."""
+    heads, classes = int(user.vit.num_classes), len(train.class_names)
+    if heads != classes:
+        where = f"--data-dir {settings.data_dir}" if settings.data_dir else settings.dataset
+        folders = " class folders" if settings.dataset == "imagefolder" else " classes"
+        raise ConfigError(
+            f"checkpoint {settings.checkpoint} has a {heads}-class head but {where} has "
+            f"{classes}{folders} ({', '.join(train.class_names[:5])}"
+            f"{', ...' if classes > 5 else ''}): the model must be fine-tuned on these classes"
+        )
+
+
 def load_original_checkpoint(settings: BuildSettings, data: BuildData) -> VisionTransformer | None:
-    """The --checkpoint's ViT, if any. Loaded before any output, so that a wrong checkpoint
-    fails in one line."""
-    if settings.checkpoint is None:
+    """The --checkpoint's ViT of a --size preset, if any. Loaded before any output, so that a
+    wrong checkpoint fails in one line."""
+    if settings.checkpoint is None or settings.size is None:
         return None
     pp = data.preprocessing
     return load_checkpoint(
         settings.checkpoint, settings.size, pp.height, pp.channels, data.num_classes
     )
+
+
+def original_call(settings: BuildSettings, data: BuildData, user: TimmModel | None) -> str:
+    """What the manifest names the original: the timm call that builds it."""
+    if user is not None:
+        return user.architecture
+    pp = data.preprocessing
+    return architecture_name(str(settings.size), pp.height, pp.channels)
 
 
 @dataclass(frozen=True)
@@ -474,7 +557,7 @@ def train_original(
     """A new ViT of the settings' size trained on every class with the settings' recipe
     (epochs, learning rate, label smoothing, augmentation)."""
     pp = data.preprocessing
-    vit = make_vit(settings.size, pp.height, pp.channels, data.num_classes)
+    vit = make_vit(str(settings.size), pp.height, pp.channels, data.num_classes)
     log(
         f"training the original ViT ({count_params(vit)} params, {settings.epochs} epochs "
         f"on {settings.device})"
@@ -889,6 +972,7 @@ def write_manifest(
     files: dict[str, str],
     params: dict,
     architectures: dict[str, dict],
+    original_architecture: str,
 ) -> None:
     pp = data.preprocessing
     manifest = Manifest(
@@ -900,7 +984,7 @@ def write_manifest(
         input_shape=(pp.channels, pp.height, pp.width),
         original={
             "file": ORIGINAL_FILE,
-            "architecture": architecture_name(settings.size, pp.height, pp.channels),
+            "architecture": original_architecture,
             "params": params["original"],
             "source": settings.checkpoint or "trained",
         },
@@ -1048,8 +1132,9 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     out = Path(out)
     started = time.time()
     threads = set_threads(settings.threads)
-    data = load_data(settings)
-    loaded = load_original_checkpoint(settings, data)
+    user = load_user_model(settings)
+    data = load_data(settings, user)
+    loaded = user.vit if user is not None else load_original_checkpoint(settings, data)
     prepare_out_dir(out, force)
     log(
         f"{settings.dataset}: {len(data.train)} train and {len(data.test)} test images, "
@@ -1103,6 +1188,7 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
         files=files,
         params=params,
         architectures=architectures,
+        original_architecture=original_call(settings, data, user),
     )
 
     # 7. Evaluate the exported files on the full test split, as the fleet would run them.

@@ -81,8 +81,18 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--checkpoint",
-        "timm ViT state_dict (torch.save) to use as the original, untrained",
+        "timm ViT state_dict (torch.save) to use as the original, untrained: of a --size "
+        "preset, or of --model",
         setting="checkpoint",
+    ),
+    Option(
+        "--model",
+        "your own timm ViT: the registered name (e.g. deit_tiny_patch16_224) the --checkpoint "
+        "was fine-tuned from; its input size, patch size, channels and classes are read from "
+        "the checkpoint, images are resized and normalised as the model expects (needs "
+        "--checkpoint; excludes --size; nothing is downloaded)",
+        metavar="TIMM_NAME",
+        setting="model",
     ),
     Option("--out", "bundle folder to write", required=True),
     Option(

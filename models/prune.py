@@ -79,7 +79,8 @@ class PruneSpec:
 # Structure
 
 
-def _check_supported(vit: VisionTransformer) -> None:
+def check_supported(vit: VisionTransformer) -> None:
+    """NotImplementedError naming the first part of ``vit`` that pruning cannot handle."""
     if vit.attn_pool is not None:
         raise NotImplementedError("attention pooling heads are not supported")
     for index, block in enumerate(vit.blocks):
@@ -204,7 +205,7 @@ def _stem_params(vit: VisionTransformer, width: int) -> int:
 
 def count_params_after(vit: VisionTransformer, spec: PruneSpec) -> int:
     """The exact parameter count of ``prune_vit(vit, spec)``, without building it."""
-    _check_supported(vit)
+    check_supported(vit)
     width = len(spec.embed)
     total = _stem_params(vit, width)
     for b, block in enumerate(vit.blocks):
@@ -285,7 +286,7 @@ def score_units(
     the logits ``vit(images)``. The model's weights, ``.grad``, ``requires_grad`` flags and
     train/eval mode are left as they were; scoring runs in eval mode.
     """
-    _check_supported(vit)
+    check_supported(vit)
     blocks = list(vit.blocks)
     groups = _embed_groups(vit) if embed else []
     width = int(vit.embed_dim)
@@ -444,10 +445,10 @@ def _slice_linear(linear: nn.Linear, rows: Tensor | None, cols: Tensor | None) -
 
 
 def _slice_channels(module: nn.Module, channels: Tensor) -> None:
-    """Slice a LayerNorm / LayerScale (or nothing, for Identity) to ``channels``."""
+    """Slice a LayerNorm / RmsNorm / LayerScale (or nothing, for Identity) to ``channels``."""
     for name, param in list(module.named_parameters(recurse=False)):
         _set(module, name, param.data.index_select(0, channels))
-    if isinstance(module, nn.LayerNorm):
+    if hasattr(module, "normalized_shape"):  # nn.LayerNorm, timm's RmsNorm and SimpleNorm
         module.normalized_shape = (len(channels),)
 
 
@@ -525,7 +526,7 @@ def _check_spec(vit: VisionTransformer, spec: PruneSpec) -> None:
 
 def prune_vit(vit: VisionTransformer, spec: PruneSpec) -> VisionTransformer:
     """A new, pruned ``VisionTransformer`` keeping the units in ``spec``; ``vit`` is untouched."""
-    _check_supported(vit)
+    check_supported(vit)
     _check_spec(vit, spec)
     pruned = copy.deepcopy(vit)
     channels = _index(sorted(spec.embed), pruned.patch_embed.proj.weight.device)

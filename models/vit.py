@@ -1,12 +1,18 @@
-"""The networks: a timm VisionTransformer sized for small grey images, the sub-model wrapper
-that turns it into a feature extractor, and the fusion MLP."""
+"""The networks: a timm VisionTransformer sized for small grey images (or a user's own
+registered timm ViT, built for its checkpoint), the sub-model wrapper that turns it into a
+feature extractor, and the fusion MLP."""
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -68,9 +74,11 @@ def check_patch_size(size: str, height: int, width: int) -> None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict saved with torch.save, bare or under a "state_dict" / "model" key."""
+    """A state_dict saved with torch.save, bare or under a "state_dict" / "model" key (as timm's
+    train.py saves it, with its argparse arguments), without DDP's "module." prefix."""
     try:
-        raw = torch.load(Path(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} not found") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
@@ -83,7 +91,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ConfigError(f"checkpoint {path} holds no state_dict of tensors")
+    if raw and all(isinstance(k, str) and k.startswith("module.") for k in raw):
+        raw = {k.removeprefix("module."): v for k, v in raw.items()}
     return raw
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` into ``model`` strictly; a one-line ConfigError starting with ``where``
+    and naming the first mis-shaped, missing or unexpected tensor otherwise. Shapes come
+    first: another width says more than the blocks that another depth leaves missing."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key in state and tuple(state[key].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"{where}: {key} is {list(state[key].shape)} in the checkpoint but "
+                f"{list(tensor.shape)} in the model"
+            )
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ConfigError(f"{where}: {len(missing)} tensors missing, first {missing[0]}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ConfigError(f"{where}: unexpected tensor {unexpected[0]}")
+    model.load_state_dict(state)
 
 
 def load_checkpoint(
@@ -93,29 +123,133 @@ def load_checkpoint(
     ConfigError naming the first missing, unexpected or mis-shaped tensor otherwise."""
     state = read_state_dict(path)
     vit = make_vit(size, img_size, in_chans, num_classes)
-    expected = vit.state_dict()
     where = (
         f"checkpoint {path} does not match ViT size {size!r} for {img_size}x{img_size}x{in_chans}"
     )
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ConfigError(f"{where}: {len(missing)} tensors missing, first {missing[0]}")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise ConfigError(f"{where}: unexpected tensor {unexpected[0]}")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ConfigError(
-                f"{where}: {key} is {list(state[key].shape)} in the checkpoint but "
-                f"{list(tensor.shape)} in the model"
-            )
-    vit.load_state_dict(state)
+    load_matching(vit, state, where)
     return vit.eval()
 
 
 def architecture_name(size: str, img_size: int, in_chans: int) -> str:
     fields = ",".join(f"{k}={v}" for k, v in asdict(SIZES[size]).items())
     return f"timm.VisionTransformer(size={size},img_size={img_size},in_chans={in_chans},{fields})"
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's own timm ViT (--model NAME --checkpoint FILE)
+
+# What a fine-tuned checkpoint may change from its timm name's architecture (read from its
+# tensors); depth, width and heads are the name's.
+INFERRED = ("img_size", "patch_size", "in_chans", "num_classes")
+CLOSE_NAMES = 5
+
+
+@dataclass(frozen=True)
+class TimmModel:
+    """A registered timm ViT built for a checkpoint: the name, the keyword arguments inferred
+    from the checkpoint's tensors, and the model with the checkpoint's weights."""
+
+    name: str
+    kwargs: dict[str, object]
+    vit: VisionTransformer
+
+    @property
+    def architecture(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
+        return f"timm.create_model({self.name!r}{args})"
+
+    @property
+    def img_size(self) -> int:
+        return int(self.kwargs["img_size"])  # type: ignore[call-overload]
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.kwargs["in_chans"])  # type: ignore[call-overload]
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The normalisation the name's pretrained config uses (timm's default_cfg), one value
+        per input channel (a grey model: the mean over RGB)."""
+        cfg = self.vit.pretrained_cfg
+        mean = tuple(float(m) for m in cfg.get("mean") or IMAGENET_DEFAULT_MEAN)
+        std = tuple(float(s) for s in cfg.get("std") or IMAGENET_DEFAULT_STD)
+        if self.in_chans == 1 and len(mean) != 1:
+            return (sum(mean) / len(mean),), (sum(std) / len(std),)
+        return mean, std
+
+
+def check_timm_name(name: str) -> None:
+    """A ConfigError naming a few registered ViTs close to ``name`` unless timm knows it."""
+    if timm.is_model(name):
+        return
+    known = timm.list_models(["*vit*", "*deit*"])
+    close = difflib.get_close_matches(name, known, n=CLOSE_NAMES, cutoff=0.5) or known[:CLOSE_NAMES]
+    raise ConfigError(
+        f"--model {name!r} is not a timm model; close names: {', '.join(close)} "
+        "(timm.list_models('*vit*') lists them all)"
+    )
+
+
+def infer_timm_kwargs(
+    state: dict[str, torch.Tensor], probe: VisionTransformer, where: str
+) -> dict[str, object]:
+    """img_size, patch_size, in_chans and num_classes from the checkpoint's patch embedding,
+    position embedding and head. ``probe``: the name's model with its defaults."""
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None or proj.dim() != 4:
+        raise ConfigError(f"{where}: no patch_embed.proj.weight [embed, channels, patch, patch]")
+    _, in_chans, patch_h, patch_w = proj.shape
+    if patch_h != patch_w:
+        raise ConfigError(f"{where}: only square patches are supported, got {patch_h}x{patch_w}")
+    if in_chans not in (1, 3):
+        raise ConfigError(f"{where}: {in_chans} input channels; edvit supports 1 (grey) or 3")
+    head = state.get("head.weight")
+    if head is None or head.dim() != 2:
+        raise ConfigError(
+            f"{where}: no head.weight [classes, embed]: the checkpoint needs the classifier "
+            "it was fine-tuned with"
+        )
+    img_size = int(probe.patch_embed.img_size[0])
+    pos_embed = state.get("pos_embed")
+    if pos_embed is not None and pos_embed.dim() == 3:
+        prefix = 0 if probe.no_embed_class else int(probe.num_prefix_tokens)
+        grid = int(pos_embed.shape[1]) - prefix
+        side = math.isqrt(max(grid, 0))
+        if grid < 1 or side * side != grid:
+            raise ConfigError(
+                f"{where}: pos_embed has {pos_embed.shape[1]} tokens, not {prefix} prefix "
+                "tokens and a square grid of patches"
+            )
+        img_size = side * int(patch_h)
+    return {
+        "img_size": img_size,
+        "patch_size": int(patch_h),
+        "in_chans": int(in_chans),
+        "num_classes": int(head.shape[0]),
+    }
+
+
+def load_timm_checkpoint(path: str | Path, name: str) -> TimmModel:
+    """timm's ``name`` (never downloaded: pretrained=False) with what checkpoint ``path``
+    changed (``INFERRED``) and its weights, loaded strictly. A one-line ConfigError for an
+    unknown name, a model that is not a plain timm VisionTransformer, or a checkpoint that
+    does not match it (naming the first missing, unexpected or mis-shaped tensor)."""
+    check_timm_name(name)
+    state = read_state_dict(path)
+    with torch.device("meta"):  # only its structure: no memory, no initialisation cost
+        probe = timm.create_model(name, pretrained=False)
+    if type(probe) is not VisionTransformer:
+        raise ConfigError(
+            f"--model {name!r} is a timm {type(probe).__name__}; edvit prunes plain "
+            "timm VisionTransformer models (ViT, DeiT)"
+        )
+    where = f"checkpoint {path} does not match timm model {name!r}"
+    # Fixed input size: the bundle's preprocessing resizes every frame to it.
+    kwargs = {**infer_timm_kwargs(state, probe, where), "dynamic_img_size": False}
+    vit = timm.create_model(name, pretrained=False, **kwargs)
+    where = f"{where} with {', '.join(f'{k}={kwargs[k]}' for k in INFERRED)}"
+    load_matching(vit, state, where)
+    return TimmModel(name=name, kwargs=kwargs, vit=vit.eval())
 
 
 def replace_head(vit: VisionTransformer, num_classes: int) -> None:
