@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := mosquitto dataset-fashion-mnist
 
-.PHONY: demo test system-packages benchmark-ed-vit benchmark-batching benchmark-slicing clean
+.PHONY: demo test system-packages benchmark-ed-vit benchmark-original benchmark-batching benchmark-slicing clean
 
 demo: system-packages $(VENV)/.runtime
 	$(BIN)/edvit demo
@@ -17,10 +17,16 @@ test: system-packages $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-# ED-ViT on Fashion-MNIST for N = 2, 3, 5, 10 (about 40 minutes on one core; see README).
+# ED-ViT at the defaults (no tuning flags) for N = 2, 3, 5, 10 from the shipped converged
+# original, then digits (trains its own original). Hours on 2 cores; see README.
 benchmark-ed-vit: system-packages $(VENV)/.dev
-	$(BIN)/python benchmarks/ed_vit.py --dataset fashion-mnist --devices 2 3 5 10 --out runs/ed_vit --threads 1 --epochs 4 --sub-epochs 4 --fusion-epochs 10
-	$(BIN)/python benchmarks/ed_vit.py --dataset fashion-mnist --devices 10 --out runs/ed_vit_n10 --threads 1 --checkpoint runs/ed_vit/fashion-mnist-2/original.pt --sub-epochs 8 --fusion-epochs 20 --results runs/ed_vit_n10 --plot runs/ed_vit_n10/plot.png
+	$(BIN)/python benchmarks/ed_vit.py --dataset fashion-mnist --devices 2 3 5 10 --out runs/ed_vit --checkpoint benchmarks/checkpoints/fashion-mnist-small.pt --reuse
+	$(BIN)/python benchmarks/ed_vit.py --dataset digits --devices 2 3 5 --out runs/ed_vit --reuse --plot runs/ed_vit/digits.png
+
+# The converged original: Fashion-MNIST, small preset, the default recipe (40 epochs with
+# shifts and flips). About 100 minutes on 2 cores; minutes with --device cuda.
+benchmark-original: system-packages $(VENV)/.dev
+	$(BIN)/python benchmarks/original_recipe.py --dataset fashion-mnist --out runs/fashion-mnist-small.pt --json runs/fashion-mnist-small.json
 
 # Simulated cameras against one node (a few minutes).
 benchmark-batching: system-packages $(VENV)/.runtime

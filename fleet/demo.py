@@ -3,6 +3,7 @@ as separate processes on this machine; live predictions and a summary at the end
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edvit.broker.local import LocalBroker
-from edvit.bundle import Bundle
+from edvit.bundle import REPORT_NAME, Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
 from edvit.fleet.deploy import deploy
@@ -65,6 +66,22 @@ class Summary:
         return "\n".join(lines)
 
 
+def bundle_summary(bundle_dir: Path) -> str:
+    """Which bundle the demo runs and what its report says it cuts (size, latency, accuracy)."""
+    manifest = Bundle.load(bundle_dir).manifest
+    text = f"{manifest.name} at {bundle_dir}: {len(manifest.submodels)} sub-models"
+    try:
+        report = json.loads((bundle_dir / REPORT_NAME).read_text())
+        ratios, acc = report["ratios"], report["accuracy"]
+        return (
+            f"{text}, each at least {ratios['size']:.1f}x smaller and "
+            f"{ratios['latency']:.1f}x faster than the original; accuracy "
+            f"{acc['fused']:.2%} fused vs {acc['original']:.2%}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{text} (no readable {REPORT_NAME})"
+
+
 def run_demo(
     bundle_dir: Path = DEFAULT_BUNDLE,
     *,
@@ -86,6 +103,7 @@ def run_demo(
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="edvit-demo-"))
     say = (lambda *_: None) if quiet else print
 
+    say(f"bundle    {bundle_summary(bundle_dir)}")
     with LocalBroker(kind=broker_kind) as broker:  # type: ignore[arg-type]
         say(f"broker    {broker.kind} at {broker.url}")
         plan = deploy(bundle, broker.url)

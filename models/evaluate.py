@@ -322,6 +322,7 @@ def evaluate_bundle(
             "sum_params_over_original": sum(s["params"] for s in submodels.values())
             / original["params"],
             "flops": original["flops"] / max(s["flops"] for s in submodels.values()),
+            "fusion_params_over_largest_submodel": fusion["params"] / largest,
         },
         "measured_on": {
             "cpu": cpu_name(),
@@ -366,6 +367,13 @@ def format_table(report: Mapping[str, Any]) -> str:
         f"- latency: {ratios['latency']:.3f}x",
         f"- FLOPs: {ratios['flops']:.3f}x",
         f"- sum of sub-model params / original params: {ratios['sum_params_over_original']:.3f}",
+    ]
+    if "fusion_params_over_largest_submodel" in ratios:  # reports before the fusion was sized
+        lines.append(
+            "- fusion params / largest sub-model params: "
+            f"{ratios['fusion_params_over_largest_submodel']:.3f}"
+        )
+    lines += [
         "",
         f"Measured on {where['cpu']}, {where['threads']} thread(s), "
         f"onnxruntime {where['onnxruntime']}, batch 1.",

@@ -72,6 +72,13 @@ def test_every_submodel_is_n_times_smaller_and_all_fit_in_the_original(
         assert spec.architecture["embed_dim"] == spec.feature_dim
 
 
+def test_the_fusion_is_smaller_than_the_largest_submodel(built: tuple[Path, dict]) -> None:
+    report = built[1]
+    largest = max(s["params"] for s in report["submodels"].values())
+    assert report["fusion"]["params"] < largest
+    assert report["ratios"]["fusion_params_over_largest_submodel"] < 1.0
+
+
 def test_fused_accuracy_stays_close_to_the_original(built: tuple[Path, dict]) -> None:
     acc = built[1]["accuracy"]
     assert acc["fused"] >= acc["original"] - MAX_FUSED_DROP
