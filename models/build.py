@@ -3,8 +3,9 @@ N devices, prune one class-specific sub-model per subset, fine-tune it with dist
 place the sub-models on the devices, train the fusion MLP, export everything to ONNX and
 write a verified bundle with its report.
 
-Sub-models (``make_submodel``). For a class subset S, the data is every training image of S
-plus an equal-sized sample of 'other' images; its task is |S| classes + 'other'. A sub-model
+Sub-models (``make_submodel``). For a class subset S, the data is every training image (or,
+with ``other_ratio``, the images of S plus a sample of the rest); its task is |S| classes +
+'other'. A sub-model
 keeps the original's 10-way head during training and reads it *folded* to the sub-task
 (``train.fold_log_probs``: the classes of S, then 'other' = the sum of the rest), so the
 teacher and the student speak the same sub-task with no new head to learn.
@@ -26,8 +27,10 @@ teacher and the student speak the same sub-task with no new head to learn.
    ``recover_epochs`` of distillation fine-tuning after each step. The embedding keeps
    ``embed_keep_ratio`` of its channels (by N: 1.0 up to 2 devices, 0.75 up to 4, else 0.5),
    narrowed further if the budget cannot be met otherwise.
-3. Recovery. ``sub_epochs`` of fine-tuning with knowledge distillation from the original:
-   ``alpha * CE + (1 - alpha) * T^2 * KL`` on the folded probabilities (``train.Distillation``).
+3. Recovery. Fine-tuning with knowledge distillation from the original:
+   ``alpha * CE + (1 - alpha) * T^2 * KL`` on the folded probabilities (``train.Distillation``),
+   for ``sub_steps`` optimizer steps (``recover_steps`` after each pruning step) whatever N and
+   the dataset size, unless ``sub_epochs`` / ``recover_epochs`` fix the epochs.
 
 Placement. Each exported sub-model is an item (ONNX file MB, measured ORT latency at batch 1,
 one thread) for ``assignment.assign`` on the inventory (``--devices`` file or N identical
@@ -35,8 +38,10 @@ devices). When nothing fits, ``assignment.shrink_budgets`` gives smaller memory 
 sub-models concerned are pruned again from the original to the matching parameter budget
 (MB over the sub-model's bytes per parameter) and retrained, up to ``budget_rounds`` times.
 
-Fusion. The MLP over the concatenated features is trained with whole sub-model blocks dropped
-at random (``fusion_drop_prob``), so the fleet still answers with a node down.
+Fusion. The MLP over the concatenated features is distilled from the original's logits with
+whole sub-model blocks dropped at random (``fusion_drop_prob``), so the fleet still answers
+with a node down. Its hidden width is the widest that keeps it at most ``FUSION_SHARE`` of the
+largest sub-model (``vit.fusion_hidden_for``): it runs on a board too.
 
 Preprocessing: the dataset's own channels (grey or RGB) and size, normalised with the
 per-channel mean and std of the training images, through
