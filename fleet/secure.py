@@ -148,7 +148,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
                 f"topic read {t}/cameras/+/frame",
                 f"topic read {t}/cameras/+/tokens",
                 f"topic write {t}/features/#",
-                f"topic readwrite {t}/nodes/{node}/status",
+                f"topic write {t}/nodes/{node}/status",
             ],
         )
     for camera in identities.cameras:
@@ -160,7 +160,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
                 f"topic read {t}/models/#",
                 f"topic write {t}/cameras/{camera}/frame",
                 f"topic write {t}/cameras/{camera}/tokens",
-                f"topic readwrite {t}/cameras/{camera}/status",
+                f"topic write {t}/cameras/{camera}/status",
             ],
         )
     return "\n".join(out)
@@ -205,10 +205,13 @@ class _Authority:
         if self.created:
             self.key = ec.generate_private_key(ec.SECP256R1())
             now = datetime.datetime.now(datetime.timezone.utc)
+            # A name of its own per fleet: a certificate from another fleet's CA is then
+            # reported as "unable to get local issuer certificate", not a signature failure.
+            name = _name(f"edvit fleet CA {secrets.token_hex(4)}")
             self.cert = (
                 x509.CertificateBuilder()
-                .subject_name(_name("edvit fleet CA"))
-                .issuer_name(_name("edvit fleet CA"))
+                .subject_name(name)
+                .issuer_name(name)
                 .public_key(self.key.public_key())
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
