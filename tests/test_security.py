@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.cli import main
 from edvit.fleet import secure
+from edvit.mqtt import Connection
 from edvit.topics import Topics
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
@@ -379,3 +380,59 @@ def test_the_embedded_broker_refuses_secure(secured: SecureBroker, capsys) -> No
     code = main(["broker", "--kind", "embedded", "--secure", str(secured.dir)])
     err = capsys.readouterr().err
     assert code == 2 and "--secure needs mosquitto" in err
+
+
+# -- a small fleet over TLS ------------------------------------------------------------------
+
+
+def _login(sb: SecureBroker, identity: str) -> dict[str, str]:
+    home = sb.files(identity)
+    return {
+        "EDVIT_CA": str(sb.dir / "ca.crt"),
+        "EDVIT_CERT": str(home / "client.crt"),
+        "EDVIT_KEY": str(home / "client.key"),
+        "EDVIT_USERNAME": identity,
+        "EDVIT_PASSWORD_FILE": str(home / "password"),
+    }
+
+
+def _connection(sb: SecureBroker, identity: str) -> Connection:
+    login = _login(sb, identity)
+    return Connection(
+        f"mqtts://localhost:{sb.broker.port}", ca=login["EDVIT_CA"], cert=login["EDVIT_CERT"],
+        key=login["EDVIT_KEY"], username=identity, password_file=login["EDVIT_PASSWORD_FILE"],
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_fleet_answers_frames_over_tls(secured: SecureBroker, tmp_path: Path) -> None:
+    """deploy, one node, the aggregator and a camera, each with its own identity, and the
+    dashboard watching: every frame is answered, through the ACL."""
+    from edvit.bundle import Bundle
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+    from edvit.fleet.deploy import deploy
+    from edvit.fleet.local import LocalFleet
+    from edvit.fleet.watch import PredictionStream
+
+    frames = 4
+    plan = deploy(Bundle.load(DEFAULT_BUNDLE), _connection(secured, "deploy"), ["node-0"])
+    dashboard = _connection(secured, "dashboard")
+    with LocalFleet(dashboard, tmp_path / "logs") as fleet:
+        fleet.spawn("node-0", "node", "--id", "node-0", env=_login(secured, "node-0"))
+        fleet.spawn("aggregator", "aggregator", env=_login(secured, "aggregator"))
+        stream = PredictionStream(dashboard, camera="cam0")
+        stream.start()
+        try:
+            fleet.wait_ready(plan, timeout=90)
+            fleet.spawn(
+                "cam0", "camera", "--id", "cam0", "--source", "dataset:fashion-mnist",
+                "--count", str(frames), "--fps", "5", env=_login(secured, "cam0"),
+            )  # fmt: skip
+            seqs = set()
+            while len(seqs) < frames:
+                fleet.check_alive()
+                seqs.add(stream.queue.get(timeout=30).seq)
+        finally:
+            stream.stop()
+        codes = fleet.stop()
+    assert all(code == 0 for code in codes.values()), codes
