@@ -39,7 +39,7 @@ import numpy as np
 from edvit.errors import BadPayload, ConfigError
 from edvit.inference import Fusion, softmax
 from edvit.lease import Lease
-from edvit.mqtt import MqttClient, Transport, unique_client_id
+from edvit.mqtt import Connection, MqttClient, Transport, unique_client_id
 from edvit.retained import PlanFollower
 from edvit.schemas import (
     FUSION_MODEL_ID,
@@ -155,7 +155,7 @@ def serves(status: StatusMsg | None, plan_id: str) -> bool:
 class Aggregator:
     def __init__(
         self,
-        broker: str = "",
+        broker: str | Connection = "",
         *,
         client: Transport | None = None,
         topics: Topics | None = None,

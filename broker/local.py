@@ -96,6 +96,53 @@ def mosquitto_config(host: str, port: int) -> str:
     )
 
 
+def secure_mosquitto_config(directory: Path, host: str, port: int, user: str) -> str:
+    """The mosquitto 2.x config `edvit secure init` writes to DIR/broker/mosquitto.conf: one
+    TLS listener (no plain one), a client certificate signed by DIR/ca.crt required on top
+    of a username and password, the ACL, and the same packet limit as the plain broker.
+
+    `user`: mosquitto started as root drops to this user before it reads the key, password
+    and ACL files, which are owner-only; `edvit secure init` makes it the files' owner
+    (README, "Security"). "root" keeps root (mosquitto then changes no user).
+    """
+    broker = directory.resolve() / "broker"
+    return "\n".join(
+        (
+            "# Written by `edvit secure init`; `edvit broker --secure DIR` runs it.",
+            f"listener {port} {host}",
+            f"certfile {broker / 'server.crt'}",
+            f"keyfile {broker / 'server.key'}",
+            f"cafile {directory.resolve() / 'ca.crt'}",
+            "require_certificate true",
+            "tls_version tlsv1.2",
+            "allow_anonymous false",
+            f"password_file {broker / 'passwd'}",
+            f"acl_file {broker / 'acl'}",
+            f"user {user}",
+            "persistence false",
+            "set_tcp_nodelay true",
+            f"max_packet_size {MAX_PACKET_BYTES}",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "log_timestamp true",
+            "",
+        )
+    )
+
+
+def with_listener(config: str, host: str, port: int) -> str:
+    """A mosquitto config with its (one) `listener` line moved to host:port."""
+    lines = config.splitlines()
+    listeners = [i for i, line in enumerate(lines) if line.split()[:1] == ["listener"]]
+    if len(listeners) != 1:
+        raise BrokerError(f"expected one `listener` line in the config, found {len(listeners)}")
+    lines[listeners[0]] = f"listener {port} {host}"
+    return "\n".join(lines) + "\n"
+
+
 def wait_for_port(host: str, port: int, deadline: float) -> bool:
     """Try a TCP connect until it succeeds or the deadline (a monotonic time) passes."""
     while time.monotonic() < deadline:
@@ -116,12 +163,21 @@ class LocalBroker:
         host: str = "127.0.0.1",
         kind: KindArg = "auto",
         log_path: Path | None = None,
+        secure_config: Path | None = None,
     ) -> None:
+        """`secure_config`: a config written by `edvit secure init` (TLS, logins, ACL), run
+        with its listener moved to host:port; mosquitto only."""
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range 0-65535")
         self._host = host
         self._port = port if port else find_free_port(host)
         self._kind = resolve_kind(kind)
+        if secure_config is not None and self._kind != "mosquitto":
+            raise BrokerError(
+                "the embedded amqtt broker cannot run a secure config (TLS, passwords, ACL); "
+                "install mosquitto"
+            )
+        self._secure_config = secure_config
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -142,7 +198,8 @@ class LocalBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self._host}:{self._port}"
+        scheme = "mqtts" if self._secure_config else "mqtt"
+        return f"{scheme}://{self._host}:{self._port}"
 
     @property
     def running(self) -> bool:
@@ -231,7 +288,15 @@ class LocalBroker:
             if binary is None:
                 raise BrokerError("mosquitto is not installed; use kind='embedded'")
             conf = workdir / "mosquitto.conf"
-            conf.write_text(mosquitto_config(self._host, self._port), encoding="utf-8")
+            if self._secure_config is None:
+                text = mosquitto_config(self._host, self._port)
+            else:
+                try:
+                    base = self._secure_config.read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise BrokerError(f"cannot read {self._secure_config}: {exc}") from None
+                text = with_listener(base, self._host, self._port)
+            conf.write_text(text, encoding="utf-8")
             return [binary, "-c", str(conf)]
         return [
             sys.executable,

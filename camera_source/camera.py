@@ -15,7 +15,7 @@ import numpy as np
 
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
-from edvit.mqtt import MqttClient
+from edvit.mqtt import Connection, MqttClient
 from edvit.schemas import Encoding, FeatureDtype, FrameMsg, StatusMsg, TokensMsg, encode
 from edvit.topics import Topics, validate_id
 
@@ -92,7 +92,7 @@ class Camera:
     def __init__(
         self,
         camera_id: str,
-        broker: str,
+        broker: str | Connection,
         source: str,
         *,
         fps: float = 10.0,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edvit.errors import BadPayload, ConfigError
-from edvit.mqtt import MqttClient, Transport
+from edvit.mqtt import Connection, MqttClient, Transport
 from edvit.preprocess import decode_frame, to_model_input
 from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
@@ -126,7 +126,7 @@ class EdgeNode:
     def __init__(
         self,
         node_id: str,
-        broker: str = "",
+        broker: str | Connection = "",
         *,
         client: Transport | None = None,
         topics: Topics | None = None,

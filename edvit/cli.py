@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edvit import __version__
 from edvit.errors import ConfigError, EdvitError
-from edvit.mqtt import DEFAULT_BROKER
+from edvit.mqtt import DEFAULT_BROKER, Connection
 from edvit.service import (
     configure_logging,
     ignore_stop_signals,
@@ -62,8 +62,18 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument(
         "--broker",
         default=os.environ.get("EDVIT_BROKER", DEFAULT_BROKER),
-        help="MQTT broker address, mqtt://HOST:PORT (env EDVIT_BROKER; default %(default)s)",
+        help="MQTT broker address, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS "
+        "(env EDVIT_BROKER; default %(default)s)",
     )
+    # The login and TLS files (README, "Security"); a password only ever comes from a file.
+    for option, env, text in (
+        ("--ca", "EDVIT_CA", "CA certificate the broker's certificate must chain to"),
+        ("--cert", "EDVIT_CERT", "this client's certificate (with --key)"),
+        ("--key", "EDVIT_KEY", "this client's private key"),
+        ("--username", "EDVIT_USERNAME", "MQTT username (a node's or camera's is its id)"),
+        ("--password-file", "EDVIT_PASSWORD_FILE", "file holding the MQTT password"),
+    ):
+        common.add_argument(option, default=os.environ.get(env) or None, help=f"{text} (env {env})")
     common.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help="topic prefix (default %(default)s)"
     )
@@ -71,6 +81,16 @@ def _common() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return common
+
+
+def connection(args: argparse.Namespace) -> Connection:
+    """The broker address and login every command's --broker and friends describe."""
+    settings = Connection(
+        args.broker, ca=args.ca, cert=args.cert, key=args.key, username=args.username,
+        password_file=args.password_file,
+    )  # fmt: skip
+    settings.check()
+    return settings
 
 
 def _run_service(*services: object) -> int:
@@ -89,7 +109,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from edvit.edge_node.node import EdgeNode
 
     node = EdgeNode(
-        args.id, args.broker, topics=Topics(args.prefix), threads=args.threads,
+        args.id, connection(args), topics=Topics(args.prefix), threads=args.threads,
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         newest_only=not args.keep_all_frames, strategy=args.strategy,
         memory_mb=args.memory_mb, speed=args.speed,
@@ -105,7 +125,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         factor=args.deadline_factor,
     )  # fmt: skip
     aggregator = Aggregator(
-        args.broker, topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
+        connection(args), topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
         instance=args.id, lease_ttl_s=args.lease_ttl_s,
     )  # fmt: skip
     services: list[object] = []
@@ -128,7 +148,7 @@ def cmd_camera(args: argparse.Namespace) -> int:
     from edvit.camera_source.camera import Camera
 
     camera = Camera(
-        args.id, args.broker, args.source, fps=args.fps, count=args.count, loop=args.loop,
+        args.id, connection(args), args.source, fps=args.fps, count=args.count, loop=args.loop,
         enc=args.enc, data_dir=args.data_dir, topics=Topics(args.prefix),
         head_slices=args.head_slices, tokens_dtype=args.tokens_dtype,
     )  # fmt: skip
@@ -146,11 +166,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
     topics = Topics(args.prefix)
     if args.clear:
-        clear(bundle, args.broker, topics)
+        clear(bundle, connection(args), topics)
         print(f"cleared the plan and models of {args.bundle} from {args.broker}")
         return 0
     nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
-    plan = deploy(bundle, args.broker, nodes, topics)
+    plan = deploy(bundle, connection(args), nodes, topics)
     print(f"deployed plan {plan.plan_id} to {args.broker}")
     for node, ids in plan.assignments.items():
         print(f"  {node}: {', '.join(ids) or '(nothing)'}")
@@ -161,7 +181,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from edvit.fleet.watch import watch
 
     watch(
-        args.broker, camera=args.camera, count=args.count, as_json=args.json,
+        connection(args), camera=args.camera, count=args.count, as_json=args.json,
         topics=Topics(args.prefix), stop=stop_on_signals(),
     )  # fmt: skip
     return 0
@@ -185,6 +205,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from edvit.broker import cli as broker_cli
 
     return broker_cli.run(args)
+
+
+def cmd_secure(args: argparse.Namespace) -> int:
+    from edvit.fleet import secure
+
+    return secure.run(args)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -240,7 +266,7 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
-    from edvit.fleet import plan
+    from edvit.fleet import plan, secure
     from edvit.models import cli as build_cli
     from edvit.models import evaluate
 
@@ -257,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("broker", cmd_broker, "start a local MQTT broker (mosquitto, else embedded amqtt)")
     broker_cli.add_arguments(p)
+
+    p = add("secure", cmd_secure, "CA, certificates, passwords and ACL for a TLS broker")
+    secure.add_arguments(p)
 
     p = add("build", cmd_build, "train a ViT, make class-wise sub-models and fusion, export ONNX")
     build_cli.add_arguments(p)

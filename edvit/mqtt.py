@@ -12,12 +12,14 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
@@ -31,6 +33,7 @@ from edvit.schemas import OFFLINE_STATUS, StatusMsg, encode
 Handler = Callable[[str, bytes], None]
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 # Fleet timing (README, "Failure behaviour"): a client pings the broker after KEEPALIVE_S
 # of silence and the broker gives up on it (and sends its Will) after 1.5x that, so a board
 # that loses power or network is declared offline within ~8 s; a frozen node is caught
@@ -46,22 +49,107 @@ PUBLISH_TIMEOUT_S = 30.0
 class BrokerAddress:
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """Accept mqtt://host:port, host:port or host (port 1883)."""
+        """Accept mqtt://host:port, mqtts://host:port (TLS, default port 8883), host:port or
+        host (port 1883)."""
         text = url if "://" in url else f"mqtt://{url}"
         try:
             parsed = urlparse(text)
-            port = parsed.port or 1883
+            port = parsed.port or DEFAULT_PORTS.get(parsed.scheme, 1883)
         except ValueError as exc:
             raise ConfigError(f"bad broker address {url!r}: {exc}") from None
-        if parsed.scheme not in ("mqtt", "tcp") or not parsed.hostname:
-            raise ConfigError(f"bad broker address {url!r}: expected mqtt://HOST:PORT")
-        return cls(parsed.hostname, port)
+        if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname:
+            raise ConfigError(
+                f"bad broker address {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
+            )
+        return cls(parsed.hostname, port, tls=parsed.scheme in ("mqtts", "ssl"))
 
     def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the broker is and how to log in: the `--broker`, `--ca`, `--cert`, `--key`,
+    `--username` and `--password-file` options (README, "Security"). The password is read
+    from a file, never given on a command line, where `ps` would show it."""
+
+    url: str = DEFAULT_BROKER
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress.parse(self.url)
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+    def check(self) -> None:
+        """ConfigError, naming the option or file, for settings that cannot work: TLS files
+        without mqtts://, a certificate without its key, a file that is missing or
+        unreadable, a password file without a username."""
+        address = self.address
+        if not address.tls and (self.ca or self.cert or self.key):
+            raise ConfigError(f"--ca/--cert/--key need an mqtts:// broker, not {address}")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("--cert and --key go together: give both or neither")
+        if self.password_file and not self.username:
+            raise ConfigError("--password-file needs --username")
+        for option, path in (
+            ("--ca", self.ca), ("--cert", self.cert), ("--key", self.key),
+            ("--password-file", self.password_file),
+        ):  # fmt: skip
+            if path is not None:
+                _read_file(option, path)
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        text = _read_file("--password-file", self.password_file).decode("utf-8", "replace")
+        password = text.rstrip("\r\n")
+        if not password:
+            raise ConfigError(f"--password-file {self.password_file}: the file is empty")
+        return password
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Server certificate checked against --ca (else the system's CAs) and its hostname
+        checked: both on, always. The client certificate is presented when given."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--ca {self.ca}: not a usable CA certificate ({exc})") from None
+        if self.cert and self.key:
+            try:
+                context.load_cert_chain(self.cert, self.key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"--cert {self.cert} / --key {self.key}: not a usable certificate and "
+                    f"key pair ({exc})"
+                ) from None
+        return context
+
+
+def _read_file(option: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{option} {path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{option} {path}: not readable by this user") from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+
+
+def as_connection(broker: str | BrokerAddress | Connection) -> Connection:
+    """A bare address is a connection without TLS files or login."""
+    return broker if isinstance(broker, Connection) else Connection(str(broker))
 
 
 class Transport(Protocol):
@@ -146,7 +234,7 @@ class MqttClient:
     def __init__(
         self,
         client_id: str,
-        broker: str | BrokerAddress,
+        broker: str | BrokerAddress | Connection,
         *,
         status_topic: str | None = None,
         will_topic: str | None = None,
@@ -155,7 +243,9 @@ class MqttClient:
         status_interval_s: float = 15.0,
     ) -> None:
         self.client_id = client_id
-        self.address = broker if isinstance(broker, BrokerAddress) else BrokerAddress.parse(broker)
+        self.connection = as_connection(broker)
+        self.connection.check()
+        self.address = self.connection.address
         self.log = logger or logging.getLogger(f"edvit.mqtt.{client_id}")
         self.counters: Counter[str] = Counter()
         self._status_topic = status_topic
@@ -167,6 +257,7 @@ class MqttClient:
         self._connected = threading.Event()
         self._keepalive = keepalive
         self._lock = threading.Lock()
+        self._refused: str | None = None
 
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -179,6 +270,10 @@ class MqttClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_socket_open = _disable_nagle
+        if self.connection.username:
+            self._client.username_pw_set(self.connection.username, self.connection.password())
+        if self.address.tls:
+            self._client.tls_set_context(self.connection.ssl_context())
         if will_topic or status_topic:
             will = will_topic or status_topic
             self._client.will_set(will, encode(OFFLINE_STATUS), qos=1, retain=True)
@@ -228,9 +323,13 @@ class MqttClient:
     # -- lifecycle --------------------------------------------------------------------
     def start(self, wait: float | None = 10.0, required: bool = False) -> bool:
         """Connect in the background (paho reconnects on its own). Wait up to `wait` seconds
-        for the first connection; if `required`, raise BrokerError when it does not come."""
+        for the first connection; if `required`, raise BrokerError when it does not come, and
+        ConfigError when the broker refuses the login. Over TLS, a certificate that fails
+        verification (wrong CA, hostname mismatch) is a ConfigError at once: retrying cannot
+        fix it."""
         try:
-            self._client.connect_async(self.address.host, self.address.port, self._keepalive)
+            if not (self.address.tls and self._connect_tls_now()):
+                self._client.connect_async(self.address.host, self.address.port, self._keepalive)
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self.address}: {exc}") from None
         self._client.loop_start()
@@ -238,13 +337,40 @@ class MqttClient:
             threading.Thread(target=self._heartbeat, name="status", daemon=True).start()
         if wait is None:
             return False
-        if self._connected.wait(wait):
+        deadline = time.monotonic() + wait
+        while not self._connected.wait(0.05):
+            if required and self._refused is not None:
+                self._client.loop_stop()
+                who = f" as {self.connection.username}" if self.connection.username else ""
+                raise ConfigError(
+                    f"the broker {self.address} refused the login{who}: {self._refused}"
+                )
+            if time.monotonic() >= deadline:
+                break
+        if self._connected.is_set():
             return True
         if required:
             self._client.loop_stop()
             raise BrokerError(f"no MQTT broker answered at {self.address} within {wait:.0f} s")
         self.log.warning("broker %s not reachable yet; retrying in the background", self.address)
         return False
+
+    def _connect_tls_now(self) -> bool:
+        """Open the TLS connection in this thread, so that a certificate the broker or this
+        client rejects is reported here, once, instead of retried forever in paho's thread.
+        False when the broker is not reachable yet (connect in the background then)."""
+        try:
+            self._client.connect(self.address.host, self.address.port, self._keepalive)
+        except ssl.SSLCertVerificationError as exc:
+            raise ConfigError(
+                f"the broker {self.address} failed TLS verification: {exc.verify_message}"
+                f" (--ca {self.connection.ca or '(system CAs)'})"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ConfigError(f"TLS handshake with {self.address} failed: {exc.reason}") from None
+        except OSError:
+            return False
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish the offline status (if any), then disconnect cleanly."""
@@ -325,6 +451,7 @@ class MqttClient:
     # -- paho callbacks -----------------------------------------------------------------
     def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, _props) -> None:
         if reason_code.is_failure:
+            self._refused = str(reason_code)
             self.log.error("broker %s refused connection: %s", self.address, reason_code)
             return
         self.counters["connects"] += 1

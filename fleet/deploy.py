@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
-from edvit.mqtt import MqttClient, unique_client_id
+from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.schemas import (
     FUSION_MODEL_ID,
     ModelMsg,
@@ -129,7 +129,7 @@ def model_files(bundle: Bundle) -> dict[str, str]:
 
 def deploy(
     bundle: Bundle,
-    broker: str,
+    broker: str | Connection,
     nodes: list[str] | None = None,
     topics: Topics | None = None,
     timeout: float = 30.0,
@@ -166,7 +166,7 @@ def publish_bundle(
     log.info("published plan %s: %s", plan.plan_id, dict(plan.assignments))
 
 
-def clear(bundle: Bundle, broker: str, topics: Topics | None = None) -> None:
+def clear(bundle: Bundle, broker: str | Connection, topics: Topics | None = None) -> None:
     """Remove what `deploy` published for this bundle: the plan and every model file."""
     topics = topics or Topics()
     plan = make_plan(bundle, bundle_assignments(bundle, None))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from edvit.errors import EdvitError
-from edvit.mqtt import MqttClient, unique_client_id
+from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.process import stop_processes
 from edvit.schemas import PlanMsg, StatusMsg, decode
 from edvit.topics import Topics
@@ -23,7 +23,11 @@ log = logging.getLogger("edvit.fleet")
 class LocalFleet:
     """Starts `python -m edvit <service> ...` processes with their logs in `log_dir`."""
 
-    def __init__(self, broker_url: str, log_dir: Path, topics: Topics | None = None) -> None:
+    def __init__(
+        self, broker_url: str | Connection, log_dir: Path, topics: Topics | None = None
+    ) -> None:
+        """`broker_url` with a login (a Connection) is this process's own, for its probe;
+        each spawned service gets its login through `spawn(env=...)`."""
         self.broker_url = broker_url
         self.log_dir = log_dir
         self.topics = topics or Topics()
@@ -37,14 +41,18 @@ class LocalFleet:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def spawn(self, name: str, *args: str, broker_url: str | None = None) -> subprocess.Popen:
+    def spawn(
+        self, name: str, *args: str, broker_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:  # fmt: skip
         """Start `edvit ARGS` as `name`, on this fleet's broker (or `broker_url`, e.g. a
-        proxy in front of it)."""
+        proxy in front of it), with `env` added (e.g. EDVIT_USERNAME and the other login
+        variables: the password stays in its file, off the command line)."""
         command = [
             sys.executable, "-m", "edvit", *args,
-            "--broker", broker_url or self.broker_url, "--prefix", self.topics.prefix,
+            "--broker", str(broker_url or self.broker_url), "--prefix", self.topics.prefix,
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         with open(self.log_path(name), "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.processes[name] = process

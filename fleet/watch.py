@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 
-from edvit.mqtt import MqttClient, unique_client_id
+from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.schemas import PredictionMsg, decode
 from edvit.topics import Topics
 
@@ -27,7 +27,9 @@ def format_prediction(p: PredictionMsg) -> str:
 class PredictionStream:
     """Subscribes to predictions and hands them out in arrival order."""
 
-    def __init__(self, broker: str, camera: str = "+", topics: Topics | None = None) -> None:
+    def __init__(
+        self, broker: str | Connection, camera: str = "+", topics: Topics | None = None
+    ) -> None:
         self.topics = topics or Topics()
         self.queue: queue.Queue[PredictionMsg] = queue.Queue()
         self.client = MqttClient(unique_client_id("watch"), broker, logger=log)
@@ -46,7 +48,7 @@ class PredictionStream:
 
 
 def watch(
-    broker: str,
+    broker: str | Connection,
     *,
     camera: str = "+",
     count: int | None = None,

@@ -1,0 +1,438 @@
+"""`edvit secure init` against a real mosquitto started from the config it writes.
+
+The ACL matrix: every identity x every topic family, in both directions. Allowed publishes
+reach a test-only observer identity (`topic readwrite #`, added here, never by secure init);
+forbidden ones never do; subscriptions an identity may not make receive nothing. Then the
+refusals (anonymous, wrong password, no client certificate, plain TCP on the TLS port) and
+the bad input a user can give (missing files, wrong CA, hostname mismatch): one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edvit.broker.local import LocalBroker, mosquitto_path
+from edvit.cli import main
+from edvit.fleet import secure
+from edvit.mqtt import Connection
+from edvit.topics import Topics
+
+pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
+
+NODES = ("node-0", "node-1")
+CAMERAS = ("cam0", "cam1")
+OBSERVER = "test-observer"
+TIMEOUT = 5.0
+
+# Topic family -> one topic of it (prefix edvit), with who may write it and who may read it.
+FAMILIES: dict[str, tuple[str, set[str], set[str]]] = {
+    "frame, own camera": ("edvit/cameras/cam0/frame", {"cam0"}, set(NODES)),
+    "frame, other camera": ("edvit/cameras/cam1/frame", {"cam1"}, set(NODES)),
+    "tokens": ("edvit/cameras/cam0/tokens", {"cam0"}, set(NODES)),
+    "camera status": ("edvit/cameras/cam0/status", {"cam0"}, {"dashboard"}),
+    "plan": (
+        "edvit/plan",
+        {"deploy", "aggregator"},
+        {"deploy", "aggregator", "dashboard", *NODES, *CAMERAS},
+    ),
+    "model": ("edvit/models/sub0", {"deploy"}, {"deploy", "aggregator", *NODES, *CAMERAS}),
+    "features": ("edvit/features/cam0/sub0", set(NODES), {"aggregator"}),
+    "node status, node-0": ("edvit/nodes/node-0/status", {"node-0"}, {"aggregator", "dashboard"}),
+    "node status, node-1": ("edvit/nodes/node-1/status", {"node-1"}, {"aggregator", "dashboard"}),
+    "predictions": ("edvit/predictions/cam0", {"aggregator"}, {"aggregator", "dashboard"}),
+    "aggregator status": ("edvit/aggregator/status", {"aggregator"}, {"aggregator", "dashboard"}),
+    "instance status": ("edvit/aggregators/a1/status", {"aggregator"}, {"aggregator", "dashboard"}),
+    "lease": ("edvit/aggregator/lease", {"aggregator"}, {"aggregator", "dashboard"}),
+    "fleet health": ("edvit/fleet/health", {"aggregator"}, {"aggregator", "dashboard"}),
+}
+IDENTITIES = ("deploy", "aggregator", "dashboard", *NODES, *CAMERAS)
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    dir: Path
+    broker: LocalBroker
+
+    def files(self, identity: str) -> Path:
+        return self.dir / "clients" / identity
+
+    def client(self, identity: str | None, *, password: str | None = None,
+               cert: bool = True, tls: bool = True) -> mqtt.Client:  # fmt: skip
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}")
+        if tls:
+            home = self.files(identity or "dashboard")
+            client.tls_set(
+                ca_certs=str(self.dir / "ca.crt"),
+                certfile=str(home / "client.crt") if cert else None,
+                keyfile=str(home / "client.key") if cert else None,
+            )
+        if identity is not None:
+            secret = (self.files(identity) / "password").read_text().strip()
+            client.username_pw_set(identity, password if password is not None else secret)
+        return client
+
+
+def _add_observer(directory: Path) -> None:
+    """A read-and-write-everything identity for the tests' eyes only."""
+    home = directory / "clients" / OBSERVER
+    secure._Authority(directory, force=False).issue(
+        home / "client.crt", home / "client.key", OBSERVER, server_names=[]
+    )
+    password = secrets.token_urlsafe(16)
+    (home / "password").write_text(password + "\n")
+    with (directory / "broker" / "passwd").open("a") as f:
+        f.write(secure.password_line(OBSERVER, password) + "\n")
+    with (directory / "broker" / "acl").open("a") as f:
+        f.write(f"\nuser {OBSERVER}\ntopic readwrite #\n")
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    directory = tmp_path_factory.mktemp("secure") / "fleet"
+    secure.init(directory, secure.parse_identities(NODES, CAMERAS), port=8883)
+    _add_observer(directory)
+    log_path = directory.parent / "broker.log"
+    broker = LocalBroker(
+        kind="mosquitto", log_path=log_path, secure_config=directory / "broker/mosquitto.conf"
+    )
+    broker.start()
+    try:
+        yield SecureBroker(directory, broker)
+    finally:
+        broker.stop()
+
+
+def _connect(client: mqtt.Client, host: str, port: int) -> Any:
+    """Connect and return the CONNACK's reason code (or raise what the socket raised)."""
+    acks: queue.Queue[Any] = queue.Queue()
+    client.on_connect = lambda _c, _u, _f, rc, _p: acks.put(rc)
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        return acks.get(timeout=TIMEOUT)
+    except queue.Empty:
+        return None
+
+
+def _connected(sb: SecureBroker, identity: str | None, **kwargs: Any) -> mqtt.Client:
+    client = sb.client(identity, **kwargs)
+    rc = _connect(client, sb.broker.host, sb.broker.port)
+    assert rc is not None and not rc.is_failure, f"{identity} could not connect: {rc}"
+    return client
+
+
+class Observer:
+    """The observer subscribed to '#', with a sentinel that proves earlier messages are in."""
+
+    def __init__(self, sb: SecureBroker, topic_filter: str = "#",
+                 identity: str = OBSERVER) -> None:  # fmt: skip
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.subacks: queue.Queue[Any] = queue.Queue()
+        self.client = sb.client(identity)
+        self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_subscribe = lambda _c, _u, _m, rcs, _p: self.subacks.put(rcs)
+        rc = _connect(self.client, sb.broker.host, sb.broker.port)
+        assert rc is not None and not rc.is_failure, rc
+
+    def subscribe(self, *topics: str) -> None:
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+            self.subacks.get(timeout=TIMEOUT)
+
+    def until(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """Every message received before (topic, payload), which must arrive."""
+        seen = []
+        while True:
+            try:
+                message = self.messages.get(timeout=TIMEOUT)
+            except queue.Empty:
+                raise AssertionError(f"sentinel {payload!r} on {topic} never came") from None
+            if message == (topic, payload):
+                return seen
+            seen.append(message)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.parametrize("identity", IDENTITIES)
+def test_an_identity_publishes_only_where_the_acl_says(secured: SecureBroker, identity: str):
+    observer = Observer(secured)
+    observer.subscribe("#")
+    client = _connected(secured, identity)
+    try:
+        for topic, _writers, _readers in FAMILIES.values():
+            # QoS 1: once PUBACKed, the broker has forwarded or dropped the message.
+            client.publish(topic, identity.encode(), qos=1).wait_for_publish(TIMEOUT)
+        sentinel = f"end-{uuid.uuid4().hex}".encode()
+        observer.client.publish("test/sentinel", sentinel, qos=1)
+        arrived = {topic for topic, payload in observer.until("test/sentinel", sentinel)
+                   if payload == identity.encode()}  # fmt: skip
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        observer.stop()
+    expected = {topic for topic, writers, _ in FAMILIES.values() if identity in writers}
+    assert arrived == expected
+
+
+@pytest.mark.parametrize("identity", IDENTITIES)
+def test_an_identity_reads_only_what_the_acl_says(secured: SecureBroker, identity: str):
+    reader = Observer(secured, identity=identity)
+    # Every family subscribed one by one: a forbidden subscription must bring nothing.
+    reader.subscribe(*(topic for topic, _, _ in FAMILIES.values()))
+    publisher = _connected(secured, OBSERVER)
+    try:
+        for topic, _writers, _readers in FAMILIES.values():
+            publisher.publish(topic, b"x", qos=1).wait_for_publish(TIMEOUT)
+        # Every identity reads the plan: the sentinel goes there, last.
+        sentinel = f"end-{uuid.uuid4().hex}".encode()
+        publisher.publish("edvit/plan", sentinel, qos=1).wait_for_publish(TIMEOUT)
+        received = {topic for topic, _ in reader.until("edvit/plan", sentinel)}
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+        reader.stop()
+    expected = {topic for topic, _, readers in FAMILIES.values() if identity in readers}
+    assert received == expected
+
+
+def test_the_dashboard_sees_frames_only_when_asked() -> None:
+    ids = secure.parse_identities(["n"], ["c"])
+    plain = secure.acl_text(ids, Topics())
+    seeing = secure.acl_text(ids, Topics(), dashboard_sees_frames=True)
+    dashboard = seeing.split("user dashboard\n")[1].split("\n\n")[0]
+    assert "cameras/+/frame" in dashboard and "cameras/+/tokens" in dashboard
+    assert "cameras/+/frame" not in plain.split("user dashboard\n")[1].split("\n\n")[0]
+
+
+@pytest.mark.parametrize(
+    "case", ["anonymous", "wrong password", "no client certificate", "plain tcp"]
+)
+def test_the_broker_refuses(secured: SecureBroker, case: str) -> None:
+    host, port = secured.broker.host, secured.broker.port
+    client = {
+        "anonymous": lambda: secured.client(None),
+        "wrong password": lambda: secured.client("node-0", password="not-it"),
+        "no client certificate": lambda: secured.client("node-0", cert=False),
+        "plain tcp": lambda: secured.client("node-0", tls=False),
+    }[case]()
+    try:
+        rc = _connect(client, host, port)
+    except OSError:  # the TLS handshake itself failed (no client certificate)
+        rc = None
+    finally:
+        client.loop_stop()
+    assert rc is None or rc.is_failure, f"{case}: connected ({rc})"
+
+
+def test_a_plain_listener_is_absent(secured: SecureBroker) -> None:
+    config = (secured.dir / "broker" / "mosquitto.conf").read_text()
+    assert [line for line in config.splitlines() if line.startswith("listener")] == [
+        "listener 8883 0.0.0.0"
+    ]
+    assert "allow_anonymous false" in config and "require_certificate true" in config
+
+
+def test_secret_files_are_owner_only_and_kept(tmp_path: Path) -> None:
+    ids = secure.parse_identities(["node-0"], ["cam0"])
+    secure.init(tmp_path, ids)
+    secrets_ = [
+        "ca.key", "broker/server.key", "broker/passwd", "broker/acl", "signing/plan.key",
+        "clients/node-0/client.key", "clients/node-0/password",
+    ]  # fmt: skip
+    for name in secrets_:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    before = {name: (tmp_path / name).read_bytes() for name in secrets_[:1] + secrets_[4:]}
+    assert secure.init(tmp_path, ids) == []  # nothing new, nothing replaced
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    # One more node: its files appear, the others stay.
+    created = secure.init(tmp_path, secure.parse_identities(["node-0", "node-1"], ["cam0"]))
+    assert sorted(created) == [f"clients/node-1/{f}" for f in ("client.crt", "client.key",
+                                                                "password")]  # fmt: skip
+    assert "user node-1" in (tmp_path / "broker/acl").read_text()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert "ca.key" in secure.init(tmp_path, ids, force=True)
+
+
+def test_password_lines_match_mosquitto_passwd(tmp_path: Path) -> None:
+    line = secure.password_line("u", "p", salt=bytes.fromhex("bc0c4aceb1aa255e4195cb2f"))
+    # What `mosquitto_passwd -b FILE u p` wrote with that salt (mosquitto 2.0.11).
+    assert line == (
+        "u:$7$101$vAxKzrGqJV5Blcsv$Nq/HN3YTZFvYtlrAe9QS9D/blTif26rNicTDPc1VAwudh6BhsEkS9NhNk6rk"
+        "BU2KJN9wqprZUADmOHPpsa3LXQ=="
+    )
+
+
+@pytest.mark.parametrize("bad", ["u:x", "a b", "", "deploy"])
+def test_bad_identities_are_refused(bad: str) -> None:
+    with pytest.raises(secure.ConfigError):
+        secure.parse_identities([bad], [])
+
+
+# -- bad input on the command line: one line, exit 2 -------------------------------------
+
+
+def _watch(sb: SecureBroker, capsys: pytest.CaptureFixture[str], url: str | None = None,
+           **override: str) -> tuple[int, str]:  # fmt: skip
+    home = sb.files("dashboard")
+    options = {
+        "--broker": url or f"mqtts://localhost:{sb.broker.port}",
+        "--ca": str(sb.dir / "ca.crt"),
+        "--cert": str(home / "client.crt"),
+        "--key": str(home / "client.key"),
+        "--username": "dashboard",
+        "--password-file": str(home / "password"),
+    } | {f"--{k.replace('_', '-')}": v for k, v in override.items()}
+    argv = ["watch", "--count", "1", "--log-level", "ERROR"]
+    for option, value in options.items():
+        argv += [option, value]
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_a_good_login_connects(secured: SecureBroker, capsys, monkeypatch) -> None:
+    from edvit.fleet import watch as watch_module
+
+    monkeypatch.setattr(watch_module.PredictionStream, "stop", lambda self: self.client.stop())
+    seen = []
+    real = watch_module.PredictionStream.start
+
+    def start_and_stop(self) -> None:
+        real(self)
+        seen.append(self.client.connected)
+        self.client.stop()
+        raise KeyboardInterrupt  # connected: no need to wait for a prediction
+
+    monkeypatch.setattr(watch_module.PredictionStream, "start", start_and_stop)
+    code, err = _watch(secured, capsys)
+    assert seen == [True] and code == 130, err
+
+
+@pytest.mark.parametrize("option", ["ca", "cert", "key", "password_file"])
+def test_a_missing_file_is_named(secured: SecureBroker, capsys, option: str) -> None:
+    code, err = _watch(secured, capsys, **{option: "/nonexistent/file"})
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"edvit watch: error: --{option.replace('_', '-')} /nonexistent/file: no such file"
+    ]
+
+
+def test_an_unreadable_password_file_is_named(secured, capsys, tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    if os.geteuid() == 0:
+        path.mkdir()  # root reads any file: a folder is what it cannot read as one
+    else:
+        path.write_text("x\n")
+        path.chmod(0)
+    code, err = _watch(secured, capsys, password_file=str(path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--password-file {path}: " in err and "Traceback" not in err
+
+
+def test_a_bad_key_is_named(secured: SecureBroker, capsys, tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("not a key\n")
+    code, err = _watch(secured, capsys, key=str(key))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--key {key}" in err and "not a usable certificate and key pair" in err
+
+
+def test_a_broker_from_another_ca_is_refused(secured, capsys, tmp_path: Path) -> None:
+    secure.init(tmp_path, secure.parse_identities([], []))
+    code, err = _watch(secured, capsys, ca=str(tmp_path / "ca.crt"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "failed TLS verification" in err and f"--ca {tmp_path / 'ca.crt'}" in err
+
+
+def test_a_hostname_mismatch_is_refused(secured: SecureBroker, capsys) -> None:
+    # The server certificate names localhost and 127.0.0.1; the same broker reached as
+    # 127.0.0.2 (another loopback address) must not be trusted.
+    other = LocalBroker(
+        kind="mosquitto", host="127.0.0.2",
+        secure_config=secured.dir / "broker" / "mosquitto.conf",
+    )  # fmt: skip
+    with other:
+        code, err = _watch(secured, capsys, url=f"mqtts://127.0.0.2:{other.port}")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "failed TLS verification" in err and "mismatch" in err
+
+
+def test_tls_files_need_mqtts(secured: SecureBroker, capsys) -> None:
+    code, err = _watch(secured, capsys, url="mqtt://localhost:1")
+    assert code == 2 and "need an mqtts:// broker" in err
+
+
+def test_the_embedded_broker_refuses_secure(secured: SecureBroker, capsys) -> None:
+    code = main(["broker", "--kind", "embedded", "--secure", str(secured.dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--secure needs mosquitto" in err
+
+
+# -- a small fleet over TLS ------------------------------------------------------------------
+
+
+def _login(sb: SecureBroker, identity: str) -> dict[str, str]:
+    home = sb.files(identity)
+    return {
+        "EDVIT_CA": str(sb.dir / "ca.crt"),
+        "EDVIT_CERT": str(home / "client.crt"),
+        "EDVIT_KEY": str(home / "client.key"),
+        "EDVIT_USERNAME": identity,
+        "EDVIT_PASSWORD_FILE": str(home / "password"),
+    }
+
+
+def _connection(sb: SecureBroker, identity: str) -> Connection:
+    login = _login(sb, identity)
+    return Connection(
+        f"mqtts://localhost:{sb.broker.port}", ca=login["EDVIT_CA"], cert=login["EDVIT_CERT"],
+        key=login["EDVIT_KEY"], username=identity, password_file=login["EDVIT_PASSWORD_FILE"],
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_fleet_answers_frames_over_tls(secured: SecureBroker, tmp_path: Path) -> None:
+    """deploy, one node, the aggregator and a camera, each with its own identity, and the
+    dashboard watching: every frame is answered, through the ACL."""
+    from edvit.bundle import Bundle
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+    from edvit.fleet.deploy import deploy
+    from edvit.fleet.local import LocalFleet
+    from edvit.fleet.watch import PredictionStream
+
+    frames = 4
+    plan = deploy(Bundle.load(DEFAULT_BUNDLE), _connection(secured, "deploy"), ["node-0"])
+    dashboard = _connection(secured, "dashboard")
+    with LocalFleet(dashboard, tmp_path / "logs") as fleet:
+        fleet.spawn("node-0", "node", "--id", "node-0", env=_login(secured, "node-0"))
+        fleet.spawn("aggregator", "aggregator", env=_login(secured, "aggregator"))
+        stream = PredictionStream(dashboard, camera="cam0")
+        stream.start()
+        try:
+            fleet.wait_ready(plan, timeout=90)
+            fleet.spawn(
+                "cam0", "camera", "--id", "cam0", "--source", "dataset:fashion-mnist",
+                "--count", str(frames), "--fps", "5", env=_login(secured, "cam0"),
+            )  # fmt: skip
+            seqs = set()
+            while len(seqs) < frames:
+                fleet.check_alive()
+                seqs.add(stream.queue.get(timeout=30).seq)
+        finally:
+            stream.stop()
+        codes = fleet.stop()
+    assert all(code == 0 for code in codes.values()), codes
