@@ -32,11 +32,12 @@ def _edvit(*args: str) -> subprocess.CompletedProcess:
 
 def test_plan_writes_assignment_that_deploy_uses(bundle_copy: Path, tmp_path: Path) -> None:
     devices = tmp_path / "devices.yaml"
-    # One big slow board and two small fast ones: each small one can hold one sub-model.
+    # One big slow board and two small fast ones: each small one can hold one sub-model
+    # (the shipped sub-models are 0.56-0.60 MB).
     devices.write_text(
         "devices:\n"
-        "  - {id: pi-zero-a, memory_mb: 1.5, speed: 2.0}\n"
-        "  - {id: pi-zero-b, memory_mb: 1.5, speed: 2.0}\n"
+        "  - {id: pi-zero-a, memory_mb: 0.7, speed: 2.0}\n"
+        "  - {id: pi-zero-b, memory_mb: 0.7, speed: 2.0}\n"
         "  - {id: jetson, memory_mb: 8, speed: 0.5}\n"
     )
     done = _edvit("plan", str(bundle_copy), "--devices", str(devices), "--runs", "10")
@@ -56,7 +57,7 @@ def test_plan_writes_assignment_that_deploy_uses(bundle_copy: Path, tmp_path: Pa
 
 def test_plan_refuses_a_fleet_that_is_too_small(bundle_copy: Path, tmp_path: Path) -> None:
     devices = tmp_path / "devices.json"
-    devices.write_text('{"devices": [{"id": "tiny", "memory_mb": 2.0, "speed": 1}]}')
+    devices.write_text('{"devices": [{"id": "tiny", "memory_mb": 1.0, "speed": 1}]}')
     done = _edvit("plan", str(bundle_copy), "--devices", str(devices), "--runs", "5")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
