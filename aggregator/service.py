@@ -51,6 +51,7 @@ from edvit.schemas import (
     encode,
 )
 from edvit.service import Worker
+from edvit.signing import TrustKey
 from edvit.topics import Topics, validate_id
 
 log = logging.getLogger("edvit.aggregator")
@@ -164,6 +165,7 @@ class Aggregator:
         threads: int = 1,
         instance: str | None = None,
         lease_ttl_s: float = 3.0,
+        trust_key: TrustKey | None = None,
     ) -> None:
         self.topics = topics or Topics()
         self.deadline = ArrivalDeadline(deadline or DeadlinePolicy())
@@ -187,7 +189,7 @@ class Aggregator:
                 blobs[FUSION_MODEL_ID], tuple(s.feature_dim for s in plan.submodels),
                 self.threads,
             ),
-            check=check_fusion, on_update=self._on_update, logger=log,
+            check=check_fusion, on_update=self._on_update, logger=log, trust_key=trust_key,
         )  # fmt: skip
         # Plans whose fusion is loaded, newest last: plan id -> (plan, fusion).
         self._fusions: OrderedDict[str, tuple[PlanMsg, Fusion]] = OrderedDict()

@@ -17,6 +17,7 @@ from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
 from edvit.mqtt import Connection, MqttClient
 from edvit.schemas import Encoding, FeatureDtype, FrameMsg, StatusMsg, TokensMsg, encode
+from edvit.signing import TrustKey
 from edvit.topics import Topics, validate_id
 
 from .head import HeadSlices
@@ -103,6 +104,7 @@ class Camera:
         topics: Topics | None = None,
         head_slices: int = 0,
         tokens_dtype: FeatureDtype = "float32",
+        trust_key: TrustKey | None = None,
     ) -> None:
         try:
             self.camera_id = validate_id("camera", camera_id)
@@ -125,7 +127,9 @@ class Camera:
         )
         self.sent = 0
         self._shots = open_source(source, data_dir)  # fail fast on a bad source
-        self._head = HeadSlices(head_slices, tokens_dtype) if head_slices else None
+        self._head = (
+            HeadSlices(head_slices, tokens_dtype, trust_key=trust_key) if head_slices else None
+        )
 
     def _frames(self) -> Iterator[Shot]:
         shots = self._shots

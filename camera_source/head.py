@@ -24,6 +24,7 @@ from edvit.mqtt import Transport
 from edvit.preprocess import to_model_input
 from edvit.retained import PlanFollower
 from edvit.schemas import FeatureDtype, PlanMsg, StemRef
+from edvit.signing import TrustKey
 from edvit.topics import Topics
 
 log = logging.getLogger("edvit.camera")
@@ -38,14 +39,23 @@ class _Sessions:
 class HeadSlices:
     """The first `count` stem blocks of the newest plan: image -> tokens at block `count`."""
 
-    def __init__(self, count: int, dtype: FeatureDtype = "float32", threads: int = 1) -> None:
+    def __init__(
+        self,
+        count: int,
+        dtype: FeatureDtype = "float32",
+        threads: int = 1,
+        trust_key: TrustKey | None = None,
+    ) -> None:
         if count < 1:
             raise ConfigError("--head-slices must be at least 1 to send tokens")
         self.count, self.dtype, self.threads = count, dtype, threads
+        self.trust_key = trust_key
         self.follower: PlanFollower[_Sessions] | None = None
 
     def follow(self, client: Transport, topics: Topics) -> None:
-        self.follower = PlanFollower(client, topics, self._model_ids, self._load, logger=log)
+        self.follower = PlanFollower(
+            client, topics, self._model_ids, self._load, logger=log, trust_key=self.trust_key
+        )
         self.follower.start()
 
     def stop(self) -> None:

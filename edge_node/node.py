@@ -48,6 +48,7 @@ from edvit.schemas import (
     encode,
 )
 from edvit.service import Worker
+from edvit.signing import TrustKey
 from edvit.topics import Topics, validate_id
 
 from .batcher import DynamicBatcher
@@ -138,6 +139,7 @@ class EdgeNode:
         strategy: NodeStrategy = "per-entry",
         memory_mb: float | None = None,
         speed: float = 1.0,
+        trust_key: TrustKey | None = None,
     ) -> None:
         try:
             self.node_id = validate_id("node", node_id)
@@ -164,7 +166,7 @@ class EdgeNode:
         self.counters = self.client.counters
         self.follower: PlanFollower[Share] = PlanFollower(
             self.client, self.topics, self._model_ids, self._load, check=self._check,
-            on_update=self._on_update, logger=log,
+            on_update=self._on_update, logger=log, trust_key=trust_key,
         )  # fmt: skip
         # Stem slices of the plans seen lately (plan id -> slice id -> sha256): tokens a camera
         # computed under another plan are served when their blocks are the same files.

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edvit import __version__
 from edvit.errors import ConfigError, EdvitError
@@ -23,6 +24,9 @@ from edvit.service import (
     wait_for_stop_signal,
 )
 from edvit.topics import DEFAULT_PREFIX, Topics
+
+if TYPE_CHECKING:
+    from edvit.signing import SigningKey, TrustKey
 
 log = logging.getLogger("edvit")
 
@@ -93,6 +97,21 @@ def connection(args: argparse.Namespace) -> Connection:
     return settings
 
 
+def _keys(args: argparse.Namespace) -> tuple[TrustKey | None, SigningKey | None]:
+    """The plan keys a command was given (README, "Security"): ConfigError names a bad file.
+    Holding the sign key means trusting its public half."""
+    from edvit.signing import SigningKey, TrustKey
+
+    sign = SigningKey.load(args.sign_key) if getattr(args, "sign_key", None) else None
+    trust = TrustKey.load(args.trust_key) if getattr(args, "trust_key", None) else None
+    if sign is not None and trust is not None and sign.key_id != trust.key_id:
+        raise ConfigError(
+            f"--sign-key {args.sign_key} is not the pair of --trust-key {args.trust_key}: "
+            "the plans it signs would be refused"
+        )
+    return trust or (sign.trust if sign is not None else None), sign
+
+
 def _run_service(*services: object) -> int:
     for service in services:
         service.start()  # type: ignore[attr-defined]
@@ -112,7 +131,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.id, connection(args), topics=Topics(args.prefix), threads=args.threads,
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         newest_only=not args.keep_all_frames, strategy=args.strategy,
-        memory_mb=args.memory_mb, speed=args.speed,
+        memory_mb=args.memory_mb, speed=args.speed, trust_key=_keys(args)[0],
     )  # fmt: skip
     return _run_service(node)
 
@@ -120,13 +139,14 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from edvit.aggregator.service import Aggregator, DeadlinePolicy
 
+    trust_key, sign_key = _keys(args)
     deadline = DeadlinePolicy(
         floor_s=args.deadline_floor_ms / 1000.0, cap_s=args.timeout_ms / 1000.0,
         factor=args.deadline_factor,
     )  # fmt: skip
     aggregator = Aggregator(
         connection(args), topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
-        instance=args.id, lease_ttl_s=args.lease_ttl_s,
+        instance=args.id, lease_ttl_s=args.lease_ttl_s, trust_key=trust_key,
     )  # fmt: skip
     services: list[object] = []
     if not args.no_planner:
@@ -138,7 +158,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
             Planner(
                 aggregator.client, aggregator.topics, instance=aggregator.instance,
                 is_active=lambda: aggregator.answering, suspects=aggregator.suspect_nodes,
-                hold_off_s=args.hold_off_s,
+                hold_off_s=args.hold_off_s, trust_key=trust_key, sign_key=sign_key,
             )
         )  # fmt: skip
     return _run_service(*services, aggregator)  # the aggregator connects, last
@@ -150,7 +170,7 @@ def cmd_camera(args: argparse.Namespace) -> int:
     camera = Camera(
         args.id, connection(args), args.source, fps=args.fps, count=args.count, loop=args.loop,
         enc=args.enc, data_dir=args.data_dir, topics=Topics(args.prefix),
-        head_slices=args.head_slices, tokens_dtype=args.tokens_dtype,
+        head_slices=args.head_slices, tokens_dtype=args.tokens_dtype, trust_key=_keys(args)[0],
     )  # fmt: skip
     try:
         camera.run(stop_on_signals())
@@ -170,8 +190,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"cleared the plan and models of {args.bundle} from {args.broker}")
         return 0
     nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
-    plan = deploy(bundle, connection(args), nodes, topics)
-    print(f"deployed plan {plan.plan_id} to {args.broker}")
+    sign_key = _keys(args)[1]
+    plan = deploy(bundle, connection(args), nodes, topics, sign_key=sign_key)
+    signed = f", signed by key {sign_key.key_id}" if sign_key is not None else ""
+    print(f"deployed plan {plan.plan_id} to {args.broker}{signed}")
     for node, ids in plan.assignments.items():
         print(f"  {node}: {', '.join(ids) or '(nothing)'}")
     return 0
@@ -264,6 +286,22 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-key", default=os.environ.get("EDVIT_TRUST_KEY") or None, metavar="FILE",
+        help="serve only plans signed by this Ed25519 public key (PEM, `secure init`'s "
+        "signing/plan.pub); others are refused and the old plan keeps serving "
+        "(env EDVIT_TRUST_KEY)",
+    )  # fmt: skip
+
+
+def _sign_key_option(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument(
+        "--sign-key", default=os.environ.get("EDVIT_SIGN_KEY") or None, metavar="FILE",
+        help=f"{text} (PEM, `secure init`'s signing/plan.key; env EDVIT_SIGN_KEY)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
     from edvit.fleet import plan, secure
@@ -304,9 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
         "assignment.json, else node-0..node-N-1)",
     )
     p.add_argument("--clear", action="store_true", help="remove the plan and models instead")
+    _sign_key_option(p, "sign the plan (it pins every model by sha256) with this Ed25519 key")
 
     p = add("node", cmd_node, "edge node: run assigned sub-models, publish feature vectors")
     p.add_argument("--id", required=True, help="this node's id, as the plan names it")
+    _trust_key_option(p)
     p.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime threads")
     p.add_argument(
         "--queue-size", type=_positive_int, default=64,
@@ -372,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         "this long (default %(default)g)",
     )  # fmt: skip
     p.add_argument("--topk", type=_positive_int, default=3)
+    _trust_key_option(p)
+    _sign_key_option(
+        p, "sign the plans the planner re-places with this Ed25519 key (needed to heal a "
+        "fleet that takes signed plans; trusts its public half)",
+    )  # fmt: skip
 
     p = add("camera", cmd_camera, "publish frames from a video, device, stream or dataset")
     p.add_argument("--id", required=True, help="camera id")
@@ -390,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the first J shared stem blocks here and send tokens (sliced bundles)",
     )  # fmt: skip
     p.add_argument("--tokens-dtype", choices=["float32", "float16"], default="float32")
+    _trust_key_option(p)
 
     p = add("watch", cmd_watch, "print live predictions")
     p.add_argument("--camera", default="+", help="only this camera")

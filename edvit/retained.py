@@ -17,6 +17,12 @@ into sessions. The follower then
 
 A plan whose model files are the same as the active plan's is switched to without loading
 anything again, once the service's check says the loaded models fit it.
+
+Given a trust key (`--trust-key`), the follower takes only plans that key signed
+(edvit/signing.py): an unsigned or wrongly signed plan, or a cleared one (a clear cannot be
+signed), is refused like a plan whose models cannot load: counted, logged once, named in
+`refused`, and the old plan keeps serving. The plan pins every model file by sha256, so its
+signature covers the models too.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from edvit.errors import BadPayload, ConfigError, IntegrityError
 from edvit.mqtt import Transport
 from edvit.schemas import ModelMsg, PlanMsg, decode
 from edvit.service import Worker
+from edvit.signing import PlanSignatureError, TrustKey
 from edvit.topics import Topics
 
 R = TypeVar("R")
@@ -67,6 +74,7 @@ class PlanFollower(Generic[R]):
         check: Check[R] | None = None,
         on_update: Callable[[], None] | None = None,
         logger: logging.Logger | None = None,
+        trust_key: TrustKey | None = None,
     ) -> None:
         self.client = client
         self.topics = topics
@@ -76,6 +84,7 @@ class PlanFollower(Generic[R]):
         self._load = load
         self._check = check or (lambda _plan, _runtime: None)
         self._on_update = on_update or (lambda: None)
+        self._trust = trust_key
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._target: PlanMsg | None = None  # the newest plan accepted
@@ -126,23 +135,48 @@ class PlanFollower(Generic[R]):
     # -- network thread: decode, verify, remember; never load ----------------------------------
     def _on_plan(self, _topic: str, payload: bytes) -> None:
         plan = decode(PlanMsg, payload)
+        if self._trust is not None:
+            reason = "unsigned (a clear cannot be signed)" if plan is None else None
+            if plan is not None:
+                try:
+                    self._trust.verify(plan)
+                except PlanSignatureError as exc:
+                    reason = str(exc)
+            if reason is not None:
+                self.counters["plan_signatures_refused"] += 1
+                self._refuse(plan.plan_id if plan else "(cleared)", reason)
+                return
         wanted: dict[str, str] = {}
         if plan is not None:
             try:
                 wanted = self._model_ids(plan)
             except ConfigError as exc:
-                self._refuse(plan, str(exc))
+                self._refuse(plan.plan_id, str(exc))
                 return
         with self._lock:
             target = self._target
-            if plan is not None and target is not None and plan.plan_id == target.plan_id:
-                return  # the same retained plan again (a reconnect)
-            before = set(self._wanted)
-            self._target, self._wanted, self._refused = plan, wanted, None
-            self._blobs = {mid: shas for mid, shas in self._blobs.items() if mid in wanted}
-            # Needed and subscribed, but its file is not here: subscribe again, and the
-            # broker sends the retained file again.
-            refetch = [m for m in set(wanted) & before if wanted[m] not in self._blobs.get(m, {})]
+            same = plan is not None and target is not None and plan.plan_id == target.plan_id
+            # A plan refused on arrival came between: the newest plan is the target again.
+            failed = (
+                self._failed is not None
+                and target is not None
+                and (self._failed[0] == target.plan_id)
+            )
+            cleared = same and self._refused is not None and not failed
+            if cleared:
+                self._refused = None
+            elif not same:
+                before = set(self._wanted)
+                self._target, self._wanted, self._refused = plan, wanted, None
+                self._blobs = {mid: shas for mid, shas in self._blobs.items() if mid in wanted}
+                # Needed and subscribed, but its file is not here: subscribe again, and the
+                # broker sends the retained file again.
+                refetch = [m for m in set(wanted) & before
+                           if wanted[m] not in self._blobs.get(m, {})]  # fmt: skip
+        if same:  # the same retained plan again (a reconnect)
+            if cleared:
+                self._on_update()
+            return
         for model_id in sorted(before - set(wanted)):
             self.client.unroute(self.topics.model(model_id))
         for model_id in sorted(refetch):
@@ -188,10 +222,10 @@ class PlanFollower(Generic[R]):
         self._wake.set()
         self._on_update()
 
-    def _refuse(self, plan: PlanMsg, reason: str) -> None:
+    def _refuse(self, plan_id: str, reason: str) -> None:
         self.counters["plans_refused"] += 1
-        self._refused = f"plan {plan.plan_id}: {reason}"
-        self.log.warning("refused plan %s: %s; still serving %s", plan.plan_id, reason,
+        self._refused = f"plan {plan_id}: {reason}"
+        self.log.warning("refused plan %s: %s; still serving %s", plan_id, reason,
                        self._active.plan.plan_id if self._active else "nothing")  # fmt: skip
         self._on_update()
 
@@ -226,7 +260,7 @@ class PlanFollower(Generic[R]):
             self._check(target, runtime)
         except (ConfigError, BadPayload) as exc:
             self._failed = (target.plan_id, wanted)
-            self._refuse(target, str(exc))
+            self._refuse(target.plan_id, str(exc))
             return
         with self._lock:
             if self._target is not target:

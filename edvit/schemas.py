@@ -166,6 +166,10 @@ class PlanMsg(_Message):
     # deployed plan's id and assignments, restored once its nodes are back.
     base_plan_id: str | None = None
     base_assignments: dict[str, tuple[str, ...]] | None = None
+    # v1 additions, on signed plans (edvit/signing.py): the signing key's id (a short sha256
+    # of its public key) and the Ed25519 signature over every other field, base64.
+    key_id: str | None = Field(default=None, max_length=64)
+    signature: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanMsg:
@@ -345,6 +349,9 @@ class HealthMsg(_Message):
     degraded: tuple[str, ...] = ()  # sub-models no live node serves: answers lack them
     moved: dict[str, str] = Field(default_factory=dict)  # sub-model -> node it was moved to
     nodes: dict[str, str] = Field(default_factory=dict)  # node -> live/down/suspect/holding
+    # v1 addition: why the planner does not publish the placement it would (e.g. it cannot
+    # sign plans in a fleet that takes signed plans only).
+    error: str | None = None
     ts: Timestamp = Field(default_factory=time.time)
 
 

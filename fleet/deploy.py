@@ -1,7 +1,8 @@
 """`edvit deploy`: publish a bundle's model files and its plan as retained messages.
 
 Models go out first and the plan last, so a node that sees the plan finds every model
-it names already retained on the broker.
+it names already retained on the broker. With a signing key the plan is signed
+(edvit/signing.py); it pins every model by sha256, so the signature covers them too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edvit.schemas import (
     encode,
     plan_id_for,
 )
+from edvit.signing import SigningKey
 from edvit.topics import Topics, validate_id
 
 log = logging.getLogger("edvit.fleet.deploy")
@@ -133,9 +135,12 @@ def deploy(
     nodes: list[str] | None = None,
     topics: Topics | None = None,
     timeout: float = 30.0,
+    sign_key: SigningKey | None = None,
 ) -> PlanMsg:
     topics = topics or Topics()
     plan = make_plan(bundle, bundle_assignments(bundle, nodes))
+    if sign_key is not None:
+        plan = sign_key.sign(plan)
     client = MqttClient(unique_client_id("deploy"), broker, logger=log)
     client.start(wait=timeout, required=True)
     try:

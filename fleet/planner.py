@@ -19,6 +19,11 @@ asks the aggregator which nodes say they serve but send nothing (frozen, cut off
   `min_interval_s`; it has the same bundle, so every model file is already on the broker.
 - `{prefix}/fleet/health` (retained) says what the planner sees: live, down, suspect and
   holding nodes, moved and unplaced sub-models.
+- Signed plans (edvit/signing.py): given a trust key, the planner follows only plans that
+  key signed, so an unsigned plan never becomes the base it heals from (and never gets
+  signed by it). A healed plan is signed with the sign key. Without one, in a fleet that
+  takes signed plans (a trust key here, or a signed deployed plan), the planner publishes
+  nothing - every service would refuse the plan - and says why in the log and in health.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from edvit.fleet.devices import Device, Inventory
 from edvit.mqtt import Transport
 from edvit.schemas import HealthMsg, PlanMsg, StatusMsg, decode, encode, plan_id_for
 from edvit.service import Worker
+from edvit.signing import PlanSignatureError, SigningKey, TrustKey
 from edvit.topics import Topics
 
 log = logging.getLogger("edvit.planner")
@@ -109,9 +115,20 @@ class Planner:
         min_interval_s: float = 0.5,
         tick_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        trust_key: TrustKey | None = None,
+        sign_key: SigningKey | None = None,
     ) -> None:
         if hold_off_s < 0 or min_interval_s < 0 or tick_s <= 0:
             raise ConfigError("planner: hold-off and intervals must not be negative")
+        if sign_key is not None and trust_key is not None and sign_key.key_id != trust_key.key_id:
+            raise ConfigError(
+                f"the sign key ({sign_key.key_id}) is not the trusted key ({trust_key.key_id}): "
+                "every service would refuse the plans it signs"
+            )
+        # Holding the sign key means trusting its public half: never re-sign a foreign plan.
+        self._trust = trust_key or (sign_key.trust if sign_key is not None else None)
+        self._sign = sign_key
+        self._unsigned_logged: Assignments | None = None
         self.client, self.topics, self.instance = client, topics, instance
         self.counters = client.counters
         self._is_active, self._suspects = is_active, suspects
@@ -136,6 +153,15 @@ class Planner:
     # -- what the planner hears -------------------------------------------------------------
     def _on_plan(self, _topic: str, payload: bytes) -> None:
         plan = decode(PlanMsg, payload)
+        if self._trust is not None:
+            try:
+                if plan is None:
+                    raise PlanSignatureError("unsigned (a clear cannot be signed)")
+                self._trust.verify(plan)
+            except PlanSignatureError as exc:
+                self.counters["plan_signatures_refused"] += 1
+                log.warning("ignoring plan %s: %s", plan.plan_id if plan else "(cleared)", exc)
+                return
         with self._lock:
             self._plan = plan
 
@@ -195,6 +221,23 @@ class Planner:
             for sid in ids
             if sid not in base.get(node, ())
         }
+        unsigned = self._sign is None and (self._trust is not None or plan.signature is not None)
+        if unsigned and desired != _nonempty(plan.assignments):
+            # Every service would refuse an unsigned plan: keep the current one, and say so.
+            error = "cannot publish a new placement: the fleet takes signed plans and this "
+            error += "aggregator has no --sign-key"
+            lacking = [sid for n, ids in plan.assignments.items() if n not in live for sid in ids]
+            self._publish_health(
+                HealthMsg(
+                    planner=self.instance, plan_id=plan.plan_id, base_plan_id=base_id,
+                    healthy=False, degraded=tuple(sorted(lacking)), nodes=states, error=error,
+                )
+            )  # fmt: skip
+            if self._unsigned_logged != desired:
+                self._unsigned_logged = desired
+                self.counters["plans_not_signed"] += 1
+                log.warning("%s; would re-place as %s", error, desired)
+            return None
         self._publish_health(
             HealthMsg(
                 planner=self.instance, plan_id=plan.plan_id, base_plan_id=base_id,
@@ -221,6 +264,9 @@ class Planner:
                 {n: s for n, s in states.items() if s != "live"}, moved, list(unplaced),
                 new_plan.plan_id,
             )  # fmt: skip
+        new_plan = new_plan.model_copy(update={"key_id": None, "signature": None})
+        if self._sign is not None:
+            new_plan = self._sign.sign(new_plan)
         self._last_publish = now
         self.counters["plans_published"] += 1
         self.client.publish(self.topics.plan(), encode(new_plan), qos=1, retain=True)
