@@ -97,7 +97,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--out", "bundle folder to write", required=True),
     Option(
         "--size",
-        "ViT size preset (default: small, test for digits)",
+        "ViT size preset (default: small)",
         choices=SIZES,
         setting="size",
     ),

@@ -68,7 +68,8 @@ def _build_digits_bundle(out: Path, *extra: str) -> Path:
     """A 3-sub-model digits bundle made by the real `edvit build` command (tiny settings)."""
     command = [
         sys.executable, "-m", "edvit", "build", "--dataset", "digits", "--num-devices", "3",
-        "--out", str(out), "--epochs", "15", "--sub-epochs", "3", "--fusion-epochs", "20",
+        "--out", str(out), "--size", "test", "--epochs", "15", "--sub-epochs", "3",
+        "--fusion-epochs", "20",
         *extra,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

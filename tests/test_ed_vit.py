@@ -141,7 +141,7 @@ def test_a_mismatched_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "does not match ViT size 'test'" in lines[0]
+    assert "does not match ViT size 'small'" in lines[0]  # digits' default preset
     assert str(checkpoint) in lines[0]
     assert not (out / "manifest.json").exists()
 
