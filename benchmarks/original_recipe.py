@@ -1,5 +1,6 @@
 """Train only the original ViT with one recipe and print its test accuracy: the evidence
-behind each dataset's default recipe for the original (README "A converged original").
+behind each dataset's default recipe for the original (README "ED-ViT: class-wise pruning at
+the defaults").
 
     python benchmarks/original_recipe.py --dataset fashion-mnist --out runs/fm-small.pt
 

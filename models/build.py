@@ -184,7 +184,8 @@ class BuildSettings:
     command: tuple[str, ...] = field(default=())
 
 
-# Measured defaults (README "Accuracy at the defaults"; benchmarks/ed_vit.py reproduces them).
+# Measured defaults (README "ED-ViT: class-wise pruning at the defaults"; benchmarks/ed_vit.py
+# reproduces them).
 # Digits: the "small" preset (98% original; the "test" preset's 93% original left the 5k-param
 # sub-models of N=3 1-5 points behind). Fashion-MNIST: 40 epochs with shifts and flips
 # converge the original to >= 90%. Sub-models train for --sub-steps steps whatever N and the
