@@ -163,11 +163,23 @@ def test_ratios(report: dict[str, Any]) -> None:
     )
 
 
+def test_the_shipped_bundle_is_pruned_and_its_fusion_is_lighter(report: dict[str, Any]) -> None:
+    """What `make demo` shows must be ED-ViT, not copies of the original (read from ONNX)."""
+    ratios = report["ratios"]
+    assert ratios["size"] >= 3.0
+    assert ratios["sum_params_over_original"] <= 1.0
+    assert ratios["fusion_params_over_largest_submodel"] < 1.0
+    assert ratios["fusion_params_over_largest_submodel"] == pytest.approx(
+        report["fusion"]["params"] / max(s["params"] for s in report["submodels"].values())
+    )
+
+
 def test_format_table_names_every_model(report: dict[str, Any]) -> None:
     table = evaluate.format_table(report)
     for name in ("original", "fusion", *report["submodels"]):
         assert f"| {name} |" in table
     assert "fused without sub0" in table
+    assert "fusion params / largest sub-model params" in table
     assert "205,962" in table
 
 

@@ -287,3 +287,7 @@ def test_demo_command_prints_summary_and_exits_0(
     assert "frames sent          30" in summary
     assert "predictions received 30 (30 distinct frames)" in summary
     assert "accuracy" in summary and "p95" in summary
+    bundle_line = next(line for line in done.stdout.splitlines() if line.startswith("bundle "))
+    assert "3 sub-models" in bundle_line
+    if bundle_kind != "digits":  # the shipped bundle's report states its cuts
+        assert "smaller and" in bundle_line and "fused vs" in bundle_line
