@@ -55,7 +55,13 @@ def test_redeploying_another_bundle_under_a_20_fps_stream_loses_and_repeats_noth
                 "camera", "camera", "--id", "cam0", "--source", "dataset:digits",
                 "--count", str(FRAMES), "--fps", str(FPS),
             )  # fmt: skip
-            predictions = _drain(stream, time.monotonic() + 2.0)
+            # Switch once the stream is flowing: a loaded machine can take over 2 s to start
+            # the camera, and then no frame would be answered under the first plan.
+            predictions: list[PredictionMsg] = []
+            flowing = time.monotonic() + 20.0
+            while not predictions and time.monotonic() < flowing:
+                predictions += _drain(stream, time.monotonic() + 0.2)
+            predictions += _drain(stream, time.monotonic() + 1.0)
             switch_started = time.time()
             # A different bundle: the nodes now need stem slices and tails, the aggregator
             # another fusion model.
