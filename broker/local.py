@@ -71,6 +71,22 @@ def resolve_kind(kind: KindArg) -> Kind:
     return kind
 
 
+# Every listener's settings after its access rules: no persistence, the contract's packet
+# limit, logs on stderr.
+COMMON_CONFIG_LINES = (
+    "persistence false",
+    "set_tcp_nodelay true",
+    f"max_packet_size {MAX_PACKET_BYTES}",
+    "log_dest stderr",
+    "log_type error",
+    "log_type warning",
+    "log_type notice",
+    "log_type information",
+    "log_timestamp true",
+    "",
+)
+
+
 def mosquitto_config(host: str, port: int) -> str:
     """A mosquitto 2.x config for one anonymous listener, logging to stderr.
 
@@ -82,16 +98,7 @@ def mosquitto_config(host: str, port: int) -> str:
         (
             f"listener {port} {host}",
             "allow_anonymous true",
-            "persistence false",
-            "set_tcp_nodelay true",
-            f"max_packet_size {MAX_PACKET_BYTES}",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "log_timestamp true",
-            "",
+            *COMMON_CONFIG_LINES,
         )
     )
 
@@ -119,16 +126,7 @@ def secure_mosquitto_config(directory: Path, host: str, port: int, user: str) ->
             f"password_file {broker / 'passwd'}",
             f"acl_file {broker / 'acl'}",
             f"user {user}",
-            "persistence false",
-            "set_tcp_nodelay true",
-            f"max_packet_size {MAX_PACKET_BYTES}",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "log_timestamp true",
-            "",
+            *COMMON_CONFIG_LINES,
         )
     )
 

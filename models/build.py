@@ -199,7 +199,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
         augment_flip=True,
         fusion_epochs=10,
         batch_size=128,
-    ),  # fmt: skip
+    ),
     "cifar10": dict(
         size="small",
         epochs=40,
@@ -207,7 +207,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
         augment_flip=True,
         fusion_epochs=10,
         batch_size=128,
-    ),  # fmt: skip
+    ),
     "imagefolder": dict(size="small", epochs=10, fusion_epochs=10, batch_size=64),
 }
 DROP_WARNING_PT = 1.0  # the build warns when the fused model is further below the original
