@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from edvit import __version__
 from edvit.errors import ConfigError, EdvitError
-from edvit.mqtt import DEFAULT_BROKER, Connection
+from edvit.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, Connection
 from edvit.service import (
     configure_logging,
     ignore_stop_signals,
@@ -79,6 +79,12 @@ def _common() -> argparse.ArgumentParser:
     ):
         common.add_argument(option, default=os.environ.get(env) or None, help=f"{text} (env {env})")
     common.add_argument(
+        "--mqtt-version", choices=MQTT_VERSIONS,
+        default=os.environ.get("EDVIT_MQTT_VERSION") or "auto",
+        help="MQTT protocol: 5, 3.1.1, or auto: 5 unless the broker refuses it "
+        "(env EDVIT_MQTT_VERSION; default %(default)s)",
+    )  # fmt: skip
+    common.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help="topic prefix (default %(default)s)"
     )
     common.add_argument(
@@ -91,7 +97,7 @@ def connection(args: argparse.Namespace) -> Connection:
     """The broker address and login every command's --broker and friends describe."""
     settings = Connection(
         args.broker, ca=args.ca, cert=args.cert, key=args.key, username=args.username,
-        password_file=args.password_file,
+        password_file=args.password_file, mqtt_version=args.mqtt_version,
     )  # fmt: skip
     settings.check()
     return settings

@@ -60,6 +60,11 @@ MAX_PAYLOAD_BYTES: dict[PayloadKind, int] = {
     "model": 192 * MiB,
 }
 
+# MQTT 5 message expiry (seconds) per topic kind: the broker discards a message older than
+# this instead of delivering it, so a node that reconnects, or falls behind, is not handed
+# a backlog of frames nobody waits for any more (the aggregator answers within ~10 ms).
+MESSAGE_EXPIRY_S: dict[PayloadKind, int] = {"frame": 2, "tokens": 2}
+
 # The broker's `max_packet_size`: the largest payload plus room for the topic and headers.
 MAX_PACKET_BYTES = max(MAX_PAYLOAD_BYTES.values()) + 1 * MiB
 

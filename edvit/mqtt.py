@@ -25,9 +25,18 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edvit.errors import BadPayload, BrokerError, ConfigError
-from edvit.limits import MAX_PACKET_BYTES, max_payload_bytes, topic_kind
+from edvit.limits import (
+    MAX_PACKET_BYTES,
+    MESSAGE_EXPIRY_S,
+    PayloadKind,
+    max_payload_bytes,
+    topic_kind,
+)
 from edvit.schemas import OFFLINE_STATUS, StatusMsg, encode
 
 Handler = Callable[[str, bytes], None]
@@ -43,6 +52,14 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 5
 # Model files travel as retained messages; paho's default of unlimited in-flight bytes is
 # fine, but the broker must accept messages this large (mosquitto's default is 256 MB).
 PUBLISH_TIMEOUT_S = 30.0
+# --mqtt-version: "auto" speaks MQTT 5 and falls back to 3.1.1 when the broker refuses 5
+# (the embedded amqtt broker, NATS).
+MQTT_VERSIONS = ("auto", "5", "3.1.1")
+# CONNACK codes meaning "not this protocol version": 3.1.1's 1 and MQTT 5's 0x84.
+_UNSUPPORTED_VERSION = (1, 0x84)
+# --mqtt-version auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried.
+CONNACK_WAIT_S = 2.0
+_PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,7 @@ class Connection:
     key: str | None = None
     username: str | None = None
     password_file: str | None = None
+    mqtt_version: str = "auto"
 
     @property
     def address(self) -> BrokerAddress:
@@ -102,6 +120,10 @@ class Connection:
             raise ConfigError("--cert and --key go together: give both or neither")
         if self.password_file and not self.username:
             raise ConfigError("--password-file needs --username")
+        if self.mqtt_version not in MQTT_VERSIONS:
+            raise ConfigError(
+                f"--mqtt-version {self.mqtt_version!r}: expected one of {', '.join(MQTT_VERSIONS)}"
+            )
         for option, path in (
             ("--ca", self.ca), ("--cert", self.cert), ("--key", self.key),
             ("--password-file", self.password_file),
@@ -168,15 +190,33 @@ class Transport(Protocol):
     def stop(self, timeout: float = 5.0) -> None: ...
 
 
-def payload_limit(topic: str) -> int:
-    """The largest payload the contract accepts on this topic (edvit/limits.py). The prefix
-    may have several levels, so the contract's topic is found from the end."""
+def kind_of(topic: str) -> PayloadKind | None:
+    """The contract's payload kind of a full topic. The prefix may have several levels, so
+    the contract's topic is found from the end."""
     levels = topic.split("/")
     for size in (3, 2, 1):
         kind = topic_kind(levels[-size:]) if len(levels) > size else None
         if kind is not None:
-            return max_payload_bytes(kind)
-    return MAX_PACKET_BYTES
+            return kind
+    return None
+
+
+def payload_limit(topic: str) -> int:
+    """The largest payload the contract accepts on this topic (edvit/limits.py)."""
+    kind = kind_of(topic)
+    return MAX_PACKET_BYTES if kind is None else max_payload_bytes(kind)
+
+
+def _expiry_properties() -> dict[str, Properties]:
+    properties = {}
+    for kind, seconds in MESSAGE_EXPIRY_S.items():
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = seconds
+        properties[kind] = props
+    return properties
+
+
+_EXPIRY = _expiry_properties()
 
 
 def deliver(
@@ -258,25 +298,61 @@ class MqttClient:
         self._keepalive = keepalive
         self._lock = threading.Lock()
         self._refused: str | None = None
+        self._will_topic = will_topic
+        self._ever_connected = False
+        self._socket_opened = False
+        self._falling_back = False
 
-        self._client = paho.Client(
+        # mid -> topic of QoS>0 publishes awaiting their ack, mid -> filter of subscribes
+        # awaiting theirs; mid -> reason of publishes the broker refused (MQTT 5 only).
+        self._pending_publishes: dict[int, str] = {}
+        self._pending_subscribes: dict[int, str] = {}
+        self._refused_publishes: dict[int, str] = {}
+        self._acks_lock = threading.Lock()
+        first = "3.1.1" if self.connection.mqtt_version == "3.1.1" else "5"
+        self._client = self._new_paho(_PROTOCOLS[first])
+
+    def _new_paho(self, protocol: MQTTProtocolVersion) -> paho.Client:
+        v5 = protocol == MQTTProtocolVersion.MQTTv5
+        client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv311,
-            clean_session=True,
+            client_id=self.client_id,
+            protocol=protocol,
+            # MQTT 5 has clean_start on connect instead; nothing keeps a session either way.
+            clean_session=None if v5 else True,
         )
-        self._client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
-        self._client.max_queued_messages_set(1000)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_socket_open = _disable_nagle
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        client.max_queued_messages_set(1000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
         if self.connection.username:
-            self._client.username_pw_set(self.connection.username, self.connection.password())
+            client.username_pw_set(self.connection.username, self.connection.password())
         if self.address.tls:
-            self._client.tls_set_context(self.connection.ssl_context())
-        if will_topic or status_topic:
-            will = will_topic or status_topic
-            self._client.will_set(will, encode(OFFLINE_STATUS), qos=1, retain=True)
+            client.tls_set_context(self.connection.ssl_context())
+        will = self._will_topic or self._status_topic
+        if will:
+            client.will_set(will, encode(OFFLINE_STATUS), qos=1, retain=True)
+        with self._lock:
+            filters = list(self._routes)
+        for topic_filter in filters:
+            client.message_callback_add(topic_filter, self._dispatcher(topic_filter))
+        return client
+
+    @property
+    def mqtt_version(self) -> str:
+        """The protocol this client speaks now: "5" or "3.1.1"."""
+        return "5" if self._client.protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1"
+
+    def _connect_args(self) -> dict[str, object]:
+        args: dict[str, object] = {
+            "host": self.address.host, "port": self.address.port, "keepalive": self._keepalive,
+        }  # fmt: skip
+        if self.mqtt_version == "5":
+            args["clean_start"] = True
+        return args
 
     # -- wiring -----------------------------------------------------------------------
     def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
@@ -292,7 +368,7 @@ class MqttClient:
         if self._connected.is_set():
             # Also for a filter already subscribed: subscribing again makes the broker send
             # its retained messages again, which a handler added now has not seen.
-            self._client.subscribe(topic_filter, qos)
+            self._subscribe(self._client, topic_filter, qos)
 
     def unroute(self, topic_filter: str, handler: Handler | None = None) -> None:
         """Stop calling `handler` (default: every handler) for topic_filter; unsubscribe when
@@ -329,7 +405,7 @@ class MqttClient:
         fix it."""
         try:
             if not (self.address.tls and self._connect_tls_now()):
-                self._client.connect_async(self.address.host, self.address.port, self._keepalive)
+                self._client.connect_async(**self._connect_args())
         except (OSError, ValueError) as exc:
             raise BrokerError(f"cannot connect to {self.address}: {exc}") from None
         self._client.loop_start()
@@ -360,7 +436,7 @@ class MqttClient:
         client rejects is reported here, once, instead of retried forever in paho's thread.
         False when the broker is not reachable yet (connect in the background then)."""
         try:
-            self._client.connect(self.address.host, self.address.port, self._keepalive)
+            self._client.connect(**self._connect_args())
         except ssl.SSLCertVerificationError as exc:
             raise ConfigError(
                 f"the broker {self.address} failed TLS verification: {exc.verify_message}"
@@ -396,7 +472,17 @@ class MqttClient:
     def publish(
         self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False
     ) -> paho.MQTTMessageInfo:
-        info = self._client.publish(topic, payload, qos, retain)
+        """Publish; frames and tokens carry their message expiry (MQTT 5). A QoS 1/2 publish
+        the broker refuses (MQTT 5: not authorised, quota...) is logged and counted as
+        `publishes_refused` when its ack comes back."""
+        client = self._client
+        expiry = _EXPIRY.get(kind_of(topic) or "") if self.mqtt_version == "5" else None
+        info = client.publish(topic, payload, qos, retain, properties=expiry)
+        if qos > 0 and info.rc == paho.MQTT_ERR_SUCCESS:
+            with self._acks_lock:
+                if len(self._pending_publishes) > 10_000:  # acks lost with a connection
+                    self._pending_publishes.clear()
+                self._pending_publishes[info.mid] = topic
         if info.rc == paho.MQTT_ERR_SUCCESS:
             self.counters["messages_out"] += 1
         else:
@@ -414,6 +500,11 @@ class MqttClient:
             raise BrokerError(f"publish to {topic} failed: {exc}") from None
         if not info.is_published():
             raise BrokerError(f"publish to {topic} not acknowledged within {timeout:.0f} s")
+        with self._acks_lock:
+            refused = self._refused_publishes.pop(info.mid, None)
+        if refused is not None:
+            who = f" for {self.connection.username}" if self.connection.username else ""
+            raise BrokerError(f"the broker refused the publish to {topic}{who}: {refused}")
 
     def set_status(self, status: StatusMsg) -> None:
         """Publish a retained status now, after every reconnect, and every status interval
@@ -451,19 +542,108 @@ class MqttClient:
     # -- paho callbacks -----------------------------------------------------------------
     def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, _props) -> None:
         if reason_code.is_failure:
-            self._refused = str(reason_code)
-            self.log.error("broker %s refused connection: %s", self.address, reason_code)
+            wrong_version = reason_code.value in _UNSUPPORTED_VERSION
+            if wrong_version and self.mqtt_version == "5":
+                if self._may_fall_back():
+                    self._start_fall_back()
+                    return
+                reason = f"{reason_code}: the broker does not speak MQTT 5 (--mqtt-version 3.1.1)"
+            else:
+                reason = str(reason_code)
+            self._refused = reason
+            self.log.error("broker %s refused connection: %s", self.address, reason)
             return
         self.counters["connects"] += 1
+        self._ever_connected = True
         with self._lock:
             routes = list(self._routes.items())
         for topic_filter, (_handler, qos) in routes:
-            client.subscribe(topic_filter, qos)
+            self._subscribe(client, topic_filter, qos)
         self._connected.set()
         self._publish_status()
         self.log.info("connected to %s as %s", self.address, self.client_id)
 
+    def _subscribe(self, client: paho.Client, topic_filter: str, qos: int) -> None:
+        _rc, mid = client.subscribe(topic_filter, qos)
+        if mid is not None:
+            with self._acks_lock:
+                self._pending_subscribes[mid] = topic_filter
+
+    def _on_subscribe(
+        self, _client, _userdata, mid: int, reason_codes: list[ReasonCode], _props
+    ) -> None:
+        """A refused subscription (the ACL) would otherwise leave a service `ready` that never
+        receives a message: say so once per subscribe, and count it."""
+        with self._acks_lock:
+            topic_filter = self._pending_subscribes.pop(mid, "?")
+        for reason in reason_codes:
+            if reason.is_failure:
+                self.counters["subscriptions_refused"] += 1
+                who = f" as {self.connection.username}" if self.connection.username else ""
+                self.log.error(
+                    "the broker refused the subscription to %s%s: %s; nothing will arrive "
+                    "on it (check the ACL) [subscriptions_refused=%d]",
+                    topic_filter, who, reason, self.counters["subscriptions_refused"],
+                )  # fmt: skip
+
+    def _on_publish(self, _client, _userdata, mid: int, reason: ReasonCode, _props) -> None:
+        with self._acks_lock:
+            topic = self._pending_publishes.pop(mid, None)
+            if not reason.is_failure:
+                return
+            self._refused_publishes[mid] = str(reason)
+            if len(self._refused_publishes) > 1000:
+                self._refused_publishes.pop(next(iter(self._refused_publishes)))
+        self.counters["publishes_refused"] += 1
+        who = f" as {self.connection.username}" if self.connection.username else ""
+        self.log.error(
+            "the broker refused the publish to %s%s: %s [publishes_refused=%d]",
+            topic or f"(message {mid})", who, reason, self.counters["publishes_refused"],
+        )  # fmt: skip
+
+    def _fall_back_to_311(self) -> None:
+        """The broker does not speak MQTT 5: go on with a 3.1.1 client (--mqtt-version auto)."""
+        old = self._client
+        old.loop_stop()
+        old.disconnect()
+        self._client = self._new_paho(MQTTProtocolVersion.MQTTv311)
+        self.log.info("the broker %s does not speak MQTT 5; using 3.1.1", self.address)
+        try:
+            self._client.connect_async(**self._connect_args())
+        except (OSError, ValueError) as exc:
+            self._refused = f"cannot reconnect with MQTT 3.1.1: {exc}"
+            return
+        self._client.loop_start()
+
+    def _on_socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+        self._socket_opened = True
+        _disable_nagle(client, userdata, sock)
+        if not self._ever_connected and self._may_fall_back():
+            # Some 3.1.1-only brokers (amqtt) neither answer nor close on an MQTT 5 CONNECT.
+            timer = threading.Timer(CONNACK_WAIT_S, self._no_connack)
+            timer.daemon = True
+            timer.start()
+
+    def _no_connack(self) -> None:
+        if not self._ever_connected and self._refused is None and self._may_fall_back():
+            self._start_fall_back()
+
+    def _may_fall_back(self) -> bool:
+        return self.connection.mqtt_version == "auto" and self.mqtt_version == "5"
+
+    def _start_fall_back(self) -> None:
+        with self._acks_lock:
+            if self._falling_back:
+                return
+            self._falling_back = True
+        # paho's loop thread cannot stop itself: switch clients from another thread.
+        threading.Thread(target=self._fall_back_to_311, daemon=True).start()
+
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        if self._socket_opened and not self._ever_connected and self._may_fall_back():
+            # Other 3.1.1-only brokers close the connection on an MQTT 5 CONNECT.
+            self._start_fall_back()
+            return
         was_connected = self._connected.is_set()
         self._connected.clear()
         if was_connected and reason_code != 0:

@@ -9,12 +9,17 @@ the bad input a user can give (missing files, wrong CA, hostname mismatch): one 
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
+import json
 import os
 import queue
 import secrets
 import stat
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +30,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.cli import main
+from edvit.errors import BrokerError, ConfigError
 from edvit.fleet import secure
-from edvit.mqtt import Connection
+from edvit.limits import MESSAGE_EXPIRY_S
+from edvit.mqtt import Connection, MqttClient
 from edvit.topics import Topics
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
@@ -436,3 +443,164 @@ def test_a_fleet_answers_frames_over_tls(secured: SecureBroker, tmp_path: Path) 
             stream.stop()
         codes = fleet.stop()
     assert all(code == 0 for code in codes.values()), codes
+
+
+# -- MQTT 5: refusals are reported, frames expire -------------------------------------------
+
+
+def _service(sb: SecureBroker, identity: str, version: str) -> MqttClient:
+    settings = dataclasses.replace(_connection(sb, identity), mqtt_version=version)
+    return MqttClient(f"t-{identity}-{uuid.uuid4().hex[:6]}", settings)
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+DYNSEC_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
+@pytest.fixture(scope="module")
+def refusing_broker(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, LocalBroker]]:
+    """mosquitto with its dynamic-security plugin, which (unlike an acl_file, which lets
+    every subscription through and filters deliveries) refuses subscriptions in the SUBACK:
+    node-0 may subscribe to the plan only."""
+    if not DYNSEC_PLUGIN.is_file():
+        pytest.skip(f"mosquitto's dynamic-security plugin is not installed ({DYNSEC_PLUGIN})")
+    directory = tmp_path_factory.mktemp("dynsec")
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", b"node-secret", salt, 101, 64)
+    (directory / "dynsec.json").write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
+                             "subscribe": False, "unsubscribe": True},
+        "clients": [{
+            "username": "node-0", "password": base64.b64encode(digest).decode(),
+            "salt": base64.b64encode(salt).decode(), "iterations": 101,
+            "roles": [{"rolename": "node"}],
+        }],
+        "roles": [{"rolename": "node", "acls": [
+            {"acltype": "subscribePattern", "topic": "edvit/plan", "allow": True},
+        ]}],
+        "groups": [],
+    }))  # fmt: skip
+    (directory / "password").write_text("node-secret\n")
+    config = directory / "mosquitto.conf"
+    config.write_text(
+        "listener 0 127.0.0.1\nallow_anonymous false\nuser root\n"
+        f"plugin {DYNSEC_PLUGIN}\nplugin_opt_config_file {directory / 'dynsec.json'}\n"
+    )
+    broker = LocalBroker(kind="mosquitto", log_path=directory / "broker.log", secure_config=config)
+    broker.start()
+    try:
+        yield directory, broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_a_refused_subscription_is_logged_and_counted(
+    refusing_broker: tuple[Path, LocalBroker], caplog, version: str
+) -> None:
+    """The SUBACK says no (0x87 in MQTT 5, 0x80 in 3.1.1): the service logs it and counts it,
+    instead of sitting `ready` with nothing arriving."""
+    directory, broker = refusing_broker  # a plain listener: only the login and ACL matter
+    settings = Connection(
+        f"mqtt://127.0.0.1:{broker.port}", username="node-0",
+        password_file=str(directory / "password"), mqtt_version=version,
+    )  # fmt: skip
+    client = MqttClient(f"t-sub-{uuid.uuid4().hex[:6]}", settings)
+    plans: queue.Queue[bytes] = queue.Queue()
+    client.route("edvit/predictions/#", lambda _t, _p: None)
+    client.route("edvit/plan", lambda _t, payload: plans.put(payload))
+    assert client.start(required=True)
+    try:
+        assert client.mqtt_version == version
+        assert _eventually(lambda: client.counters["subscriptions_refused"] == 1)
+        client.publish_and_wait("edvit/plan", b"{}", qos=1)
+        assert plans.get(timeout=TIMEOUT) == b"{}"  # the allowed one works, and is not counted
+        assert client.counters["subscriptions_refused"] == 1
+    finally:
+        client.stop()
+    assert "refused the subscription to edvit/predictions/# as node-0" in caplog.text
+
+
+def test_a_refused_publish_fails_under_mqtt_5(secured: SecureBroker, caplog) -> None:
+    """A camera may not write the plan. MQTT 5's PUBACK says `Not authorized`: a waited
+    publish raises, a fire-and-forget one is logged and counted. (3.1.1 has no way to say
+    it: the publish looks delivered.)"""
+    camera = _service(secured, "cam0", "5")
+    assert camera.start(required=True)
+    try:
+        with pytest.raises(BrokerError, match="refused the publish to edvit/plan for cam0"):
+            camera.publish_and_wait("edvit/plan", b"{}", qos=1, retain=True, timeout=TIMEOUT)
+        camera.publish("edvit/models/sub0", b"x", qos=1)
+        assert _eventually(lambda: camera.counters["publishes_refused"] == 2)
+        camera.publish_and_wait("edvit/cameras/cam0/status", b"{}", qos=1, timeout=TIMEOUT)
+        assert camera.counters["publishes_refused"] == 2
+    finally:
+        camera.stop()
+    assert "Not authorized" in caplog.text
+
+    old = _service(secured, "cam0", "3.1.1")
+    assert old.start(required=True)
+    try:
+        old.publish_and_wait("edvit/plan", b"{}", qos=1, retain=True, timeout=TIMEOUT)
+        assert old.counters["publishes_refused"] == 0
+    finally:
+        old.stop()
+
+
+def test_frames_expire_in_the_broker(secured: SecureBroker) -> None:
+    """A node away for longer than a frame's expiry gets no stale frames on its return; a
+    message of a kind without expiry is still delivered."""
+    away = secured.client("node-0")
+    away._clean_session = False  # a persistent 3.1.1 session, queued for while it is away
+    received: queue.Queue[str] = queue.Queue()
+    away.on_message = lambda _c, _u, msg: received.put(msg.topic)
+    assert _connect(away, "localhost", secured.broker.port) == 0
+    away.subscribe([("edvit/cameras/+/frame", 1), ("edvit/plan", 1)])
+    time.sleep(0.3)
+    away.disconnect()
+    away.loop_stop()
+
+    camera = _service(secured, "cam0", "5")
+    deploy = _service(secured, "deploy", "5")
+    assert camera.start(required=True) and deploy.start(required=True)
+    try:
+        camera.publish_and_wait("edvit/cameras/cam0/frame", b"\x89PNG", qos=1)
+        deploy.publish_and_wait("edvit/plan", b"{}", qos=1)
+    finally:
+        camera.stop()
+        deploy.stop()
+    time.sleep(MESSAGE_EXPIRY_S["frame"] + 1.0)
+    assert _connect(away, "localhost", secured.broker.port) == 0
+    try:
+        assert received.get(timeout=TIMEOUT) == "edvit/plan"
+        with pytest.raises(queue.Empty):
+            received.get(timeout=0.5)
+    finally:
+        away.disconnect()
+        away.loop_stop()
+
+
+@pytest.mark.parametrize("will", [None, "edvit/nodes/t-auto/status"])
+def test_auto_falls_back_to_3_1_1_and_5_says_why(
+    embedded_broker: LocalBroker, will: str | None
+) -> None:
+    """amqtt answers an MQTT 5 CONNECT with `Unsupported protocol version`, or, when it
+    carries a Will, not at all: --mqtt-version auto goes on with 3.1.1 either way."""
+    auto = MqttClient("t-auto", Connection(embedded_broker.url), will_topic=will)
+    assert auto.start(wait=TIMEOUT, required=True)
+    try:
+        assert auto.mqtt_version == "3.1.1"
+        auto.publish_and_wait("edvit/plan", b"{}", qos=1)
+    finally:
+        auto.stop()
+    strict = MqttClient("t-v5", Connection(embedded_broker.url, mqtt_version="5"))
+    with pytest.raises(ConfigError, match=r"does not speak MQTT 5 \(--mqtt-version 3.1.1\)"):
+        strict.start(wait=TIMEOUT, required=True)
