@@ -216,14 +216,26 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edvit.fleet.demo import DEFAULT_BUNDLE, run_demo
+    from edvit.fleet.demo import DEFAULT_BUNDLE, compare, run_demo
 
-    summary = run_demo(
-        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
-        frames=args.frames, fps=args.fps, broker_kind=args.broker_kind,
-        log_dir=Path(args.log_dir) if args.log_dir else None,
-    )  # fmt: skip
-    complete = summary.unique_frames == len(summary.predictions) == summary.frames_sent
+    if args.compare_plain and not args.secure:
+        raise ConfigError("--compare-plain compares a --secure run with a plain one: add --secure")
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    runs = [False, True] if args.compare_plain else [args.secure]
+    summaries = [
+        run_demo(
+            Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
+            frames=args.frames,
+            fps=args.fps,
+            broker_kind=args.broker_kind,
+            log_dir=log_dir / ("tls" if tls else "plain") if log_dir and len(runs) > 1 else log_dir,
+            tls=tls,
+        )  # fmt: skip
+        for tls in runs
+    ]
+    if len(summaries) > 1:
+        print(compare(summaries))
+    complete = all(s.unique_frames == len(s.predictions) == s.frames_sent for s in summaries)
     if not complete:
         print("edvit demo: not every frame got exactly one prediction", file=sys.stderr)
     return 0 if complete else 1
@@ -508,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive_float, default=25.0)
     p.add_argument("--broker-kind", choices=["auto", "mosquitto", "embedded"], default="auto")
     p.add_argument("--log-dir", help="where the processes' logs go (default a temp folder)")
+    p.add_argument(
+        "--secure", action="store_true",
+        help="over TLS, each process with its own account and the ACL (a fresh `secure init` "
+        "in the log folder; needs mosquitto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare-plain", action="store_true",
+        help="with --secure: run the same frames over plain MQTT first and compare latencies",
+    )  # fmt: skip
     p.set_defaults(log_level="WARNING")  # the demo's own output is the story; logs go to files
     return parser
 

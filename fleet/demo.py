@@ -3,11 +3,13 @@ as separate processes on this machine; live predictions and a summary at the end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +19,11 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import REPORT_NAME, Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
-from edvit.fleet.deploy import deploy
+from edvit.fleet import secure
+from edvit.fleet.deploy import bundle_assignments, deploy
 from edvit.fleet.local import LocalFleet
 from edvit.fleet.watch import PredictionStream, format_prediction
+from edvit.mqtt import Connection
 from edvit.schemas import PredictionMsg
 
 log = logging.getLogger("edvit.fleet.demo")
@@ -31,6 +35,7 @@ CAMERA_ID = "cam0"
 @dataclass
 class Summary:
     frames_sent: int
+    transport: str = "plain"
     predictions: list[PredictionMsg] = field(default_factory=list)
 
     @property
@@ -50,7 +55,7 @@ class Summary:
     def render(self) -> str:
         lines = [
             "",
-            "summary",
+            f"summary ({self.transport})",
             f"  frames sent          {self.frames_sent}",
             f"  predictions received {len(self.predictions)}"
             f" ({self.unique_frames} distinct frames)",
@@ -82,6 +87,40 @@ def bundle_summary(bundle_dir: Path) -> str:
         return f"{text} (no readable {REPORT_NAME})"
 
 
+@dataclass(frozen=True)
+class Access:
+    """How the demo's processes reach the broker: all anonymously over plain MQTT, or each
+    with its own identity from a `secure init` folder over TLS (README, "Security")."""
+
+    url: str
+    secrets: Path | None = None
+
+    def connection(self, identity: str) -> str | Connection:
+        return self.url if self.secrets is None else secure.login(self.secrets, identity, self.url)
+
+    def env(self, identity: str) -> dict[str, str]:
+        return {} if self.secrets is None else secure.login_env(self.secrets, identity)
+
+
+@contextlib.contextmanager
+def demo_broker(
+    broker_kind: str, nodes: list[str], workdir: Path, tls: bool = False
+) -> Iterator[tuple[LocalBroker, Access]]:
+    """A local broker for the demo; with `tls`, a TLS-only mosquitto with accounts and the
+    ACL from a fresh `secure init` in workdir/secrets, for these nodes and the camera."""
+    if not tls:
+        with LocalBroker(kind=broker_kind) as broker:  # type: ignore[arg-type]
+            yield broker, Access(broker.url)
+        return
+    if broker_kind == "embedded":
+        raise ConfigError("--secure needs mosquitto: the embedded broker has no TLS or ACL")
+    secrets = workdir / "secrets"
+    secure.init(secrets, secure.parse_identities(nodes, [CAMERA_ID]), port=0)
+    config = secrets / "broker" / "mosquitto.conf"
+    with LocalBroker(kind="mosquitto", secure_config=config) as broker:
+        yield broker, Access(broker.url, secrets)
+
+
 def run_demo(
     bundle_dir: Path = DEFAULT_BUNDLE,
     *,
@@ -90,7 +129,10 @@ def run_demo(
     broker_kind: str = "auto",
     log_dir: Path | None = None,
     quiet: bool = False,
+    tls: bool = False,
 ) -> Summary:
+    """The whole fleet on this machine. `tls`: over TLS, every process with its own account
+    and only the topics the ACL grants it."""
     if not (bundle_dir / "manifest.json").is_file():
         raise ConfigError(
             f"no bundle at {bundle_dir}; build one with "
@@ -104,16 +146,18 @@ def run_demo(
     say = (lambda *_: None) if quiet else print
 
     say(f"bundle    {bundle_summary(bundle_dir)}")
-    with LocalBroker(kind=broker_kind) as broker:  # type: ignore[arg-type]
-        say(f"broker    {broker.kind} at {broker.url}")
-        plan = deploy(bundle, broker.url)
+    nodes = list(bundle_assignments(bundle, None))
+    with demo_broker(broker_kind, nodes, log_dir, tls) as (broker, access):
+        logins = "TLS, one account per process, the ACL" if tls else "plain, anonymous"
+        say(f"broker    {broker.kind} at {broker.url} ({logins})")
+        plan = deploy(bundle, access.connection("deploy"))
         say(f"deployed  {manifest.name}: plan {plan.plan_id}, {dict(plan.assignments)}")
-        with LocalFleet(broker.url, log_dir) as fleet:
+        with LocalFleet(access.connection("dashboard"), log_dir) as fleet:
             for node in plan.assignments:
                 # Replay scores every test image, so no frame may be replaced by a newer one.
-                fleet.spawn(node, "node", "--id", node, "--keep-all-frames")
-            fleet.spawn("aggregator", "aggregator")
-            stream = PredictionStream(broker.url)
+                fleet.spawn(node, "node", "--id", node, "--keep-all-frames", env=access.env(node))
+            fleet.spawn("aggregator", "aggregator", env=access.env("aggregator"))
+            stream = PredictionStream(access.connection("dashboard"))
             stream.start()
             try:
                 fleet.wait_ready(plan)
@@ -124,9 +168,9 @@ def run_demo(
                 camera = fleet.spawn(
                     "camera", "camera", "--id", CAMERA_ID,
                     "--source", f"dataset:{manifest.dataset}",
-                    "--count", str(frames), "--fps", str(fps),
+                    "--count", str(frames), "--fps", str(fps), env=access.env(CAMERA_ID),
                 )  # fmt: skip
-                summary = Summary(frames_sent=frames)
+                summary = Summary(frames_sent=frames, transport="TLS" if tls else "plain")
                 quiet_since = None
                 while len(summary.predictions) < frames:
                     fleet.check_alive()
@@ -148,3 +192,15 @@ def run_demo(
                 stream.stop()
     say(summary.render())
     return summary
+
+
+def compare(summaries: list[Summary]) -> str:
+    """One line per run: what `edvit demo --secure --compare-plain` ends with."""
+    lines = ["", "transport  frames  answered  p50 ms  p95 ms"]
+    for s in summaries:
+        p50, p95 = (
+            (f"{s.latency_percentile(50):6.1f}", f"{s.latency_percentile(95):6.1f}")
+            if s.predictions else ("     -", "     -")
+        )  # fmt: skip
+        lines.append(f"{s.transport:<9}  {s.frames_sent:6d}  {s.unique_frames:8d}  {p50}  {p95}")
+    return "\n".join(lines)

@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edvit.broker.local import secure_mosquitto_config
 from edvit.errors import ConfigError
+from edvit.mqtt import Connection
 from edvit.topics import Topics
 
 log = logging.getLogger("edvit.fleet.secure")
@@ -344,6 +345,28 @@ def init(
     if stale:
         log.warning("not in the passwd file any more (cannot log in): %s", ", ".join(stale))
     return created
+
+
+def login_env(directory: Path, identity: str) -> dict[str, str]:
+    """The EDVIT_* variables that log `identity` in with DIR's files (the password stays in
+    its file): what a board's service unit or `edvit demo --secure` sets."""
+    home = directory / "clients" / identity
+    return {
+        "EDVIT_CA": str(directory / "ca.crt"),
+        "EDVIT_CERT": str(home / "client.crt"),
+        "EDVIT_KEY": str(home / "client.key"),
+        "EDVIT_USERNAME": identity,
+        "EDVIT_PASSWORD_FILE": str(home / "password"),
+    }
+
+
+def login(directory: Path, identity: str, url: str) -> Connection:
+    """The same login as a Connection, for code that connects in this process."""
+    env = login_env(directory, identity)
+    return Connection(
+        url, ca=env["EDVIT_CA"], cert=env["EDVIT_CERT"], key=env["EDVIT_KEY"],
+        username=identity, password_file=env["EDVIT_PASSWORD_FILE"],
+    )  # fmt: skip
 
 
 def _hand_broker_files_to(broker: Path, user: str) -> None:

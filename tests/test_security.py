@@ -393,22 +393,11 @@ def test_the_embedded_broker_refuses_secure(secured: SecureBroker, capsys) -> No
 
 
 def _login(sb: SecureBroker, identity: str) -> dict[str, str]:
-    home = sb.files(identity)
-    return {
-        "EDVIT_CA": str(sb.dir / "ca.crt"),
-        "EDVIT_CERT": str(home / "client.crt"),
-        "EDVIT_KEY": str(home / "client.key"),
-        "EDVIT_USERNAME": identity,
-        "EDVIT_PASSWORD_FILE": str(home / "password"),
-    }
+    return secure.login_env(sb.dir, identity)
 
 
 def _connection(sb: SecureBroker, identity: str) -> Connection:
-    login = _login(sb, identity)
-    return Connection(
-        f"mqtts://localhost:{sb.broker.port}", ca=login["EDVIT_CA"], cert=login["EDVIT_CERT"],
-        key=login["EDVIT_KEY"], username=identity, password_file=login["EDVIT_PASSWORD_FILE"],
-    )  # fmt: skip
+    return secure.login(sb.dir, identity, f"mqtts://localhost:{sb.broker.port}")
 
 
 @pytest.mark.slow
@@ -567,6 +556,8 @@ def test_frames_expire_in_the_broker(secured: SecureBroker) -> None:
     time.sleep(0.3)
     away.disconnect()
     away.loop_stop()
+    while not received.empty():  # a plan retained by an earlier test
+        received.get()
 
     camera = _service(secured, "cam0", "5")
     deploy = _service(secured, "deploy", "5")
@@ -604,3 +595,24 @@ def test_auto_falls_back_to_3_1_1_and_5_says_why(
     strict = MqttClient("t-v5", Connection(embedded_broker.url, mqtt_version="5"))
     with pytest.raises(ConfigError, match=r"does not speak MQTT 5 \(--mqtt-version 3.1.1\)"):
         strict.start(wait=TIMEOUT, required=True)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_over_tls_and_compares_with_plain(tmp_path: Path, capsys) -> None:
+    """`edvit demo --secure --compare-plain`: the same frames over a plain broker and over TLS
+    with one account per process; both answer every frame, and the table says so."""
+    code = main([
+        "demo", "--secure", "--compare-plain", "--frames", "6", "--fps", "10",
+        "--log-dir", str(tmp_path),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "mqtts://127.0.0.1:" in out and "(TLS, one account per process, the ACL)" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-2:]}
+    assert rows["plain"][:2] == rows["TLS"][:2] == ["6", "6"]
+    assert (tmp_path / "tls" / "secrets" / "broker" / "acl").is_file()
+
+
+def test_compare_plain_needs_secure(capsys) -> None:
+    assert main(["demo", "--compare-plain"]) == 2
+    assert "add --secure" in capsys.readouterr().err

@@ -318,20 +318,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Lo
 
 
 def _login(directory: Path, identity: str) -> dict[str, str]:
-    home = directory / "clients" / identity
-    return {
-        "EDVIT_CA": str(directory / "ca.crt"), "EDVIT_CERT": str(home / "client.crt"),
-        "EDVIT_KEY": str(home / "client.key"), "EDVIT_USERNAME": identity,
-        "EDVIT_PASSWORD_FILE": str(home / "password"),
-    }  # fmt: skip
+    return secure.login_env(directory, identity)
 
 
 def _connection(directory: Path, broker: LocalBroker, identity: str) -> Connection:
-    login = _login(directory, identity)
-    return Connection(
-        f"mqtts://localhost:{broker.port}", ca=login["EDVIT_CA"], cert=login["EDVIT_CERT"],
-        key=login["EDVIT_KEY"], username=identity, password_file=login["EDVIT_PASSWORD_FILE"],
-    )  # fmt: skip
+    return secure.login(directory, identity, f"mqtts://localhost:{broker.port}")
 
 
 @pytest.mark.slow
