@@ -210,6 +210,7 @@ class Aggregator:
         self.follower.start()
         self.client.route(self.topics.all_node_statuses(), self._on_node_status, qos=1)
         self.client.route(self.topics.all_features(), self._on_features, qos=0)
+        self.client.route(self.topics.all_legacy_features(), self._on_features, qos=0)
         self.client.route(self.topics.all_predictions(), self._on_prediction, qos=1)
         self.client.route(self.topics.aggregator_status(), self._on_shared_status, qos=1)
         self._sweeper.start()
@@ -334,6 +335,13 @@ class Aggregator:
                         "not waiting for it until it answers again", node, sid, SUSPECT_AFTER,
                     )  # fmt: skip
 
+    def _assigned(self, plan_id: str, node: str, submodel_id: str) -> bool:
+        """Whether the plan `plan_id` (loaded, or the target) has `node` serving the sub-model."""
+        known = self._fusions.get(plan_id)
+        target = self.follower.target
+        plan = known[0] if known else target if target and target.plan_id == plan_id else None
+        return plan is not None and submodel_id in plan.assignments.get(node, ())
+
     def _plan_named(self, plan_id: str) -> PlanMsg | None:
         """The plan features computed under `plan_id` are joined under: that plan when its
         fusion is loaded or loading; for a plan this aggregator refused but nodes serve,
@@ -355,14 +363,25 @@ class Aggregator:
         msg = decode(FeaturesMsg, payload)
         if msg is None:
             return
-        _, camera, submodel_id = self.topics.parts(topic)
-        if (msg.camera, msg.submodel) != (camera, submodel_id):
-            raise BadPayload(f"features for {msg.camera}/{msg.submodel} came on {topic}")
+        # features/{camera}/{sub-model}/{node}; without the node level from older nodes.
+        parts = self.topics.parts(topic)
+        topic_node = parts[3] if len(parts) == 4 else msg.node
+        if (msg.camera, msg.submodel, msg.node) != (parts[1], parts[2], topic_node):
+            raise BadPayload(
+                f"features for {msg.camera}/{msg.submodel} from {msg.node} came on {topic}"
+            )
         with self._lock:
             plan = self._plan_named(msg.plan_id)
             if plan is None:
                 self.counters["features_other_plan"] += 1
                 return
+            if not self._assigned(msg.plan_id, msg.node, msg.submodel):
+                # A node may only speak for what its plan gave it: otherwise any node (or
+                # anyone with a node's password) could answer for, and get suspected, others.
+                raise BadPayload(
+                    f"{msg.node} sent {msg.submodel} features, but plan {msg.plan_id} does "
+                    f"not assign {msg.submodel} to {msg.node}"
+                )
             try:
                 expected_dim = plan.submodel(msg.submodel).feature_dim
             except KeyError:

@@ -358,6 +358,7 @@ class EdgeNode:
                     batch=len(prepared),
                     label=pending.label,
                 )
-                self.client.publish(self.topics.features(pending.camera, submodel_id), encode(msg))
+                topic = self.topics.features(pending.camera, submodel_id, self.node_id)
+                self.client.publish(topic, encode(msg))
         self.counters["frames_served"] += len(prepared)
         self.counters["batches"] += 1

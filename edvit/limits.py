@@ -97,7 +97,7 @@ def topic_kind(parts: list[str] | tuple[str, ...]) -> PayloadKind | None:
             return "plan"
         case ("models", _):
             return "model"
-        case ("features", _, _):
+        case ("features", _, _) | ("features", _, _, _):
             return "features"
         case ("predictions", _):
             return "prediction"

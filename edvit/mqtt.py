@@ -194,7 +194,7 @@ def kind_of(topic: str) -> PayloadKind | None:
     """The contract's payload kind of a full topic. The prefix may have several levels, so
     the contract's topic is found from the end."""
     levels = topic.split("/")
-    for size in (3, 2, 1):
+    for size in (4, 3, 2, 1):
         kind = topic_kind(levels[-size:]) if len(levels) > size else None
         if kind is not None:
             return kind

@@ -59,8 +59,10 @@ class Topics:
     def fleet_health(self) -> str:
         return self._join("fleet", "health")
 
-    def features(self, camera: str, submodel_id: str) -> str:
-        return self._join("features", camera, submodel_id)
+    def features(self, camera: str, submodel_id: str, node: str) -> str:
+        """Names the node, so that the broker's ACL can let a node write only its own
+        features (README, "Security")."""
+        return self._join("features", camera, submodel_id, node)
 
     def predictions(self, camera: str) -> str:
         return self._join("predictions", camera)
@@ -73,7 +75,11 @@ class Topics:
         return self.tokens("+")
 
     def all_features(self) -> str:
-        return self.features("+", "+")
+        return self.features("+", "+", "+")
+
+    def all_legacy_features(self) -> str:
+        """`features/{camera}/{sub-model}`, as nodes before the node level published them."""
+        return self._join("features", "+", "+")
 
     def all_predictions(self) -> str:
         return self.predictions("+")

@@ -263,7 +263,12 @@ class HostileGenerator:
                 return (*self.nodes, self.aggregator)
             case ("models", model_id):
                 return self.model_readers.get(model_id, ())
-            case ("nodes", _, "status") | ("features", _, _) | ("aggregator", "status" | "lease"):
+            case (
+                ("nodes", _, "status")
+                | ("features", _, _)
+                | ("features", _, _, _)
+                | ("aggregator", "status" | "lease")
+            ):
                 return (self.aggregator,)
             case ("predictions", _):
                 return ()  # only a standby reads the answers, and this fleet has none
@@ -375,11 +380,15 @@ class HostileGenerator:
             return True
         if message is None:
             return None
-        _, camera, sid = self.topics.parts(topic)
-        if (message.camera, message.submodel) != (camera, sid):
+        parts = self.topics.parts(topic)
+        sid = parts[2]
+        topic_node = parts[3] if len(parts) == 4 else message.node
+        if (message.camera, message.submodel, message.node) != (parts[1], sid, topic_node):
             return True
         if message.plan_id != self.plan.plan_id:
             return False
+        if sid not in self.plan.assignments.get(message.node, ()):
+            return True  # a node speaking for a sub-model its plan did not give it
         try:
             return message.dim != self.plan.submodel(sid).feature_dim or None
         except KeyError:
@@ -391,7 +400,8 @@ class HostileGenerator:
         base = self._features_base(sid, self.plan.plan_id)
         topic_sid = rng.choice((sid, sid, sid, "sub9", ""))
         payload = self._bytes_or(lambda: msgpack_bytes(mutate(rng, base, json_text=False)))
-        topic = self.topics.features(base["camera"], topic_sid)
+        topic_node = rng.choice(("x", "x", self.nodes[0]))
+        topic = self.topics.features(base["camera"], topic_sid, topic_node)
         if self._features_outcome(topic, payload) is not True:
             return None
         return self._hostile(topic, payload, "features", True)
@@ -399,7 +409,7 @@ class HostileGenerator:
     def features_of_another_plan(self) -> Hostile | None:
         sid = self.rng.choice([s.id for s in self.plan.submodels])
         base = self._features_base(sid, self.rng.choice(("p-gone", "", "x" * 100)))
-        topic = self.topics.features(base["camera"], sid)
+        topic = self.topics.features(base["camera"], sid, base["node"])
         payload = msgpack_bytes(base)
         if self._features_outcome(topic, payload) is not False:
             return None
@@ -521,7 +531,7 @@ class HostileGenerator:
             "frame": self.topics.frame(FAKE_CAMERAS[0]),
             "tokens": self.topics.tokens(self.good),
             "plan": self.topics.plan(),
-            "features": self.topics.features(FAKE_CAMERAS[0], "sub0"),
+            "features": self.topics.features(FAKE_CAMERAS[0], "sub0", FAKE_NODES[0]),
             "status": self.topics.node_status(FAKE_NODES[0]),
             "prediction": self.topics.predictions(FAKE_CAMERAS[0]),
             "lease": self.topics.aggregator_lease(),

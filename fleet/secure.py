@@ -138,9 +138,9 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
         dashboard += [f"topic read {t}/cameras/+/frame", f"topic read {t}/cameras/+/tokens"]
     out += section("dashboard", dashboard)
     for node in identities.nodes:
-        # Feature topics are features/{camera}/{sub-model}: they do not name the node, and
-        # which node serves a sub-model changes with the plan, so every node may write every
-        # feature topic (narrowing this needs the node id in the topic, a contract change).
+        # features/{camera}/{sub-model}/{node}: which sub-models a node serves changes with
+        # the plan, so the ACL pins the node and the aggregator checks the sub-model against
+        # the plan the features name.
         out += section(
             node,
             [
@@ -148,7 +148,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
                 f"topic read {t}/models/#",
                 f"topic read {t}/cameras/+/frame",
                 f"topic read {t}/cameras/+/tokens",
-                f"topic write {t}/features/#",
+                f"topic write {t}/features/+/+/{node}",
                 f"topic write {t}/nodes/{node}/status",
             ],
         )

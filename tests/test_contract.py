@@ -123,8 +123,9 @@ def test_plan_rejects_unknown_assignment() -> None:
 def test_topics_prefix_added_and_removed_in_one_place() -> None:
     topics = Topics("lab")
     assert topics.frame("cam0") == "lab/cameras/cam0/frame"
-    assert topics.features("cam0", "sub1") == "lab/features/cam0/sub1"
-    assert topics.all_features() == "lab/features/+/+"
+    assert topics.features("cam0", "sub1", "n0") == "lab/features/cam0/sub1/n0"
+    assert topics.all_features() == "lab/features/+/+/+"
+    assert topics.all_legacy_features() == "lab/features/+/+"
     assert topics.fusion_model() == "lab/models/fusion"
     assert topics.parts("lab/predictions/cam0") == ["predictions", "cam0"]
     with pytest.raises(ValueError):

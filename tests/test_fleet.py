@@ -108,7 +108,7 @@ def test_bad_payloads_are_dropped_and_the_fleet_keeps_serving(
             ]
             for payload in bad_frames:
                 sender.publish(frame_topic, payload)
-            sender.publish(topics.features("cam9", "sub0"), b"\x93\x01\x02")
+            sender.publish(topics.features("cam9", "sub0", "node-0"), b"\x93\x01\x02")
             sender.publish(topics.predictions("cam9"), b"")  # not ours to judge; ignored
             good = load_dataset("digits", "test").images[0]
             frame = FrameMsg(camera="cam9", seq=1, ts=time.time(), enc="raw",

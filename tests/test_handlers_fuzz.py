@@ -571,7 +571,7 @@ def test_features(fuzz: FuzzFleet, data: st.DataObject) -> None:
         label="payload",
     )
     before = fuzz.bad()
-    topic = fuzz.topics.features(CAMERA, topic_sid)
+    topic = fuzz.topics.features(CAMERA, topic_sid, "x")
     fuzz.publish(topic, payload)
     bad = refused(FeaturesMsg, payload)
     fuzz.check()
@@ -735,7 +735,7 @@ def test_lease_end(fleet: FuzzFleet) -> None:
 KIND_TOPICS: dict[PayloadKind, Callable[[Topics], str]] = {
     "frame": lambda t: t.frame(CAMERA),
     "tokens": lambda t: t.tokens(CAMERA),
-    "features": lambda t: t.features(CAMERA, "sub0"),
+    "features": lambda t: t.features(CAMERA, "sub0", "x"),
     "plan": lambda t: t.plan(),
     "status": lambda t: t.node_status("fake"),
     "prediction": lambda t: t.predictions(CAMERA),
@@ -801,7 +801,7 @@ def test_bug_features_that_overflow_the_fusion(fleet: FuzzFleet) -> None:
         )  # fmt: skip
         huge = np.full(s.feature_dim, 3e38, np.float32).tobytes()
         payload = msgpack_bytes({**message.model_dump(), "data": huge})
-        fleet.publish(fleet.topics.features(CAMERA, s.id), payload)
+        fleet.publish(fleet.topics.features(CAMERA, s.id, "x"), payload)
     time.sleep(DEADLINE_S + 0.1)
     errors = _bug_fleet_errors(fleet)
     _reset_errors(fleet)

@@ -769,7 +769,7 @@ def test_every_topic_has_a_kind() -> None:
         topics.model("stem.block0"): "model",
         topics.node_status("node-0"): "status",
         topics.aggregator_status(): "status",
-        topics.features("cam0", "sub0"): "features",
+        topics.features("cam0", "sub0", "node-0"): "features",
         topics.predictions("cam0"): "prediction",
     }
     for topic, kind in expected.items():

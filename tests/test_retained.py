@@ -297,11 +297,12 @@ def test_aggregator_answers_a_frame_whose_features_came_under_the_previous_plan(
 
         def features(plan: PlanMsg, sid: str) -> None:
             dim = plan.submodel(sid).feature_dim
+            node = next(n for n, served in plan.assignments.items() if sid in served)
             msg = FeaturesMsg(
-                camera="c", seq=7, ts=123.0, submodel=sid, plan_id=plan.plan_id, node="x",
+                camera="c", seq=7, ts=123.0, submodel=sid, plan_id=plan.plan_id, node=node,
                 dtype="float32", data=np.ones(dim, np.float32).tobytes(), dim=dim, infer_ms=0.1,
             )  # fmt: skip
-            deployer.publish(topics.features("c", sid), encode(msg))
+            deployer.publish(topics.features("c", sid, node), encode(msg))
 
         features(old, ids[0])
         publish_bundle(publish, bundle, new, topics)
@@ -312,5 +313,51 @@ def test_aggregator_answers_a_frame_whose_features_came_under_the_previous_plan(
         answers = [decode(PredictionMsg, p) for p in broker.messages(topics.all_predictions())]
         assert [(p.seq, p.plan_id, p.degraded) for p in answers] == [(7, old.plan_id, False)]
         assert aggregator.counters["features_late"] == 1
+    finally:
+        aggregator.stop()
+
+
+def test_aggregator_takes_features_only_from_the_node_the_plan_names(
+    digits_bundle: Path,
+) -> None:
+    """The topic names the node (the broker's ACL pins it to the login); the plan the features
+    name must give that node the sub-model. Anything else is one bad payload, never a join,
+    so no node can answer for, or get suspected for, another node's sub-model. Features on
+    the older topic without the node level still join."""
+    bundle = Bundle.load(digits_bundle)
+    broker, topics = MemoryBroker(), Topics()
+    aggregator = Aggregator(
+        client=MemoryTransport(broker, "aggregator"), deadline=DeadlinePolicy(cap_s=5.0)
+    )
+    sender = MemoryTransport(broker, "sender")
+    aggregator.start()
+    try:
+        ids = [s.id for s in bundle.manifest.submodels]
+        plan = make_plan(bundle, round_robin(ids, ["a", "b"]))
+        publish_bundle(lambda t, p: sender.publish(t, p, retain=True), bundle, plan, topics)
+        wait_until(lambda: aggregator.follower.ready and aggregator.answering)
+        owner = {sid: node for node, served in plan.assignments.items() for sid in served}
+
+        def send(seq: int, sid: str, node: str, topic_node: str | None) -> None:
+            dim = plan.submodel(sid).feature_dim
+            msg = FeaturesMsg(
+                camera="c", seq=seq, ts=123.0, submodel=sid, plan_id=plan.plan_id, node=node,
+                dtype="float32", data=np.ones(dim, np.float32).tobytes(), dim=dim, infer_ms=0.1,
+            )  # fmt: skip
+            topic = (
+                topics.features("c", sid, topic_node)
+                if topic_node is not None
+                else f"{topics.prefix}/features/c/{sid}"
+            )
+            sender.publish(topic, encode(msg))
+
+        other = {"a": "b", "b": "a"}
+        send(1, ids[0], other[owner[ids[0]]], other[owner[ids[0]]])  # not its sub-model
+        send(1, ids[0], owner[ids[0]], other[owner[ids[0]]])  # topic names another node
+        assert aggregator.client.counters["bad_payloads"] == 2
+        for sid in ids:
+            send(2, sid, owner[sid], None if sid == ids[0] else owner[sid])
+        answers = [decode(PredictionMsg, p) for p in broker.messages(topics.all_predictions())]
+        assert [(p.seq, p.degraded) for p in answers] == [(2, False)]
     finally:
         aggregator.stop()
