@@ -39,8 +39,7 @@ ATTRIBUTES_TEMPLATE = (
 # The aggregator status (edvit.schemas.StatusMsg) says "ready" when it serves the newest
 # plan and "online" with a serving_plan_id while a newer one loads: both answer frames.
 AVAILABILITY_TEMPLATE = (
-    "{{ 'online' if value_json.state == 'ready' or value_json.serving_plan_id "
-    "else 'offline' }}"
+    "{{ 'online' if value_json.state == 'ready' or value_json.serving_plan_id else 'offline' }}"
 )
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
