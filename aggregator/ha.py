@@ -21,11 +21,10 @@ from edvit import __version__
 from edvit.errors import ConfigError
 from edvit.mqtt import Transport
 from edvit.schemas import PlanMsg
-from edvit.topics import Topics, validate_id
+from edvit.topics import DEFAULT_HA_PREFIX, Topics, validate_id
 
 log = logging.getLogger("edvit.aggregator.ha")
 
-DEFAULT_HA_PREFIX = "homeassistant"
 # More cameras than this are not announced: a node may publish features for any camera id,
 # and every config stays retained in the broker and becomes an entity in Home Assistant.
 MAX_CAMERAS = 256

@@ -23,7 +23,7 @@ from edvit.service import (
     stop_on_signals,
     wait_for_stop_signal,
 )
-from edvit.topics import DEFAULT_PREFIX, Topics
+from edvit.topics import DEFAULT_HA_PREFIX, DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
     from edvit.signing import SigningKey, TrustKey
@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         "state is the predicted class; README, \"Home Assistant\"",
     )  # fmt: skip
     p.add_argument(
-        "--ha-prefix", default="homeassistant",
+        "--ha-prefix", default=DEFAULT_HA_PREFIX,
         help="Home Assistant's discovery prefix (default %(default)s)",
     )  # fmt: skip
     _trust_key_option(p)
