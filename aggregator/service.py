@@ -481,7 +481,7 @@ class Aggregator:
             plan_id=plan.plan_id,
             true_label=frame.label,
         )
+        if self.ha is not None:
+            self.ha.saw(camera, plan)  # first, so Home Assistant may catch this answer too
         self.client.publish(self.topics.predictions(camera), encode(prediction), qos=1)
         self.counters["predictions"] += 1
-        if self.ha is not None:
-            self.ha.saw(camera, plan)
