@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edvit.aggregator.ha import HaDiscovery
 from edvit.errors import BadPayload, ConfigError
 from edvit.inference import Fusion, softmax
 from edvit.lease import Lease
@@ -166,6 +167,7 @@ class Aggregator:
         instance: str | None = None,
         lease_ttl_s: float = 3.0,
         trust_key: TrustKey | None = None,
+        ha_prefix: str | None = None,
     ) -> None:
         self.topics = topics or Topics()
         self.deadline = ArrivalDeadline(deadline or DeadlinePolicy())
@@ -183,6 +185,8 @@ class Aggregator:
             will_topic=self.topics.aggregator_status(), logger=log,
         )  # fmt: skip
         self.counters = self.client.counters
+        # Home Assistant discovery (aggregator/ha.py), when given its discovery prefix.
+        self.ha = HaDiscovery(self.client, self.topics, ha_prefix) if ha_prefix else None
         self.follower: PlanFollower[Fusion] = PlanFollower(
             self.client, self.topics, lambda plan: {FUSION_MODEL_ID: plan.fusion_sha256},
             lambda plan, blobs: Fusion(
@@ -496,5 +500,7 @@ class Aggregator:
             plan_id=plan.plan_id,
             true_label=frame.label,
         )
+        if self.ha is not None:
+            self.ha.saw(camera, plan)  # first, so Home Assistant may catch this answer too
         self.client.publish(self.topics.predictions(camera), encode(prediction), qos=1)
         self.counters["predictions"] += 1

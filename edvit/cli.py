@@ -23,7 +23,7 @@ from edvit.service import (
     stop_on_signals,
     wait_for_stop_signal,
 )
-from edvit.topics import DEFAULT_PREFIX, Topics
+from edvit.topics import DEFAULT_HA_PREFIX, DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
     from edvit.signing import SigningKey, TrustKey
@@ -153,6 +153,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     aggregator = Aggregator(
         connection(args), topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
         instance=args.id, lease_ttl_s=args.lease_ttl_s, trust_key=trust_key,
+        ha_prefix=args.ha_prefix if args.ha_discovery else None,
     )  # fmt: skip
     services: list[object] = []
     if not args.no_planner:
@@ -430,6 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
         "this long (default %(default)g)",
     )  # fmt: skip
     p.add_argument("--topk", type=_positive_int, default=3)
+    p.add_argument(
+        "--ha-discovery", action="store_true",
+        help="announce each camera to Home Assistant (MQTT discovery) as a sensor whose "
+        "state is the predicted class; README, \"Home Assistant\"",
+    )  # fmt: skip
+    p.add_argument(
+        "--ha-prefix", default=DEFAULT_HA_PREFIX,
+        help="Home Assistant's discovery prefix (default %(default)s)",
+    )  # fmt: skip
     _trust_key_option(p)
     _sign_key_option(
         p, "sign the plans the planner re-places with this Ed25519 key (needed to heal a "

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from edvit.errors import BadPayload
 
 DEFAULT_PREFIX = "edvit"
+# Home Assistant's default MQTT discovery prefix (`edvit aggregator --ha-discovery`).
+DEFAULT_HA_PREFIX = "homeassistant"
 FUSION_MODEL_ID = "fusion"  # the fusion MLP's model id
 
 

@@ -43,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edvit.broker.local import secure_mosquitto_config
 from edvit.errors import ConfigError
 from edvit.mqtt import Connection
-from edvit.topics import Topics
+from edvit.topics import DEFAULT_HA_PREFIX, Topics
 
 log = logging.getLogger("edvit.fleet.secure")
 
@@ -111,7 +111,8 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
     # The aggregator follows the plan and fusion model, every node's status and feature, the
     # serving aggregator's status and lease, and predictions (a standby learns of answers);
     # it publishes predictions, its statuses, the lease, and - its planner - the fleet
-    # health and a re-placed plan when nodes go down (fleet/planner.py).
+    # health and a re-placed plan when nodes go down (fleet/planner.py); with
+    # --ha-discovery, Home Assistant discovery configs (outside the prefix, write only).
     out += section(
         "aggregator",
         [
@@ -123,6 +124,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
             f"topic readwrite {t}/aggregator/#",
             f"topic readwrite {t}/aggregators/#",
             f"topic readwrite {t}/fleet/#",
+            f"topic write {DEFAULT_HA_PREFIX}/#",
         ],
     )
     dashboard = [

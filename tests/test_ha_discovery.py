@@ -1,0 +1,342 @@
+"""Home Assistant MQTT discovery (aggregator/ha.py, `edvit aggregator --ha-discovery`).
+
+The payloads against the keys of https://www.home-assistant.io/integrations/sensor.mqtt/,
+their templates rendered with jinja2 (Home Assistant's template engine) against real
+messages, then the aggregator announcing cameras over the in-memory transport and against
+a real mosquitto. The aggregator runs the shipped bundle's fusion model; features are made
+up (ones), so no model is built or run but the fusion MLP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from memory_transport import MemoryBroker, MemoryTransport
+
+from edvit import __version__
+from edvit.aggregator.ha import (
+    ATTRIBUTES_TEMPLATE,
+    AVAILABILITY_TEMPLATE,
+    MAX_CAMERAS,
+    STATE_TEMPLATE,
+    HaDiscovery,
+    config_topic,
+    safe_id,
+    sensor_config,
+)
+from edvit.aggregator.service import Aggregator, DeadlinePolicy
+from edvit.broker.local import LocalBroker
+from edvit.bundle import Bundle
+from edvit.cli import main
+from edvit.errors import ConfigError
+from edvit.fleet.demo import DEFAULT_BUNDLE
+from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
+from edvit.mqtt import MqttClient
+from edvit.schemas import FeaturesMsg, PlanMsg, PredictionMsg, StatusMsg, encode
+from edvit.topics import Topics
+from helpers import MqttProbe, clear_retained, wait_until
+
+try:
+    import jinja2
+except ImportError:  # a runtime-only venv: the templates are checked as strings only
+    jinja2 = None
+
+# The sensor's documented configuration keys (full names) and the device block's.
+SENSOR_KEYS = {
+    "availability", "availability_mode", "availability_template", "availability_topic",
+    "device", "device_class", "enabled_by_default", "encoding", "entity_category",
+    "entity_picture", "expire_after", "force_update", "icon", "json_attributes_template",
+    "json_attributes_topic", "last_reset_value_template", "name", "object_id", "options",
+    "origin", "payload_available", "payload_not_available", "platform",
+    "suggested_display_precision", "qos", "state_class", "state_topic", "unique_id",
+    "unit_of_measurement", "value_template", "default_entity_id",
+}  # fmt: skip
+AVAILABILITY_KEYS = {"topic", "payload_available", "payload_not_available", "value_template"}
+DEVICE_KEYS = {
+    "configuration_url", "connections", "hw_version", "identifiers", "manufacturer", "model",
+    "model_id", "name", "serial_number", "suggested_area", "sw_version", "via_device",
+}  # fmt: skip
+ORIGIN_KEYS = {"name", "sw_version", "support_url"}
+# <discovery_prefix>/<component>/[<node_id>/]<object_id>/config, ids of [a-zA-Z0-9_-]+.
+CONFIG_TOPIC = re.compile(r"^homeassistant/sensor/[a-zA-Z0-9_-]+/[a-zA-Z0-9_-]+/config$")
+
+
+def render(template: str, payload: bytes) -> str:
+    """A value template as Home Assistant renders it: `value_json` is the parsed payload."""
+    if jinja2 is None:
+        pytest.skip("jinja2 is not installed")
+    return jinja2.Environment().from_string(template).render(value_json=json.loads(payload))
+
+
+def prediction(camera: str = "cam0", seq: int = 3) -> PredictionMsg:
+    return PredictionMsg(
+        camera=camera, seq=seq, ts=time.time(), label=1, class_name="Trouser", score=0.93,
+        topk=(("Trouser", 0.93), ("Dress", 0.05)), latency_ms=12.5, submodels=("sub0", "sub1"),
+        missing=("sub2",), degraded=True, plan_id="p1", true_label=1,
+    )  # fmt: skip
+
+
+# -- the payload ---------------------------------------------------------------------------
+
+
+def test_the_config_has_the_documented_keys_only() -> None:
+    config = sensor_config(Topics(), "cam0")
+    assert set(config) <= SENSOR_KEYS
+    for key in ("name", "unique_id", "state_topic", "value_template", "availability", "device"):
+        assert config[key], key
+    assert config["state_topic"] == config["json_attributes_topic"] == "edvit/predictions/cam0"
+    [availability] = config["availability"]
+    assert set(availability) <= AVAILABILITY_KEYS
+    assert availability["topic"] == "edvit/aggregator/status"
+    device = config["device"]
+    assert set(device) <= DEVICE_KEYS
+    assert device["identifiers"] == [config["unique_id"]]
+    assert device["manufacturer"] == "edvit" and "cam0" in device["name"]
+    assert set(config["origin"]) <= ORIGIN_KEYS
+    assert config["origin"]["sw_version"] == __version__
+    json.dumps(config)  # plain JSON
+
+
+def test_the_device_model_names_the_bundle() -> None:
+    plan = make_plan(Bundle.load(DEFAULT_BUNDLE), {"n": ("sub0", "sub1", "sub2")})
+    model = sensor_config(Topics(), "cam0", plan)["device"]["model"]
+    assert plan.bundle_sha256[:12] in model
+
+
+def test_the_templates_read_the_prediction_fields() -> None:
+    assert STATE_TEMPLATE == "{{ value_json['class'] }}"
+    for field in ("score", "latency_ms", "degraded", "seq"):
+        assert f"value_json.{field}" in ATTRIBUTES_TEMPLATE
+    assert "value_json.state == 'ready'" in AVAILABILITY_TEMPLATE
+
+
+def test_the_state_is_the_class_and_the_attributes_the_score() -> None:
+    payload = encode(prediction())
+    assert render(STATE_TEMPLATE, payload) == "Trouser"
+    attributes = json.loads(render(ATTRIBUTES_TEMPLATE, payload))
+    assert attributes == {
+        "score": 0.93, "latency_ms": 12.5, "degraded": True, "seq": 3, "plan_id": "p1",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "available"),
+    [
+        (StatusMsg(state="ready", plan_id="p1", serving_plan_id="p1"), "online"),
+        # a newer plan loads, the previous one still answers
+        (StatusMsg(state="online", plan_id="p2", serving_plan_id="p1"), "online"),
+        (StatusMsg(state="online"), "offline"),  # no plan loaded: nothing answers
+        (StatusMsg(state="offline", ts=0.0), "offline"),  # the Will
+    ],
+)
+def test_availability_follows_the_aggregator_status(status: StatusMsg, available: str) -> None:
+    assert render(AVAILABILITY_TEMPLATE, encode(status)) == available
+
+
+@pytest.mark.parametrize("camera", ["cam0", "cam 0", "cam.1", "cam_1", "café", "a:b", "-_-"])
+def test_topics_and_ids_are_ha_safe(camera: str) -> None:
+    topic = config_topic("homeassistant", Topics(), camera)
+    assert CONFIG_TOPIC.match(topic), topic
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", sensor_config(Topics(), camera)["unique_id"])
+
+
+def test_ids_made_safe_stay_distinct() -> None:
+    cameras = ["cam.1", "cam_1", "cam 1", "cam:1", "cam1"]
+    assert len({safe_id(c) for c in cameras}) == len(cameras)
+    assert safe_id("cam_1") == "cam_1"  # safe ids are kept as they are
+    assert config_topic("ha", Topics("site/a"), "c").startswith("ha/sensor/site_a_")
+
+
+@pytest.mark.parametrize("prefix", ["", "a/#", "ha/+", "/ha", "ha/"])
+def test_a_bad_discovery_prefix_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError):
+        HaDiscovery(MemoryTransport(MemoryBroker()), Topics(), prefix)
+
+
+def test_the_command_names_a_bad_discovery_prefix(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["aggregator", "--ha-discovery", "--ha-prefix", "ha/#", "--broker", "127.0.0.1:1"]
+    assert main(argv) == 2
+    assert "invalid Home Assistant discovery prefix 'ha/#'" in capsys.readouterr().err
+
+
+def test_each_camera_is_announced_once_retained() -> None:
+    broker = MemoryBroker()
+    discovery = HaDiscovery(MemoryTransport(broker), Topics())
+    sent = [discovery.saw(camera) for _ in range(50) for camera in ("cam0", "cam1")]
+    assert sum(sent) == 2
+    assert sorted(broker.retained) == [
+        "homeassistant/sensor/edvit/cam0/config", "homeassistant/sensor/edvit/cam1/config",
+    ]  # fmt: skip
+    assert len(broker.messages("homeassistant/#")) == 2
+
+
+def test_a_new_bundle_updates_the_config_and_ids_no_topic_can_have_are_skipped() -> None:
+    broker = MemoryBroker()
+    discovery = HaDiscovery(MemoryTransport(broker), Topics())
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    plan = make_plan(bundle, {"n": ("sub0", "sub1", "sub2")})
+    other = plan.model_copy(update={"bundle_sha256": "b" * 64})
+    assert discovery.saw("cam0", plan)
+    assert not discovery.saw("cam0", make_plan(bundle, {"m": ("sub0", "sub1", "sub2")}))
+    assert discovery.saw("cam0", other)  # the device model changes with the bundle
+    assert [discovery.saw(c) for c in ("", " cam", "a+b")] == [False] * 3
+    assert len(broker.messages("homeassistant/#")) == 2
+
+
+def test_no_more_than_max_cameras_are_announced() -> None:
+    broker = MemoryBroker()
+    discovery = HaDiscovery(MemoryTransport(broker), Topics())
+    for i in range(MAX_CAMERAS + 10):
+        discovery.saw(f"cam{i}")
+    assert len(broker.retained) == MAX_CAMERAS
+
+
+# -- in the aggregator, over the in-memory transport -------------------------------------------
+
+
+def _features(topics: Topics, plan: PlanMsg, camera: str, seq: int) -> list[tuple[str, bytes]]:
+    """One frame's feature vectors, every sub-model's (made-up values)."""
+    out, ts = [], time.time()  # (camera, seq, ts) names the frame
+    for ref in plan.submodels:
+        msg = FeaturesMsg(
+            camera=camera, seq=seq, ts=ts, submodel=ref.id, plan_id=plan.plan_id,
+            node="n0", dtype="float32", data=np.ones(ref.feature_dim, np.float32).tobytes(),
+            dim=ref.feature_dim, infer_ms=0.1,
+        )  # fmt: skip
+        out.append((topics.features(camera, ref.id), encode(msg)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[Bundle, PlanMsg]:
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    return bundle, make_plan(bundle, round_robin([s.id for s in bundle.manifest.submodels], ["n0"]))
+
+
+@pytest.fixture
+def memory_fleet(
+    shipped: tuple[Bundle, PlanMsg],
+) -> Iterator[tuple[MemoryBroker, Aggregator, MemoryTransport]]:
+    bundle, plan = shipped
+    broker, topics = MemoryBroker(), Topics()
+    aggregator = Aggregator(
+        client=MemoryTransport(broker, "aggregator"), deadline=DeadlinePolicy(cap_s=5.0),
+        ha_prefix="homeassistant",
+    )  # fmt: skip
+    injector = MemoryTransport(broker, "injector")
+    aggregator.start()
+    try:
+        publish_bundle(lambda t, p: injector.publish(t, p, retain=True), bundle, plan, topics)
+        wait_until(lambda: aggregator.follower.ready and aggregator.answering, 20)
+        yield broker, aggregator, injector
+    finally:
+        aggregator.stop()
+
+
+def test_the_aggregator_announces_each_camera_it_answers_once(
+    memory_fleet: tuple[MemoryBroker, Aggregator, MemoryTransport],
+    shipped: tuple[Bundle, PlanMsg],
+) -> None:
+    broker, aggregator, injector = memory_fleet
+    topics, plan = Topics(), shipped[1]
+    for seq in range(20):
+        for camera in ("cam0", "cam.1"):
+            for topic, payload in _features(topics, plan, camera, seq):
+                injector.publish(topic, payload)
+    wait_until(lambda: aggregator.counters["predictions"] == 40, 10)
+    configs = broker.messages("homeassistant/#")
+    assert len(configs) == 2 and aggregator.counters["ha_configs"] == 2
+    by_topic = {t: json.loads(p) for t, p in broker.retained.items() if t.startswith("home")}
+    cam0 = by_topic["homeassistant/sensor/edvit/cam0/config"]
+    assert cam0 == sensor_config(topics, "cam0", plan)
+    # The state template renders the class of the prediction the aggregator published.
+    answer = broker.messages(topics.predictions("cam0"))[-1]
+    if jinja2 is not None:
+        assert render(cam0["value_template"], answer) in plan.classes
+
+
+def test_bad_payloads_on_the_prediction_topics_change_nothing(
+    memory_fleet: tuple[MemoryBroker, Aggregator, MemoryTransport],
+    shipped: tuple[Bundle, PlanMsg],
+) -> None:
+    broker, aggregator, injector = memory_fleet
+    topics, plan = Topics(), shipped[1]
+    for payload in (b"\xff\x00", b"{}", b'{"camera": "x"}', b"[]", b"null", b"{" * 100):
+        injector.publish(topics.predictions("evil"), payload)
+        injector.publish(topics.predictions("cam0"), payload)
+    injector.publish(topics.predictions("evil"), encode(prediction("evil")))
+    assert broker.messages("homeassistant/#") == []  # only answered cameras are announced
+    for topic, payload in _features(topics, plan, "cam0", 0):
+        injector.publish(topic, payload)
+    wait_until(lambda: aggregator.counters["predictions"] == 1, 10)
+    [(topic, _)] = [(t, p) for t, p in broker.log if t.startswith("homeassistant/")]
+    assert topic == "homeassistant/sensor/edvit/cam0/config"
+    assert aggregator.counters["handler_errors"] == 0
+
+
+def test_without_the_flag_nothing_is_announced(shipped: tuple[Bundle, PlanMsg]) -> None:
+    bundle, plan = shipped
+    broker, topics = MemoryBroker(), Topics()
+    aggregator = Aggregator(client=MemoryTransport(broker, "aggregator"))
+    injector = MemoryTransport(broker, "injector")
+    aggregator.start()
+    try:
+        publish_bundle(lambda t, p: injector.publish(t, p, retain=True), bundle, plan, topics)
+        wait_until(lambda: aggregator.follower.ready and aggregator.answering, 20)
+        for topic, payload in _features(topics, plan, "cam0", 0):
+            injector.publish(topic, payload)
+        wait_until(lambda: aggregator.counters["predictions"] == 1, 10)
+    finally:
+        aggregator.stop()
+    assert aggregator.ha is None and broker.messages("homeassistant/#") == []
+
+
+# -- against a real mosquitto ---------------------------------------------------------------
+
+
+def test_a_retained_config_reaches_a_subscriber_on_a_real_broker(
+    mosquitto_broker: LocalBroker, shipped: tuple[Bundle, PlanMsg]
+) -> None:
+    bundle, plan = shipped
+    run = uuid.uuid4().hex[:8]
+    topics, ha_prefix = Topics(f"t{run}"), f"ha{run}"
+    sender = MqttClient(f"sender-{run}", mosquitto_broker.url)
+    sender.start(required=True)
+    aggregator = Aggregator(
+        mosquitto_broker.url, topics=topics, deadline=DeadlinePolicy(cap_s=5.0),
+        lease_ttl_s=0.5, ha_prefix=ha_prefix,
+    )  # fmt: skip
+    published: list[str] = []
+
+    def publish_retained(topic: str, payload: bytes) -> None:
+        published.append(topic)
+        sender.publish_and_wait(topic, payload, retain=True)
+
+    try:
+        publish_bundle(publish_retained, bundle, plan, topics)
+        aggregator.start()
+        wait_until(lambda: aggregator.follower.ready and aggregator.answering, 30)
+        for topic, payload in _features(topics, plan, "cam0", 0):
+            sender.publish(topic, payload, qos=1)
+        wait_until(lambda: aggregator.counters["ha_configs"] == 1, 10)
+        # A subscriber that comes later (Home Assistant restarting) gets the retained config.
+        with MqttProbe(mosquitto_broker.host, mosquitto_broker.port, f"{ha_prefix}/#") as probe:
+            message = probe.get()
+        assert message.retain
+        assert message.topic == f"{ha_prefix}/sensor/t{run}/cam0/config"
+        config = json.loads(message.payload)
+        assert config == sensor_config(topics, "cam0", plan)
+        assert config["state_topic"] == f"t{run}/predictions/cam0"
+        assert config["availability"][0]["topic"] == f"t{run}/aggregator/status"
+    finally:
+        aggregator.stop()
+        sender.stop()
+        host, port = mosquitto_broker.host, mosquitto_broker.port
+        for topic in [*published, f"{ha_prefix}/sensor/t{run}/cam0/config"]:
+            clear_retained(host, port, topic)
