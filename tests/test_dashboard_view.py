@@ -8,16 +8,8 @@ from typing import Any
 import numpy as np
 
 from edvit.fleet.dashboard import FleetView, histogram, node_state, stage_timings
-from edvit.schemas import (
-    FrameMsg,
-    PlanMsg,
-    PredictionMsg,
-    Preprocessing,
-    StatusMsg,
-    SubmodelRef,
-    encode,
-    plan_id_for,
-)
+from edvit.schemas import FrameMsg, PlanMsg, PredictionMsg, StatusMsg, encode
+from helpers import small_plan
 
 NODE_STATUS = "edvit/nodes/{}/status"
 
@@ -45,15 +37,7 @@ def nodes_by_id(view: FleetView) -> dict[str, dict[str, Any]]:
 
 
 def plan(assignments: dict[str, tuple[str, ...]]) -> PlanMsg:
-    submodels = tuple(
-        SubmodelRef(id=f"sub{i}", classes=(i,), sha256="0" * 64, feature_dim=8) for i in (0, 1)
-    )
-    return PlanMsg(
-        plan_id=plan_id_for("b" * 64, assignments), bundle_sha256="b" * 64,
-        classes=("shirt", "dress"), submodels=submodels, assignments=assignments,
-        fusion_sha256="f" * 64,
-        preprocessing=Preprocessing(channels=1, height=28, width=28, mean=(0.5,), std=(0.5,)),
-    )  # fmt: skip
+    return small_plan(assignments, submodels=2)
 
 
 def test_bad_payloads_are_counted_by_kind_and_change_nothing_else() -> None:

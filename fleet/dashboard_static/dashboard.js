@@ -27,6 +27,7 @@ function short(id) {
 }
 
 function load(counters) {
+  if (!Object.keys(counters).length) return "–";
   const served = counters.frames_served ?? 0;
   const parts = [`${served} frames`];
   if (counters.batches) parts.push(`${counters.batches} batches`);
@@ -45,7 +46,7 @@ function renderNodes(state) {
     return el("tr", { "data-node": node.id },
       el("td", { class: "id" }, node.id),
       el("td", { class: "node-state" }, status),
-      el("td", {}, node.assigned.join(", ") || "–"),
+      el("td", { class: "assigned" }, node.assigned.join(", ") || "–"),
       el("td", {}, (node.submodels || []).join(", ") || "–"),
       el("td", {}, short(node.serving_plan_id || node.plan_id)),
       el("td", {}, load(node.counters || {})),
