@@ -27,6 +27,8 @@ from edvit.schemas import FrameMsg, HealthMsg, PlanMsg, PredictionMsg, StatusMsg
 from edvit.topics import Topics
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from starlette.applications import Starlette
 
 log = logging.getLogger("edvit.fleet.dashboard")
@@ -401,6 +403,8 @@ class Dashboard:
     ) -> None:
         self.topics = topics or Topics()
         self.view = FleetView(self.topics, window=window, frames_enabled=frames)
+        # Set on shutdown: open event streams end, else the server waits for them to.
+        self.closing = threading.Event()
         self.client = MqttClient(unique_client_id("dashboard"), broker, logger=log)
         view, t = self.view, self.topics
         self.client.route(t.all_node_statuses(), view.node_status_payload, qos=1)
@@ -416,6 +420,7 @@ class Dashboard:
         self.client.start(required=True)
 
     def stop(self) -> None:
+        self.closing.set()
         self.client.stop()
 
     def state(self) -> dict[str, Any]:
@@ -460,7 +465,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
         async def stream() -> AsyncIterator[str]:
             sent_version = -1
             last_sent = 0.0
-            while not await request.is_disconnected():
+            while not dashboard.closing.is_set() and not await request.is_disconnected():
                 version = dashboard.view.version
                 if version != sent_version:
                     sent_version = version
@@ -498,9 +503,13 @@ def serve(dashboard: Dashboard, host: str = "127.0.0.1", port: int = 8080) -> No
     """Serve the dashboard until SIGINT/SIGTERM (uvicorn's own handlers)."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            dashboard.closing.set()  # the event streams end within SSE_INTERVAL_S
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(
         create_app(dashboard), host=host, port=port, log_level="warning",
-        # Open event streams never end by themselves: do not wait long for them on exit.
-        timeout_graceful_shutdown=1,
+        timeout_graceful_shutdown=2,
     )  # fmt: skip
-    uvicorn.Server(config).run()
+    Server(config).run()

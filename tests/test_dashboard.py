@@ -85,10 +85,10 @@ def dashboard_url(mosquitto_broker: LocalBroker, fleet_topics: Topics) -> Iterat
         assert server.started, "uvicorn did not start"
         yield f"http://127.0.0.1:{port}"
     finally:
+        dashboard.stop()  # ends open event streams first
         server.should_exit = True
         thread.join(10)
         listener.close()
-        dashboard.stop()
 
 
 def _status(client: MqttClient, topics: Topics, node: str, status: StatusMsg) -> None:
