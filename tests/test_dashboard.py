@@ -18,7 +18,7 @@ import pytest
 from edvit.broker.local import LocalBroker
 from edvit.cli import build_parser
 from edvit.mqtt import MqttClient, unique_client_id
-from edvit.schemas import PredictionMsg, StatusMsg, encode
+from edvit.schemas import FrameMsg, PredictionMsg, StatusMsg, encode
 from edvit.topics import Topics
 from helpers import small_plan
 
@@ -192,3 +192,62 @@ def _more_traffic(publisher: MqttClient, topics: Topics, plan_id: str) -> None:
             "infer": latency * 0.5, "fusion": 0.4,
         }  # fmt: skip
         publisher.publish_and_wait(topics.predictions(camera), json.dumps(payload).encode())
+
+
+def test_the_dashboard_identity_over_tls_sees_the_fleet_but_no_frames(tmp_path: Path) -> None:
+    """`edvit secure init` without --dashboard-sees-frames: the `dashboard` login reads node
+    statuses and predictions through the ACL, and a frame never reaches it even with
+    --frames (mosquitto's acl_file filters the delivery)."""
+    from edvit.broker.local import mosquitto_path
+    from edvit.fleet import secure
+    from edvit.fleet.dashboard import Dashboard
+    from helpers import wait_until
+
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed")
+    directory = tmp_path / "fleet"
+    secure.init(directory, secure.parse_identities(["node-0"], ["cam0"]), port=8883)
+    broker = LocalBroker(
+        kind="mosquitto", log_path=tmp_path / "broker.log",
+        secure_config=directory / "broker/mosquitto.conf",
+    )  # fmt: skip
+    broker.start()
+    url = f"mqtts://localhost:{broker.port}"
+    clients = [
+        MqttClient(unique_client_id(identity), secure.login(directory, identity, url))
+        for identity in ("node-0", "aggregator", "cam0")
+    ]
+    dashboard = Dashboard(secure.login(directory, "dashboard", url), frames=True)
+    try:
+        for client in clients:
+            client.start(required=True)
+        dashboard.start()
+        node, aggregator, camera = clients
+        topics = Topics()
+        ready = StatusMsg(state="ready", plan_id="plan-a", submodels=("sub0",))
+        node.publish_and_wait(topics.node_status("node-0"), encode(ready), retain=True)
+        aggregator.publish_and_wait(topics.predictions("cam0"), encode(_prediction(5)))
+        frame = FrameMsg(camera="cam0", seq=5, ts=1.0, enc="png", data=b"\x89PNG not shown")
+        camera.publish_and_wait(topics.frame("cam0"), encode(frame))
+        # After the frame, from the same client: once this is seen, the frame would have been.
+        online = encode(StatusMsg(state="online"))
+        camera.publish_and_wait(topics.camera_status("cam0"), online, retain=True)
+
+        def seen() -> bool:
+            state = dashboard.state()
+            cameras = state["cameras"]
+            return bool(state["nodes"]) and bool(cameras) and cameras[0]["status"] is not None
+
+        wait_until(seen, what="the dashboard to see node-0 and cam0")
+        state = dashboard.state()
+        assert state["nodes"][0]["id"] == "node-0" and state["nodes"][0]["state"] == "ready"
+        wait_until(lambda: dashboard.state()["cameras"][0]["latest"] is not None)
+        state = dashboard.state()
+        assert state["cameras"][0]["latest"]["seq"] == 5
+        assert state["cameras"][0]["frame_seq"] is None
+        assert dashboard.view.latest_frame("cam0") is None
+    finally:
+        dashboard.stop()
+        for client in clients:
+            client.stop()
+        broker.stop()

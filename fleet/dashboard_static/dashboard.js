@@ -85,10 +85,11 @@ function renderCameras(state) {
     return card;
   });
   document.getElementById("cameras").replaceChildren(...cards);
-  const refused = state.broker && state.broker.subscriptions_refused;
+  const framesSeen = state.cameras.some((camera) => camera.frame_seq !== null);
   document.getElementById("frames-note").textContent = !state.frames_enabled
     ? "frames are off (start with --frames, as an identity allowed to read them)"
-    : refused ? "the broker refused a subscription: this identity may not read frames" : "";
+    : framesSeen ? "" : "no frame yet: the broker sends frames only to an identity allowed to "
+      + "read them (edvit secure init --dashboard-sees-frames)";
 }
 
 function renderAnswers(state) {
