@@ -4,14 +4,18 @@ page (the README's picture) at the end of the test."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,6 +25,9 @@ from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import FrameMsg, PredictionMsg, StatusMsg, encode
 from edvit.topics import Topics
 from helpers import small_plan
+
+if TYPE_CHECKING:
+    from edvit.fleet.dashboard import Dashboard
 
 CHROMIUM = Path("/usr/bin/chromium")
 NODES = ("node-0", "node-1", "node-2")
@@ -59,15 +66,13 @@ def publisher(mosquitto_broker: LocalBroker) -> Iterator[MqttClient]:
     client.stop()
 
 
-@pytest.fixture
-def dashboard_url(mosquitto_broker: LocalBroker, fleet_topics: Topics) -> Iterator[str]:
-    """The dashboard subscribed to the broker and served by uvicorn in a thread."""
-    _need_browser()
+@contextlib.contextmanager
+def serving(dashboard: Dashboard) -> Iterator[str]:
+    """The dashboard subscribed to its broker and served by uvicorn in a thread."""
     import uvicorn
 
-    from edvit.fleet.dashboard import Dashboard, create_app
+    from edvit.fleet.dashboard import create_app
 
-    dashboard = Dashboard(mosquitto_broker.url, topics=fleet_topics)
     dashboard.start()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -89,6 +94,29 @@ def dashboard_url(mosquitto_broker: LocalBroker, fleet_topics: Topics) -> Iterat
         server.should_exit = True
         thread.join(10)
         listener.close()
+
+
+@pytest.fixture
+def dashboard_url(mosquitto_broker: LocalBroker, fleet_topics: Topics) -> Iterator[str]:
+    _need_browser()
+    from edvit.fleet.dashboard import Dashboard
+
+    with serving(Dashboard(mosquitto_broker.url, topics=fleet_topics)) as url:
+        yield url
+
+
+def publish_until(
+    client: MqttClient, topic: str, payload: bytes, condition: Callable[[], bool]
+) -> None:
+    """Publish a non-retained message until the dashboard has it: `Dashboard.start` returns
+    once connected, and its subscriptions may still be on their way to the broker."""
+    for _ in range(50):
+        client.publish_and_wait(topic, payload)
+        for _ in range(4):
+            if condition():
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"the dashboard never received the message on {topic}")
 
 
 def _status(client: MqttClient, topics: Topics, node: str, status: StatusMsg) -> None:
@@ -226,7 +254,10 @@ def test_the_dashboard_identity_over_tls_sees_the_fleet_but_no_frames(tmp_path: 
         topics = Topics()
         ready = StatusMsg(state="ready", plan_id="plan-a", submodels=("sub0",))
         node.publish_and_wait(topics.node_status("node-0"), encode(ready), retain=True)
-        aggregator.publish_and_wait(topics.predictions("cam0"), encode(_prediction(5)))
+        publish_until(
+            aggregator, topics.predictions("cam0"), encode(_prediction(5)),
+            lambda: bool(dashboard.state()["cameras"]),
+        )  # fmt: skip
         frame = FrameMsg(camera="cam0", seq=5, ts=1.0, enc="png", data=b"\x89PNG not shown")
         camera.publish_and_wait(topics.frame("cam0"), encode(frame))
         # After the frame, from the same client: once this is seen, the frame would have been.
@@ -241,7 +272,6 @@ def test_the_dashboard_identity_over_tls_sees_the_fleet_but_no_frames(tmp_path: 
         wait_until(seen, what="the dashboard to see node-0 and cam0")
         state = dashboard.state()
         assert state["nodes"][0]["id"] == "node-0" and state["nodes"][0]["state"] == "ready"
-        wait_until(lambda: dashboard.state()["cameras"][0]["latest"] is not None)
         state = dashboard.state()
         assert state["cameras"][0]["latest"]["seq"] == 5
         assert state["cameras"][0]["frame_seq"] is None
@@ -251,3 +281,36 @@ def test_the_dashboard_identity_over_tls_sees_the_fleet_but_no_frames(tmp_path: 
         for client in clients:
             client.stop()
         broker.stop()
+
+
+def test_frames_are_served_only_with_frames_on(
+    mosquitto_broker: LocalBroker, publisher: MqttClient, fleet_topics: Topics
+) -> None:
+    pytest.importorskip("starlette", reason="starlette is missing (pip install edvit[dashboard])")
+    pytest.importorskip("uvicorn", reason="uvicorn is missing (pip install edvit[dashboard])")
+    from edvit.fleet.dashboard import Dashboard
+
+    pixels = bytes(range(256)) * 3
+    frame = FrameMsg(camera="cam0", seq=9, ts=1.0, enc="raw", data=pixels, shape=(24, 32),
+                     dtype="uint8")  # fmt: skip
+    shown = Dashboard(mosquitto_broker.url, topics=fleet_topics, frames=True)
+    with serving(shown) as url:
+        publish_until(
+            publisher, fleet_topics.frame("cam0"), encode(frame),
+            lambda: shown.view.latest_frame("cam0") is not None,
+        )  # fmt: skip
+        with urllib.request.urlopen(f"{url}/frames/cam0") as response:
+            assert response.headers["Content-Type"] == "image/png"
+            assert response.read().startswith(b"\x89PNG")
+        with urllib.request.urlopen(f"{url}/api/state") as response:
+            assert json.load(response)["cameras"][0]["frame_seq"] == 9
+
+    hidden = Dashboard(mosquitto_broker.url, topics=fleet_topics)  # the default: no frames
+    with serving(hidden) as url:
+        publisher.publish_and_wait(fleet_topics.frame("cam0"), encode(frame))
+        with urllib.request.urlopen(f"{url}/api/state") as response:
+            state = json.load(response)
+        assert state["frames_enabled"] is False and state["cameras"] == []
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/frames/cam0")
+        assert refused.value.code == 404
