@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := mosquitto dataset-fashion-mnist
+SYSTEM_PACKAGES := mosquitto dataset-fashion-mnist chromium
 
 .PHONY: demo test system-packages benchmark-ed-vit benchmark-original benchmark-batching benchmark-slicing clean
 
@@ -41,6 +41,7 @@ system-packages:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
@@ -57,7 +58,7 @@ $(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
 
 # Everything: the build extra pins torch/torchvision (several GB, a few minutes).
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/pip install -q -e '.[build,datasets,test]'
+	$(BIN)/pip install -q -e '.[build,datasets,dev]'
 	touch $@ $(VENV)/.runtime
 
 clean:

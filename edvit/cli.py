@@ -216,6 +216,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from edvit.fleet.dashboard import Dashboard, require_web, serve
+
+    require_web()
+    dashboard = Dashboard(connection(args), topics=Topics(args.prefix), frames=args.frames)
+    dashboard.start()
+    try:
+        print(f"edvit dashboard on http://{args.host}:{args.port}/", flush=True)
+        serve(dashboard, args.host, args.port)
+    finally:
+        dashboard.stop()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edvit.fleet.demo import DEFAULT_BUNDLE, compare, run_demo
 
@@ -469,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", default="+", help="only this camera")
     p.add_argument("--count", type=_positive_int, help="exit after this many predictions")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = add("dashboard", cmd_dashboard, "the fleet live in a browser (needs the dashboard extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default %(default)s)")
+    p.add_argument(
+        "--frames", action="store_true",
+        help="also show each camera's latest frame (off by default: the most sensitive data; "
+        "the identity must be allowed to read frames, `secure init --dashboard-sees-frames`)",
+    )  # fmt: skip
 
     p = add("bench", cmd_bench_batching, "benchmarks of the node: `batching` or `slicing`")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")

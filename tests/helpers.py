@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edvit.schemas import PlanMsg, Preprocessing, SubmodelRef, plan_id_for
+
 if TYPE_CHECKING:
     from edvit.fleet.local import LocalFleet
 
@@ -159,3 +161,18 @@ def dataset_pngs(name: str, count: int) -> list[tuple[bytes, int]]:
         assert ok
         out.append((png.tobytes(), int(data.labels[i])))
     return out
+
+
+def small_plan(assignments: dict[str, tuple[str, ...]], submodels: int = 3) -> PlanMsg:
+    """A valid plan of `submodels` one-class sub-models (sub0, sub1, ...) with no files
+    behind it: enough for whoever only reads plans (the dashboard)."""
+    classes = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker")
+    refs = tuple(
+        SubmodelRef(id=f"sub{i}", classes=(i,), sha256="0" * 64, feature_dim=8)
+        for i in range(submodels)
+    )
+    return PlanMsg(
+        plan_id=plan_id_for("b" * 64, assignments), bundle_sha256="b" * 64, classes=classes,
+        submodels=refs, assignments=assignments, fusion_sha256="f" * 64,
+        preprocessing=Preprocessing(channels=1, height=28, width=28, mean=(0.5,), std=(0.5,)),
+    )  # fmt: skip
