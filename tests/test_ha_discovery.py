@@ -203,13 +203,15 @@ def test_no_more_than_max_cameras_are_announced() -> None:
 def _features(topics: Topics, plan: PlanMsg, camera: str, seq: int) -> list[tuple[str, bytes]]:
     """One frame's feature vectors, every sub-model's (made-up values)."""
     out, ts = [], time.time()  # (camera, seq, ts) names the frame
+    owner = {sid: node for node, served in plan.assignments.items() for sid in served}
     for ref in plan.submodels:
         msg = FeaturesMsg(
             camera=camera, seq=seq, ts=ts, submodel=ref.id, plan_id=plan.plan_id,
-            node="n0", dtype="float32", data=np.ones(ref.feature_dim, np.float32).tobytes(),
-            dim=ref.feature_dim, infer_ms=0.1,
+            node=owner[ref.id], dtype="float32",
+            data=np.ones(ref.feature_dim, np.float32).tobytes(), dim=ref.feature_dim,
+            infer_ms=0.1,
         )  # fmt: skip
-        out.append((topics.features(camera, ref.id), encode(msg)))
+        out.append((topics.features(camera, ref.id, owner[ref.id]), encode(msg)))
     return out
 
 
