@@ -136,6 +136,34 @@ class _Frame:
     ts: float
     label: int | None
     by_plan: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # The features that came last (wall clock on arrival): the path the timings describe.
+    last: tuple[float, FeaturesMsg] | None = None
+
+
+def stage_timings(
+    frame: _Frame, fusion_started: float, answered: float, fusion_ms: float
+) -> dict[str, float]:
+    """PredictionMsg.timings (ms, schemas.STAGES) along the path of the last features to
+    arrive; wall clocks of two machines meet in to_node and to_aggregator, so each stage is
+    floored at 0 and `other` is the rest of the latency."""
+    if frame.last is None:
+        return {}
+    arrived, msg = frame.last
+    stages: dict[str, float] = {}
+    if msg.received_ts is not None:
+        stages["to_node"] = (msg.received_ts - frame.ts) * 1000.0
+    if msg.decode_ms is not None:
+        stages["decode"] = msg.decode_ms
+    if msg.queue_ms is not None:
+        stages["queue"] = msg.queue_ms
+    stages["infer"] = msg.infer_ms
+    if msg.sent_ts is not None:
+        stages["to_aggregator"] = (arrived - msg.sent_ts) * 1000.0
+    stages["wait"] = (fusion_started - arrived) * 1000.0
+    stages["fusion"] = fusion_ms
+    stages = {name: max(0.0, value) for name, value in stages.items()}
+    stages["other"] = max(0.0, (answered - frame.ts) * 1000.0 - sum(stages.values()))
+    return {name: round(value, 3) for name, value in stages.items()}
 
 
 def same_features(a: PlanMsg, b: PlanMsg) -> bool:
@@ -407,6 +435,7 @@ class Aggregator:
             frame = self._pending.setdefault(key, _Frame(now, msg.ts, msg.label))
             blocks = frame.by_plan.setdefault(plan.plan_id, {})
             blocks[msg.submodel] = np.frombuffer(msg.data, dtype=msg.dtype).astype(np.float32)
+            frame.last = (time.time(), msg)
             if len(blocks) == len(plan.submodels):
                 self.deadline.observe(now - frame.first_seen)
             loaded = self._fusions.get(plan.plan_id)
@@ -472,7 +501,9 @@ class Aggregator:
         ids = [s.id for s in plan.submodels]
         got = frame.by_plan.get(plan.plan_id, {})
         blocks = [got.get(sid) for sid in ids]
+        fusion_started, started = time.time(), time.perf_counter()
         logits = fusion([None if b is None else b[None] for b in blocks])[0]
+        fusion_ms = (time.perf_counter() - started) * 1000.0
         probs = softmax(logits)
         if not np.isfinite(probs).all():  # features within limits make this unreachable
             self.counters["fusion_not_finite"] += 1
@@ -485,6 +516,7 @@ class Aggregator:
             self.counters["predictions_degraded"] += 1
             for sid in missing:
                 self.counters[f"degraded_missing_{sid}"] += 1
+        answered = time.time()
         prediction = PredictionMsg(
             camera=camera,
             seq=seq,
@@ -493,12 +525,13 @@ class Aggregator:
             class_name=plan.classes[label],
             score=round(float(probs[label]), 6),
             topk=tuple((plan.classes[int(i)], round(float(probs[i]), 6)) for i in order),
-            latency_ms=round((time.time() - ts) * 1000.0, 3),
+            latency_ms=round((answered - ts) * 1000.0, 3),
             submodels=tuple(sid for sid in ids if sid not in missing),
             missing=missing,
             degraded=bool(missing),
             plan_id=plan.plan_id,
             true_label=frame.label,
+            timings=stage_timings(frame, fusion_started, answered, fusion_ms),
         )
         if self.ha is not None:
             self.ha.saw(camera, plan)  # first, so Home Assistant may catch this answer too

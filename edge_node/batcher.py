@@ -24,6 +24,10 @@ class _Slot(Generic[T]):
     item: T
 
 
+# Weight of the newest gap in the moving average: about the last 5 arrivals count.
+GAP_SMOOTHING = 0.2
+
+
 class DynamicBatcher(Generic[T]):
     def __init__(
         self,
@@ -32,7 +36,12 @@ class DynamicBatcher(Generic[T]):
         max_wait_ms: float = 1.0,
         capacity: int = 256,
         newest_only: bool = True,
+        adaptive: bool = True,
     ) -> None:
+        """`adaptive`: wait up to max_wait_ms for a fuller batch only while requests arrive
+        closer together than that (the mean gap of recent arrivals); a request arriving at an
+        idle node, with nothing due soon after it, is served at once. Under load, batches
+        still form from what queues up while the worker is busy."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_wait_ms < 0:
@@ -43,7 +52,10 @@ class DynamicBatcher(Generic[T]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.capacity = capacity
         self.newest_only = newest_only
+        self.adaptive = adaptive
         self.dropped = 0
+        self._last_put: float | None = None
+        self._mean_gap_s = float("inf")  # moving average of the gaps between arrivals
         self._slots: OrderedDict[object, _Slot[T]] = OrderedDict()
         self._serial = 0
         self._ready = threading.Condition()
@@ -56,6 +68,13 @@ class DynamicBatcher(Generic[T]):
         """Queue a request from `source` (a camera id)."""
         now = time.monotonic() if now is None else now
         with self._ready:
+            if self._last_put is not None:
+                gap = now - self._last_put
+                if self._mean_gap_s == float("inf"):
+                    self._mean_gap_s = gap
+                else:
+                    self._mean_gap_s += GAP_SMOOTHING * (gap - self._mean_gap_s)
+            self._last_put = now
             if self.newest_only and source in self._slots:
                 self._slots[source].item = item  # keeps its place and its deadline
                 self.dropped += 1
@@ -79,7 +98,7 @@ class DynamicBatcher(Generic[T]):
                 now = time.monotonic()
                 if self._slots:
                     oldest = next(iter(self._slots.values())).arrived
-                    due_at = oldest + self.max_wait_s
+                    due_at = oldest + self._wait_s()
                     if len(self._slots) >= self.max_batch or now >= due_at:
                         return self._pop(self.max_batch)
                     wait = min(due_at, deadline) - now
@@ -88,6 +107,11 @@ class DynamicBatcher(Generic[T]):
                 if wait <= 0:
                     return []
                 self._ready.wait(wait)
+
+    def _wait_s(self) -> float:
+        if self.adaptive and self._mean_gap_s >= self.max_wait_s:
+            return 0.0  # nothing else is likely to come within the wait
+        return self.max_wait_s
 
     def _pop(self, count: int) -> list[T]:
         batch = []

@@ -109,6 +109,9 @@ class _Pending:
     label: int | None
     request: Request
     plan: PlanMsg  # the plan it was prepared under
+    received_ts: float  # wall clock, when the message came off the wire
+    decode_ms: float
+    enqueued: float  # monotonic
 
 
 def available_memory_mb() -> float | None:
@@ -136,6 +139,7 @@ class EdgeNode:
         max_batch: int = 4,
         max_wait_ms: float = 1.0,
         newest_only: bool = True,
+        batch_wait: str = "adaptive",
         strategy: NodeStrategy = "per-entry",
         memory_mb: float | None = None,
         speed: float = 1.0,
@@ -145,7 +149,7 @@ class EdgeNode:
             self.node_id = validate_id("node", node_id)
             self._batcher: DynamicBatcher[_Pending] = DynamicBatcher(
                 max_batch=max_batch, max_wait_ms=max_wait_ms, capacity=queue_size,
-                newest_only=newest_only,
+                newest_only=newest_only, adaptive=batch_wait == "adaptive",
             )  # fmt: skip
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -252,19 +256,23 @@ class EdgeNode:
 
     # -- requests: prepared on the network thread, served by the worker ---------------------
     def _on_frame(self, topic: str, payload: bytes) -> None:
+        received_ts, started = time.time(), time.perf_counter()
         message = decode(FrameMsg, payload)
         active = self._accept(topic, message)
         if message is None or active is None:
             return
         image = to_model_input(decode_frame(message), active.plan.preprocessing)
-        self._enqueue(message, Request(IMAGE_ENTRY, image), active.plan)
+        request = Request(IMAGE_ENTRY, image)
+        self._enqueue(message, request, active.plan, received_ts, started)
 
     def _on_tokens(self, topic: str, payload: bytes) -> None:
+        received_ts, started = time.time(), time.perf_counter()
         message = decode(TokensMsg, payload)
         active = self._accept(topic, message)
         if message is None or active is None:
             return
-        self._enqueue(message, self._tokens_request(message, active.plan), active.plan)
+        request = self._tokens_request(message, active.plan)
+        self._enqueue(message, request, active.plan, received_ts, started)
 
     def _accept(self, topic: str, message: FrameMsg | TokensMsg | None) -> Active[Share] | None:
         if message is None:
@@ -277,8 +285,15 @@ class EdgeNode:
             return None
         return active
 
-    def _enqueue(self, message: FrameMsg | TokensMsg, request: Request, plan: PlanMsg) -> None:
-        pending = _Pending(message.camera, message.seq, message.ts, message.label, request, plan)
+    def _enqueue(
+        self, message: FrameMsg | TokensMsg, request: Request, plan: PlanMsg,
+        received_ts: float, started: float,
+    ) -> None:  # fmt: skip
+        now = time.perf_counter()
+        pending = _Pending(
+            message.camera, message.seq, message.ts, message.label, request, plan,
+            received_ts=received_ts, decode_ms=(now - started) * 1000.0, enqueued=now,
+        )  # fmt: skip
         self._batcher.put(message.camera, pending)
 
     def _tokens_request(self, message: TokensMsg, plan: PlanMsg) -> Request:
@@ -341,6 +356,7 @@ class EdgeNode:
         started = time.perf_counter()
         features = runner([pending.request for pending in prepared])
         infer_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        sent_ts = time.time()
         for submodel_id, vectors in features.items():
             for pending, vector in zip(prepared, vectors, strict=True):
                 vector = vector.astype(np.float32, copy=False)
@@ -357,6 +373,10 @@ class EdgeNode:
                     infer_ms=infer_ms,
                     batch=len(prepared),
                     label=pending.label,
+                    received_ts=pending.received_ts,
+                    decode_ms=round(pending.decode_ms, 3),
+                    queue_ms=round((started - pending.enqueued) * 1000.0, 3),
+                    sent_ts=sent_ts,
                 )
                 topic = self.topics.features(pending.camera, submodel_id, self.node_id)
                 self.client.publish(topic, encode(msg))

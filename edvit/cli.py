@@ -136,7 +136,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     node = EdgeNode(
         args.id, connection(args), topics=Topics(args.prefix), threads=args.threads,
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        newest_only=not args.keep_all_frames, strategy=args.strategy,
+        newest_only=not args.keep_all_frames, batch_wait=args.batch_wait, strategy=args.strategy,
         memory_mb=args.memory_mb, speed=args.speed, trust_key=_keys(args)[0],
     )  # fmt: skip
     return _run_service(node)
@@ -211,7 +211,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     watch(
         connection(args), camera=args.camera, count=args.count, as_json=args.json,
-        topics=Topics(args.prefix), stop=stop_on_signals(),
+        timings=args.timings, topics=Topics(args.prefix), stop=stop_on_signals(),
     )  # fmt: skip
     return 0
 
@@ -245,6 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             broker_kind=args.broker_kind,
             log_dir=log_dir / ("tls" if tls else "plain") if log_dir and len(runs) > 1 else log_dir,
             tls=tls,
+            timings=args.timings,
         )  # fmt: skip
         for tls in runs
     ]
@@ -394,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="or when the oldest waiting frame has waited this long",
     )  # fmt: skip
     p.add_argument(
+        "--batch-wait", choices=["adaptive", "fixed"], default="adaptive",
+        help="adaptive: wait --max-wait-ms only while frames arrive closer together than "
+        "that (an idle node serves a lone frame at once); fixed: always wait",
+    )  # fmt: skip
+    p.add_argument(
         "--strategy", choices=["per-entry", "merged"], default="per-entry",
         help="sliced bundles: one stem session per entry block (faster, more memory) or one "
         "per block with late entries joining the running batch (less memory)",
@@ -483,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", default="+", help="only this camera")
     p.add_argument("--count", type=_positive_int, help="exit after this many predictions")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--timings", action="store_true",
+        help="under each prediction, where its milliseconds went (ms per stage)",
+    )  # fmt: skip
 
     p = add("dashboard", cmd_dashboard, "the fleet live in a browser (needs the dashboard extra)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s)")
@@ -562,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-plain", action="store_true",
         help="with --secure: run the same frames over plain MQTT first and compare latencies",
     )  # fmt: skip
+    p.add_argument("--timings", action="store_true", help="show each prediction's ms per stage")
     p.set_defaults(log_level="WARNING")  # the demo's own output is the story; logs go to files
     return parser
 

@@ -47,6 +47,8 @@ ClassIndex = Annotated[int, Field(ge=0)]
 # Capture times, unix seconds: bounded so that latencies computed from them stay finite
 # (ts = 1e308 is finite, but now - ts is not).
 Timestamp = Annotated[float, Field(ge=0, le=MAX_TIMESTAMP_S)]
+# A stage's duration in ms: an hour at most.
+StageMs = Annotated[float, Field(ge=0, le=3_600_000)]
 
 
 class _Message(BaseModel):
@@ -297,6 +299,12 @@ class FeaturesMsg(_Message):
     dim: TensorDim
     infer_ms: float = Field(ge=0)  # the whole batch's inference time
     batch: int = Field(default=1, ge=1, le=MAX_BATCH)  # how many frames shared that call
+    # v1 additions, for per-stage timings: when the node took the frame off the wire (its
+    # clock), the decode and the wait in its queue, and when it published these features.
+    received_ts: Timestamp | None = None
+    decode_ms: StageMs | None = None
+    queue_ms: StageMs | None = None
+    sent_ts: Timestamp | None = None
     label: int | None = None  # the frame's true label, passed through when the camera knew it
 
     @model_validator(mode="after")
@@ -331,6 +339,16 @@ class PredictionMsg(_Message):
     degraded: bool = False
     plan_id: str
     true_label: int | None = None
+    # v1 addition: where the frame's milliseconds went, along the path of the sub-model whose
+    # features came last (STAGES, in order). Stages across two machines (to_node,
+    # to_aggregator) compare their clocks; `other` is what no stage accounts for.
+    timings: dict[str, float] = Field(default_factory=dict, max_length=16)
+
+
+# PredictionMsg.timings keys, in the frame's order through the fleet.
+STAGES = (
+    "to_node", "decode", "queue", "infer", "to_aggregator", "wait", "fusion", "other",
+)  # fmt: skip
 
 
 OFFLINE_STATUS = StatusMsg(state="offline", ts=0.0)

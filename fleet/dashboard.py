@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import threading
 import time
 from collections import Counter, deque
@@ -59,30 +58,15 @@ def node_state(status: StatusMsg) -> str:
     return "loading" if status.plan_id else "idle"
 
 
-def stage_timings(prediction: PredictionMsg, payload: bytes | None = None) -> dict[str, float]:
-    """The prediction's per-stage latencies (stage -> ms), or {} when it has none.
-
-    `timings` is a newer, optional field: read from the decoded message when the schema knows
-    it, else from the raw JSON; anything that is not a small map of names to finite,
-    non-negative numbers is ignored."""
-    raw: object = getattr(prediction, "timings", None)
-    if raw is None and payload is not None:
-        try:
-            raw = json.loads(payload).get("timings")
-        except (ValueError, AttributeError, RecursionError):
-            return {}
-    if not isinstance(raw, dict) or len(raw) > MAX_STAGES:
+def stage_timings(prediction: PredictionMsg) -> dict[str, float]:
+    """The prediction's ms per stage (schemas.STAGES), or {} when it has none; a map with a
+    negative value or an odd stage name is ignored whole."""
+    timings = prediction.timings
+    if any(ms < 0 for ms in timings.values()) or any(
+        not stage or len(stage) > MAX_STAGE_NAME for stage in timings
+    ):
         return {}
-    timings: dict[str, float] = {}
-    for stage, ms in raw.items():
-        if not isinstance(stage, str) or not stage or len(stage) > MAX_STAGE_NAME:
-            return {}
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
-            return {}
-        if not math.isfinite(ms) or ms < 0:
-            return {}
-        timings[stage] = float(ms)
-    return timings
+    return dict(timings)
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -194,7 +178,7 @@ class FleetView:
     def prediction_payload(self, _topic: str, payload: bytes) -> None:
         ok, prediction = self._decode(PredictionMsg, payload, "prediction")
         if ok and prediction is not None:
-            self.prediction(prediction, stage_timings(prediction, payload))
+            self.prediction(prediction)
 
     def frame_payload(self, topic: str, payload: bytes) -> None:
         camera = self._topic_id(topic, 1, "frame")
@@ -237,10 +221,8 @@ class FleetView:
                 self._plan_history.append({"plan_id": plan.plan_id, "seen": self.clock()})
             self.version += 1
 
-    def prediction(
-        self, prediction: PredictionMsg, timings: dict[str, float] | None = None
-    ) -> None:
-        timings = timings if timings is not None else stage_timings(prediction)
+    def prediction(self, prediction: PredictionMsg) -> None:
+        timings = stage_timings(prediction)
         with self._lock:
             self._predictions_seen += 1
             self._recent_degraded.append(prediction.degraded)

@@ -24,7 +24,7 @@ from edvit.fleet.deploy import bundle_assignments, deploy
 from edvit.fleet.local import LocalFleet
 from edvit.fleet.watch import PredictionStream, format_prediction
 from edvit.mqtt import Connection
-from edvit.schemas import PredictionMsg
+from edvit.schemas import STAGES, PredictionMsg
 
 log = logging.getLogger("edvit.fleet.demo")
 
@@ -68,7 +68,19 @@ class Summary:
                 f"  latency end-to-end   p50 {self.latency_percentile(50):.1f} ms, "
                 f"p95 {self.latency_percentile(95):.1f} ms"
             )
+            stages = self.stage_medians()
+            if stages:
+                text = ", ".join(f"{name} {ms:.2f}" for name, ms in stages.items())
+                lines.append(f"  median per stage     {text} (ms)")
         return "\n".join(lines)
+
+    def stage_medians(self) -> dict[str, float]:
+        """Median ms per stage over the predictions that carry timings."""
+        return {
+            stage: float(np.median(values))
+            for stage in STAGES
+            if (values := [p.timings[stage] for p in self.predictions if stage in p.timings])
+        }
 
 
 def bundle_summary(bundle_dir: Path) -> str:
@@ -130,6 +142,7 @@ def run_demo(
     log_dir: Path | None = None,
     quiet: bool = False,
     tls: bool = False,
+    timings: bool = False,
 ) -> Summary:
     """The whole fleet on this machine. `tls`: over TLS, every process with its own account
     and only the topics the ACL grants it."""
@@ -185,7 +198,7 @@ def run_demo(
                         continue
                     quiet_since = None
                     summary.predictions.append(prediction)
-                    say(format_prediction(prediction))
+                    say(format_prediction(prediction, timings))
                 camera.wait(timeout=10)
                 say(f"streamed  {frames} frames in {time.monotonic() - started:.1f} s")
             finally:

@@ -7,20 +7,27 @@ import queue
 import threading
 
 from edvit.mqtt import Connection, MqttClient, unique_client_id
-from edvit.schemas import PredictionMsg, decode
+from edvit.schemas import STAGES, PredictionMsg, decode
 from edvit.topics import Topics
 
 log = logging.getLogger("edvit.fleet.watch")
 
 
-def format_prediction(p: PredictionMsg) -> str:
+def format_timings(p: PredictionMsg) -> str:
+    """`to_node 0.3 decode 0.1 queue 0.0 infer 0.6 ...` (ms, schemas.STAGES order)."""
+    known = [s for s in STAGES if s in p.timings]
+    return " ".join(f"{s} {p.timings[s]:.2f}" for s in known) or "(no timings)"
+
+
+def format_prediction(p: PredictionMsg, timings: bool = False) -> str:
     truth = ""
     if p.true_label is not None:
         truth = "  ok " if p.true_label == p.label else f"  MISS (true {p.true_label})"
     degraded = f"  degraded, missing {','.join(p.missing)}" if p.degraded else ""
+    stages = f"\n    {format_timings(p)}" if timings else ""
     return (
         f"{p.camera} #{p.seq:<5d} {p.class_name:<14s} {p.score:5.3f}  "
-        f"{p.latency_ms:7.1f} ms{truth}{degraded}"
+        f"{p.latency_ms:7.1f} ms{truth}{degraded}{stages}"
     )
 
 
@@ -53,6 +60,7 @@ def watch(
     camera: str = "+",
     count: int | None = None,
     as_json: bool = False,
+    timings: bool = False,
     topics: Topics | None = None,
     stop: threading.Event | None = None,
 ) -> int:
@@ -69,7 +77,7 @@ def watch(
             line = (
                 prediction.model_dump_json(by_alias=True)
                 if as_json
-                else format_prediction(prediction)
+                else format_prediction(prediction, timings)
             )
             print(line, flush=True)
             shown += 1

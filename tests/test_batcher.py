@@ -90,3 +90,39 @@ def test_bad_settings_refused() -> None:
         DynamicBatcher(max_batch=0)
     with pytest.raises(ValueError):
         DynamicBatcher(max_batch=4, capacity=2)
+
+
+def test_adaptive_serves_a_lone_request_at_once() -> None:
+    """An idle node (nothing arrived before, or arrivals far apart) does not wait for a batch
+    that will not come; fixed waiting does."""
+    adaptive: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=200)
+    started = time.monotonic()
+    adaptive.put("cam0", 1)
+    assert adaptive.take(timeout=5) == [1]
+    assert time.monotonic() - started < 0.1
+    for i in range(3):  # arrivals 250 ms apart, more than the 200 ms the batch could wait
+        adaptive.put("cam0", i)
+        assert adaptive.take(timeout=5) == [i]
+        time.sleep(0.25)
+    started = time.monotonic()
+    adaptive.put("cam0", 9)
+    assert adaptive.take(timeout=5) == [9]
+    assert time.monotonic() - started < 0.1
+
+    fixed: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=200, adaptive=False)
+    started = time.monotonic()
+    fixed.put("cam0", 1)
+    assert fixed.take(timeout=5) == [1]
+    assert time.monotonic() - started >= 0.2
+
+
+def test_adaptive_waits_while_requests_come_close_together() -> None:
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=100)
+    for i in range(5):  # 5 ms apart: more is likely within the wait
+        batcher.put(f"cam{i}", i)
+        time.sleep(0.005)
+    assert batcher.take(timeout=5) == [0, 1, 2, 3, 4]
+    started = time.monotonic()
+    batcher.put("cam9", 9)
+    assert batcher.take(timeout=5) == [9]
+    assert time.monotonic() - started >= 0.09  # waited for company

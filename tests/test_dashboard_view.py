@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edvit.fleet.dashboard import FleetView, histogram, node_state, stage_timings
-from edvit.schemas import FrameMsg, PlanMsg, PredictionMsg, StatusMsg, encode
+from edvit.schemas import FrameMsg, PlanMsg, PredictionMsg, StatusMsg, decode, encode
 from helpers import small_plan
 
 NODE_STATUS = "edvit/nodes/{}/status"
@@ -152,11 +152,22 @@ def test_plan_and_its_history() -> None:
 
 def test_stage_timings_when_present_and_ignored_when_odd() -> None:
     payload = json.loads(encode(prediction()))
-    assert stage_timings(prediction(), encode(prediction())) == {}
+    assert stage_timings(prediction()) == {}
     timed = json.dumps(payload | {"timings": {"queue": 1.5, "infer": 4, "fusion": 0.5}}).encode()
-    assert stage_timings(prediction(), timed) == {"queue": 1.5, "infer": 4.0, "fusion": 0.5}
-    for odd in ([1, 2], {"queue": "fast"}, {"queue": -1}, {"queue": True}, {"": 1.0}, "x"):
-        assert stage_timings(prediction(), json.dumps(payload | {"timings": odd}).encode()) == {}
+    assert stage_timings(decode(PredictionMsg, timed)) == {
+        "queue": 1.5,
+        "infer": 4.0,
+        "fusion": 0.5,
+    }
+    for odd in ({"queue": -1}, {"": 1.0}):
+        message = decode(PredictionMsg, json.dumps(payload | {"timings": odd}).encode())
+        assert stage_timings(message) == {}
+    for odd in ([1, 2], {"queue": "fast"}, "x"):  # the schema refuses these: a bad payload
+        view = FleetView()
+        view.prediction_payload(
+            "edvit/predictions/cam0", json.dumps(payload | {"timings": odd}).encode()
+        )
+        assert view.snapshot()["bad_payloads"]["total"] == 1
 
     view = FleetView()
     view.prediction_payload("edvit/predictions/cam0", timed)
