@@ -40,6 +40,7 @@ from edvit.aggregator.ha import HaDiscovery
 from edvit.errors import BadPayload, ConfigError
 from edvit.inference import Fusion, softmax
 from edvit.lease import Lease
+from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
 from edvit.mqtt import Connection, MqttClient, Transport, unique_client_id
 from edvit.retained import PlanFollower
 from edvit.schemas import (
@@ -196,6 +197,7 @@ class Aggregator:
         lease_ttl_s: float = 3.0,
         trust_key: TrustKey | None = None,
         ha_prefix: str | None = None,
+        stats_interval_s: float = STATS_INTERVAL_S,
     ) -> None:
         self.topics = topics or Topics()
         self.deadline = ArrivalDeadline(deadline or DeadlinePolicy())
@@ -213,6 +215,12 @@ class Aggregator:
             will_topic=self.topics.aggregator_status(), logger=log,
         )  # fmt: skip
         self.counters = self.client.counters
+        self.metrics = Metrics("aggregator", self.instance, self.counters)
+        self.metrics.gauge("pending_frames", lambda: len(self._pending))
+        self.stats = StatsPublisher(
+            self.metrics, self.client, self.topics.stats("aggregators", self.instance),
+            stats_interval_s, log,
+        )  # fmt: skip
         # Home Assistant discovery (aggregator/ha.py), when given its discovery prefix.
         self.ha = HaDiscovery(self.client, self.topics, ha_prefix) if ha_prefix else None
         self.follower: PlanFollower[Fusion] = PlanFollower(
@@ -248,8 +256,10 @@ class Aggregator:
         self._sweeper.start()
         self.client.start()
         self.lease.start()
+        self.stats.start()
 
     def stop(self) -> None:
+        self.stats.stop()
         self._sweeper.stop()
         self.lease.stop()
         self.follower.stop()
@@ -259,6 +269,7 @@ class Aggregator:
     # -- plan and fusion model ------------------------------------------------------------
     def _on_update(self) -> None:
         active = self.follower.active
+        self.metrics.plan(active.plan.plan_id if active else None)
         with self._lock:
             if active is None:
                 self._fusions.clear()
@@ -503,7 +514,10 @@ class Aggregator:
         blocks = [got.get(sid) for sid in ids]
         fusion_started, started = time.time(), time.perf_counter()
         logits = fusion([None if b is None else b[None] for b in blocks])[0]
-        fusion_ms = (time.perf_counter() - started) * 1000.0
+        fusion_s = time.perf_counter() - started
+        fusion_ms = fusion_s * 1000.0
+        self.metrics.observe("fusion", fusion_s)
+        self.metrics.observe("join_wait", time.monotonic() - frame.first_seen)
         probs = softmax(logits)
         if not np.isfinite(probs).all():  # features within limits make this unreachable
             self.counters["fusion_not_finite"] += 1
@@ -512,6 +526,7 @@ class Aggregator:
         order = np.argsort(-probs)[: self.topk]
         label = int(order[0])
         missing = tuple(sid for sid, b in zip(ids, blocks, strict=True) if b is None)
+        self.metrics.frame(camera, "degraded" if missing else "answered")
         if missing:
             self.counters["predictions_degraded"] += 1
             for sid in missing:

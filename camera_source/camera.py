@@ -15,6 +15,7 @@ import numpy as np
 
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
+from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
 from edvit.mqtt import Connection, MqttClient
 from edvit.schemas import Encoding, FeatureDtype, FrameMsg, StatusMsg, TokensMsg, encode
 from edvit.signing import TrustKey
@@ -105,6 +106,7 @@ class Camera:
         head_slices: int = 0,
         tokens_dtype: FeatureDtype = "float32",
         trust_key: TrustKey | None = None,
+        stats_interval_s: float = STATS_INTERVAL_S,
     ) -> None:
         try:
             self.camera_id = validate_id("camera", camera_id)
@@ -126,6 +128,11 @@ class Camera:
             logger=log,
         )
         self.sent = 0
+        self.metrics = Metrics("camera", self.camera_id, self.client.counters)
+        self.stats = StatsPublisher(
+            self.metrics, self.client, self.topics.stats("cameras", self.camera_id),
+            stats_interval_s, log,
+        )  # fmt: skip
         self._shots = open_source(source, data_dir)  # fail fast on a bad source
         self._head = (
             HeadSlices(head_slices, tokens_dtype, trust_key=trust_key) if head_slices else None
@@ -146,6 +153,7 @@ class Camera:
         """Publish frames until the source ends, `count` frames are sent or `stop` is set."""
         self.client.set_status(StatusMsg(state="online"))
         self.client.start(required=True)
+        self.stats.start()
         if self._head is not None:
             self._head.follow(self.client, self.topics)
             try:
@@ -172,11 +180,13 @@ class Camera:
             log.info("camera %s sent %d frames", self.camera_id, self.sent)
             if self._head is not None:
                 self._head.stop()
+            self.stats.stop()
             self.client.stop()
         return self.sent
 
     def _publish(self, seq: int, shot: Shot) -> None:
         ts = time.time()  # capture time: before the head slices run
+        started = time.perf_counter()
         head = self._head(shot.image) if self._head is not None else None
         if head is None:
             data, extra = encode_image(shot.image, self.enc)
@@ -194,4 +204,8 @@ class Camera:
                 label=shot.label, plan_id=plan_id,
             )  # fmt: skip
             topic = self.topics.tokens(self.camera_id)
+        self.metrics.observe(
+            "encode" if head is None else "head_slices", time.perf_counter() - started
+        )
         self.client.publish(topic, encode(message), qos=0)
+        self.metrics.frame(self.camera_id, "published")

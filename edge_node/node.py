@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edvit.errors import BadPayload, ConfigError
+from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
 from edvit.mqtt import Connection, MqttClient, Transport
 from edvit.preprocess import decode_frame, to_model_input
 from edvit.retained import Active, PlanFollower
@@ -144,6 +145,7 @@ class EdgeNode:
         memory_mb: float | None = None,
         speed: float = 1.0,
         trust_key: TrustKey | None = None,
+        stats_interval_s: float = STATS_INTERVAL_S,
     ) -> None:
         try:
             self.node_id = validate_id("node", node_id)
@@ -168,6 +170,12 @@ class EdgeNode:
             logger=log,
         )  # fmt: skip
         self.counters = self.client.counters
+        self.metrics = Metrics("node", self.node_id, self.counters)
+        self.metrics.gauge("queue_depth", lambda: len(self._batcher))
+        self.stats = StatsPublisher(
+            self.metrics, self.client, self.topics.stats("nodes", self.node_id),
+            stats_interval_s, log,
+        )  # fmt: skip
         self.follower: PlanFollower[Share] = PlanFollower(
             self.client, self.topics, self._model_ids, self._load, check=self._check,
             on_update=self._on_update, logger=log, trust_key=trust_key,
@@ -185,8 +193,10 @@ class EdgeNode:
         self.follower.start()
         self._worker.start()
         self.client.start()
+        self.stats.start()
 
     def stop(self) -> None:
+        self.stats.stop()
         self._worker.stop()
         self.follower.stop()
         self.client.stop()
@@ -226,6 +236,7 @@ class EdgeNode:
         with self._update_lock:
             active, target = self.follower.active, self.follower.target
             serving = active is not None and active.runtime.runner is not None
+            self.metrics.plan(active.plan.plan_id if serving and active else None)
             if serving != self._serving_requests:
                 self._serving_requests = serving
                 if serving:
@@ -290,6 +301,8 @@ class EdgeNode:
         received_ts: float, started: float,
     ) -> None:  # fmt: skip
         now = time.perf_counter()
+        self.metrics.observe("decode", now - started)
+        self.metrics.frame(message.camera, "received")
         pending = _Pending(
             message.camera, message.seq, message.ts, message.label, request, plan,
             received_ts=received_ts, decode_ms=(now - started) * 1000.0, enqueued=now,
@@ -355,8 +368,13 @@ class EdgeNode:
         assert runner is not None
         started = time.perf_counter()
         features = runner([pending.request for pending in prepared])
-        infer_ms = round((time.perf_counter() - started) * 1000.0, 3)
+        done = time.perf_counter()
+        infer_ms = round((done - started) * 1000.0, 3)
         sent_ts = time.time()
+        self.metrics.observe("infer", done - started)
+        self.metrics.batch(len(prepared))
+        for pending in prepared:
+            self.metrics.observe("queue", started - pending.enqueued)
         for submodel_id, vectors in features.items():
             for pending, vector in zip(prepared, vectors, strict=True):
                 vector = vector.astype(np.float32, copy=False)
@@ -380,5 +398,8 @@ class EdgeNode:
                 )
                 topic = self.topics.features(pending.camera, submodel_id, self.node_id)
                 self.client.publish(topic, encode(msg))
+        self.metrics.observe("publish", time.perf_counter() - done)
+        for pending in prepared:
+            self.metrics.frame(pending.camera, "served")
         self.counters["frames_served"] += len(prepared)
         self.counters["batches"] += 1

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from edvit import __version__
 from edvit.errors import ConfigError, EdvitError
+from edvit.metrics import STATS_INTERVAL_S, Metrics
 from edvit.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, Connection
 from edvit.service import (
     configure_logging,
@@ -118,6 +119,26 @@ def _keys(args: argparse.Namespace) -> tuple[TrustKey | None, SigningKey | None]
     return trust or (sign.trust if sign is not None else None), sign
 
 
+def _metrics_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics-host", default="0.0.0.0", help="address for --metrics-port (default %(default)s)"
+    )
+    parser.add_argument(
+        "--stats-interval-s", type=_non_negative_float, default=STATS_INTERVAL_S,
+        help="publish counters and stage times on the retained {prefix}/stats/... topic this "
+        "often (0: never; default %(default)s)",
+    )  # fmt: skip
+
+
+def _serve_metrics(metrics: Metrics, args: argparse.Namespace) -> None:
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port, args.metrics_host)
+
+
 def _run_service(*services: object) -> int:
     for service in services:
         service.start()  # type: ignore[attr-defined]
@@ -138,7 +159,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         newest_only=not args.keep_all_frames, batch_wait=args.batch_wait, strategy=args.strategy,
         memory_mb=args.memory_mb, speed=args.speed, trust_key=_keys(args)[0],
+        stats_interval_s=args.stats_interval_s,
     )  # fmt: skip
+    _serve_metrics(node.metrics, args)
     return _run_service(node)
 
 
@@ -154,7 +177,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         connection(args), topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
         instance=args.id, lease_ttl_s=args.lease_ttl_s, trust_key=trust_key,
         ha_prefix=args.ha_prefix if args.ha_discovery else None,
+        stats_interval_s=args.stats_interval_s,
     )  # fmt: skip
+    _serve_metrics(aggregator.metrics, args)
     services: list[object] = []
     if not args.no_planner:
         from edvit.fleet.planner import Planner
@@ -178,7 +203,9 @@ def cmd_camera(args: argparse.Namespace) -> int:
         args.id, connection(args), args.source, fps=args.fps, count=args.count, loop=args.loop,
         enc=args.enc, data_dir=args.data_dir, topics=Topics(args.prefix),
         head_slices=args.head_slices, tokens_dtype=args.tokens_dtype, trust_key=_keys(args)[0],
+        stats_interval_s=args.stats_interval_s,
     )  # fmt: skip
+    _serve_metrics(camera.metrics, args)
     try:
         camera.run(stop_on_signals())
     finally:
@@ -379,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sign_key_option(p, "sign the plan (it pins every model by sha256) with this Ed25519 key")
 
     p = add("node", cmd_node, "edge node: run assigned sub-models, publish feature vectors")
+    _metrics_options(p)
     p.add_argument("--id", required=True, help="this node's id, as the plan names it")
     _trust_key_option(p)
     p.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime threads")
@@ -419,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     p = add("aggregator", cmd_aggregator, "fuse features into predictions")
+    _metrics_options(p)
     p.add_argument(
         "--timeout-ms", type=_positive_float, default=250.0,
         help="the longest a frame waits for a serving node's features before it is answered "
@@ -467,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     p = add("camera", cmd_camera, "publish frames from a video, device, stream or dataset")
+    _metrics_options(p)
     p.add_argument("--id", required=True, help="camera id")
     p.add_argument(
         "--source", required=True,

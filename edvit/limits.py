@@ -33,7 +33,16 @@ MAX_TIMESTAMP_S = 1e10
 MAX_FEATURE_ABS = 1e6
 
 PayloadKind = Literal[
-    "frame", "tokens", "features", "plan", "status", "prediction", "model", "health", "lease"
+    "frame",
+    "tokens",
+    "features",
+    "plan",
+    "status",
+    "prediction",
+    "model",
+    "health",
+    "lease",
+    "stats",
 ]
 
 # Largest payload (bytes) per topic kind; anything longer is dropped before decoding.
@@ -55,6 +64,8 @@ MAX_PAYLOAD_BYTES: dict[PayloadKind, int] = {
     "health": 256 * KiB,
     # JSON: {holder, ttl_s, ts}.
     "lease": 4 * KiB,
+    # JSON: counters, frames per camera (at most 256), stage percentiles.
+    "stats": 256 * KiB,
     # One ONNX file. ViT-Base split in two (~165 MB fp32 per sub-model) fits; MQTT itself
     # caps a packet at 256 MiB, and the broker keeps retained model files in memory.
     "model": 192 * MiB,
@@ -93,6 +104,8 @@ def topic_kind(parts: list[str] | tuple[str, ...]) -> PayloadKind | None:
             return "lease"
         case ("fleet", "health"):
             return "health"
+        case ("stats", "nodes" | "aggregators" | "cameras", _):
+            return "stats"
         case ("plan",):
             return "plan"
         case ("models", _):

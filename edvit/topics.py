@@ -58,6 +58,11 @@ class Topics:
         """Retained: which aggregator instance answers and plans now."""
         return self._join("aggregator", "lease")
 
+    def stats(self, kind: str, service_id: str) -> str:
+        """Retained: a service's counters and stage times (edvit/metrics.py); `kind` is
+        nodes, aggregators or cameras."""
+        return self._join("stats", kind, service_id)
+
     def fleet_health(self) -> str:
         return self._join("fleet", "health")
 

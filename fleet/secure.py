@@ -124,6 +124,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
             f"topic readwrite {t}/aggregator/#",
             f"topic readwrite {t}/aggregators/#",
             f"topic readwrite {t}/fleet/#",
+            f"topic write {t}/stats/aggregators/#",
             f"topic write {DEFAULT_HA_PREFIX}/#",
         ],
     )
@@ -135,6 +136,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
         f"topic read {t}/aggregator/#",
         f"topic read {t}/aggregators/#",
         f"topic read {t}/fleet/#",
+        f"topic read {t}/stats/#",
     ]
     if dashboard_sees_frames:
         dashboard += [f"topic read {t}/cameras/+/frame", f"topic read {t}/cameras/+/tokens"]
@@ -152,6 +154,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
                 f"topic read {t}/cameras/+/tokens",
                 f"topic write {t}/features/+/+/{node}",
                 f"topic write {t}/nodes/{node}/status",
+                f"topic write {t}/stats/nodes/{node}",
             ],
         )
     for camera in identities.cameras:
@@ -164,6 +167,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
                 f"topic write {t}/cameras/{camera}/frame",
                 f"topic write {t}/cameras/{camera}/tokens",
                 f"topic write {t}/cameras/{camera}/status",
+                f"topic write {t}/stats/cameras/{camera}",
             ],
         )
     return "\n".join(out)

@@ -64,6 +64,9 @@ FAMILIES: dict[str, tuple[str, set[str], set[str]]] = {
     "aggregator status": ("edvit/aggregator/status", {"aggregator"}, {"aggregator", "dashboard"}),
     "instance status": ("edvit/aggregators/a1/status", {"aggregator"}, {"aggregator", "dashboard"}),
     "lease": ("edvit/aggregator/lease", {"aggregator"}, {"aggregator", "dashboard"}),
+    "node stats, node-0": ("edvit/stats/nodes/node-0", {"node-0"}, {"dashboard"}),
+    "camera stats, cam0": ("edvit/stats/cameras/cam0", {"cam0"}, {"dashboard"}),
+    "aggregator stats": ("edvit/stats/aggregators/a1", {"aggregator"}, {"dashboard"}),
     "fleet health": ("edvit/fleet/health", {"aggregator"}, {"aggregator", "dashboard"}),
     # --ha-discovery: outside the prefix, written by the aggregator and read by no identity
     # of secure init (Home Assistant logs in with an account of its own).
