@@ -309,12 +309,19 @@ def cmd_bench_slicing(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_e2e(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench_e2e import bench_e2e
+    from edvit.fleet.bench_e2e import MakeMonolithic, bench_e2e
     from edvit.fleet.demo import DEFAULT_BUNDLE
 
+    make_monolithic: MakeMonolithic | None
+    try:
+        from edvit.models.monolithic import monolithic_bundle as make_monolithic
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnx":
+            raise
+        make_monolithic = None  # the benchmark says the monolithic rows are skipped, and why
     bench_e2e(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, args.cameras, args.fps,
-        args.seconds, Path(args.json) if args.json else None,
+        args.seconds, Path(args.json) if args.json else None, make_monolithic,
     )  # fmt: skip
     return 0
 

@@ -9,7 +9,8 @@ the monolithic one's is hop + decode + original + hop.
 Then simulated cameras (at several counts, a fixed rate each) go through two real fleets on
 that broker, each a process per service: the split fleet (one node per sub-model and the
 aggregator, as `edvit demo` runs it) and the monolithic baseline (the original served whole
-by one node, through the same aggregator, from a bundle made here in a temp folder). Per
+by one node, through the same aggregator, from a bundle made in a temp folder by
+edvit.models.monolithic, which cli.py passes in: onnx is imported in models/ only). Per
 run: frames sent and answered, p50/p95 latency (capture to prediction), the floor, and the
 median of every stage of the predictions' `timings` next to that stage's part of the floor.
 """
@@ -19,30 +20,20 @@ from __future__ import annotations
 import json
 import multiprocessing
 import queue
-import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edvit.broker.local import LocalBroker
-from edvit.bundle import (
-    FEATURES_OUTPUT,
-    FUSION_FEATURES_INPUT,
-    FUSION_PRESENT_INPUT,
-    LOGITS_OUTPUT,
-    MANIFEST_NAME,
-    Bundle,
-    Manifest,
-    sha256_file,
-)
+from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import BrokerError, ConfigError, EdvitError
 from edvit.fleet.bench import Sample, _generate, _message, frame_samples
@@ -59,7 +50,10 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
 PIPELINES = ("split", "monolithic")
-MONOLITHIC_ID = "whole"
+# Makes the monolithic bundle from a bundle, in a folder (edvit.models.monolithic: onnx lives
+# in models/, so cli.py passes it in).
+MakeMonolithic = Callable[[Bundle, Path], Bundle]
+ONNX_MISSING = "the onnx package is not installed (pip install onnx, or the build extra)"
 HOP_MESSAGES = 300
 HOP_WARMUP = 20  # messages before the subscription surely holds and the path is warm
 HOP_SPACING_S = 0.002  # apart, so no message queues behind the one before
@@ -203,85 +197,6 @@ def measure_floor(
         fusion_ms=model_ms(m.fusion.file),
         original_ms=model_ms(m.original.file),
     )
-
-
-# -- the monolithic bundle ------------------------------------------------------------------
-
-
-def onnx_missing() -> str | None:
-    """Why the monolithic bundle cannot be made here, or None."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        return "the onnx package is not installed (pip install onnx)"
-    return None
-
-
-def _monolithic_models(original: Path, num_classes: int) -> tuple[bytes, bytes]:
-    """The original as a sub-model (its logits renamed to the features nodes publish) and a
-    fusion that passes them through (times `present`, so a missing block stays zeros)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(original))
-    graph = model.graph
-    (logits,) = [o for o in graph.output if o.name == LOGITS_OUTPUT]
-    features = onnx.ValueInfoProto()
-    features.CopyFrom(logits)
-    features.name = FEATURES_OUTPUT
-    graph.node.append(helper.make_node("Identity", [LOGITS_OUTPUT], [FEATURES_OUTPUT]))
-    graph.output.remove(logits)
-    graph.output.append(features)
-    onnx.checker.check_model(model)
-
-    fusion_graph = helper.make_graph(
-        [helper.make_node("Mul", [FUSION_FEATURES_INPUT, FUSION_PRESENT_INPUT], [LOGITS_OUTPUT])],
-        "identity-fusion",
-        [
-            helper.make_tensor_value_info(
-                FUSION_FEATURES_INPUT, TensorProto.FLOAT, ["batch", num_classes]
-            ),
-            helper.make_tensor_value_info(FUSION_PRESENT_INPUT, TensorProto.FLOAT, ["batch", 1]),
-        ],
-        [helper.make_tensor_value_info(LOGITS_OUTPUT, TensorProto.FLOAT, ["batch", num_classes])],
-    )
-    # The original's opset and IR version: ones this ONNX Runtime is known to load.
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    fusion = helper.make_model(fusion_graph, opset_imports=[helper.make_opsetid("", opset)])
-    fusion.ir_version = model.ir_version
-    onnx.checker.check_model(fusion)
-    return model.SerializeToString(), fusion.SerializeToString()
-
-
-def monolithic_bundle(bundle: Bundle, out: Path) -> Bundle:
-    """A bundle in `out` whose one sub-model is the whole original (covering every class)
-    and whose fusion is the identity: the original served by one node, through the fleet."""
-    m = bundle.manifest
-    submodel, fusion = _monolithic_models(bundle.path(m.original.file), m.num_classes)
-    sub_file, fusion_file = f"submodels/{MONOLITHIC_ID}.onnx", "fusion.onnx"
-    for relative in (m.original.file, sub_file, fusion_file):
-        (out / relative).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(bundle.path(m.original.file), out / m.original.file)
-    (out / sub_file).write_bytes(submodel)
-    (out / fusion_file).write_bytes(fusion)
-    all_classes = tuple(range(m.num_classes))
-    manifest = Manifest.model_validate({
-        **m.model_dump(exclude={"stem", "submodels", "fusion", "class_subsets", "files"}),
-        "name": f"{m.name}-monolithic",
-        "class_subsets": (all_classes,),
-        "submodels": ({
-            "id": MONOLITHIC_ID, "classes": all_classes, "file": sub_file,
-            "feature_dim": m.num_classes, "params": m.original.params,
-        },),
-        # hidden_dim must be positive; the identity's "width" is the features it passes on.
-        "fusion": {"file": fusion_file, "feature_dims": (m.num_classes,),
-                   "hidden_dim": m.num_classes, "params": 0},
-        "files": {r: sha256_file(out / r) for r in (m.original.file, sub_file, fusion_file)},
-        "command": ("edvit", "bench", "e2e"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })  # fmt: skip
-    (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
-    return Bundle.load(out)
 
 
 # -- one pipeline run -----------------------------------------------------------------------
@@ -438,9 +353,11 @@ def format_report(floor: Floor, results: list[RunResult], pipelines: list[str]) 
 
 
 def bench_e2e(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
-              json_out: Path | None = None) -> dict[str, Any]:  # fmt: skip
+              json_out: Path | None = None,
+              make_monolithic: MakeMonolithic | None = None) -> dict[str, Any]:  # fmt: skip
     """Measure the floor, then run every camera count through each pipeline; print the
-    table and return the report (also written to `json_out`)."""
+    table and return the report (also written to `json_out`). Without `make_monolithic`
+    (no onnx here) only the split fleet runs."""
     check_arguments(cameras, fps, seconds)
     bundle = Bundle.load(bundle_dir)
     samples = frame_samples(load_dataset(bundle.manifest.dataset, "test"))
@@ -448,7 +365,7 @@ def bench_e2e(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
     def say(text: str, end: str = "\n") -> None:
         print(text, end=end, file=sys.stderr, flush=True)
 
-    skipped = onnx_missing()
+    skipped = None if make_monolithic else ONNX_MISSING
     pipelines = ["split"] if skipped else list(PIPELINES)
     if skipped:
         say(f"e2e: monolithic rows skipped: {skipped}")
@@ -456,8 +373,8 @@ def bench_e2e(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
     results: list[RunResult] = []
     with LocalBroker(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:
         bundles = {"split": bundle}
-        if not skipped:
-            bundles["monolithic"] = monolithic_bundle(bundle, Path(tmp))
+        if make_monolithic:
+            bundles["monolithic"] = make_monolithic(bundle, Path(tmp))
         say("e2e: measuring the floor ...", end="")
         floor = measure_floor(bundle, broker.url, frame_payloads(samples))
         say(f" split {floor.total('split'):g} ms, monolithic {floor.total('monolithic'):g} ms")

@@ -32,7 +32,9 @@ def bundle() -> Bundle:
 
 def test_monolithic_bundle_answers_as_the_original(bundle: Bundle, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
-    whole = bench_e2e.monolithic_bundle(bundle, tmp_path)
+    from edvit.models.monolithic import monolithic_bundle
+
+    whole = monolithic_bundle(bundle, tmp_path)
     m = whole.manifest
     assert [s.classes for s in m.submodels] == [tuple(range(bundle.manifest.num_classes))]
     assert m.fusion.feature_dims == (bundle.manifest.num_classes,)
@@ -109,3 +111,11 @@ def test_bad_arguments_exit_2_with_one_line(
     )
     assert main(["bench", "e2e", str(tmp_path)]) == 2
     assert "is not a bundle" in capsys.readouterr().err
+
+
+def test_without_onnx_only_the_split_fleet_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    report = bench_e2e.bench_e2e(DEFAULT_BUNDLE, [1], 10.0, 1.0, make_monolithic=None)
+    assert [r["pipeline"] for r in report["runs"]] == ["split"]
+    assert report["monolithic_skipped"] == bench_e2e.ONNX_MISSING
+    err = capsys.readouterr().err
+    assert f"e2e: monolithic rows skipped: {bench_e2e.ONNX_MISSING}\n" in err
