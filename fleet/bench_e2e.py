@@ -280,6 +280,8 @@ def run_pipeline(broker: LocalBroker, bundle: Bundle, pipeline: str, cameras: in
             stop.wait(seconds)
             stop.set()
             generator.join(timeout=10)
+            if generator.exitcode:
+                raise EdvitError(f"the camera generator exited with code {generator.exitcode}")
             predictions = _collect(stream, sent.value, fleet)
         finally:
             stop.set()
