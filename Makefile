@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := mosquitto dataset-fashion-mnist chromium
 
-.PHONY: demo test system-packages benchmark-ed-vit benchmark-original benchmark-batching benchmark-slicing clean
+.PHONY: demo test system-packages benchmark-ed-vit benchmark-original benchmark-batching benchmark-slicing benchmark-e2e clean
 
 demo: system-packages $(VENV)/.runtime
 	$(BIN)/edvit demo
@@ -36,6 +36,12 @@ benchmark-batching: system-packages $(VENV)/.runtime
 benchmark-slicing: system-packages $(VENV)/.dev
 	$(BIN)/edvit build --dataset fashion-mnist --size medium --num-devices 3 --shared-blocks 3 --epochs 2 --sub-epochs 1 --recover-epochs 1 --prune-steps 1 --fusion-epochs 5 --out runs/sliced-fm3-medium --force
 	$(BIN)/edvit bench slicing runs/sliced-fm3-medium --json benchmarks/results/slicing.json
+
+# The pipeline's p50/p95 and median per stage against its floor, for the split fleet and the
+# original served whole, at 1, 4 and 16 cameras (about a minute; onnx, from the build extra,
+# makes the monolithic bundle).
+benchmark-e2e: system-packages $(VENV)/.dev
+	$(BIN)/edvit bench e2e --cameras 1 4 16 --fps 10 --seconds 5 --json benchmarks/results/e2e.json
 
 system-packages:
 	@missing=""; \

@@ -335,6 +335,24 @@ def cmd_bench_slicing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_e2e(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench_e2e import MakeMonolithic, bench_e2e
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+
+    make_monolithic: MakeMonolithic | None
+    try:
+        from edvit.models.monolithic import monolithic_bundle as make_monolithic
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnx":
+            raise
+        make_monolithic = None  # the benchmark says the monolithic rows are skipped, and why
+    bench_e2e(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, args.cameras, args.fps,
+        args.seconds, Path(args.json) if args.json else None, make_monolithic,
+    )  # fmt: skip
+    return 0
+
+
 def cmd_bench_chaos(args: argparse.Namespace) -> int:
     from edvit.fleet.chaos import run_chaos
     from edvit.fleet.demo import DEFAULT_BUNDLE
@@ -533,7 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the identity must be allowed to read frames, `secure init --dashboard-sees-frames`)",
     )  # fmt: skip
 
-    p = add("bench", cmd_bench_batching, "benchmarks of the node: `batching` or `slicing`")
+    p = add(
+        "bench", cmd_bench_batching,
+        "benchmarks: `batching`, `slicing`, `chaos` or `e2e` (latency against its floor)",
+    )  # fmt: skip
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = benches.add_parser(
         "batching", parents=[_common()], help="K simulated cameras against one node",
@@ -586,6 +607,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive_float, default=20.0)
     p.add_argument("--hold-off-s", type=_non_negative_float, default=3.0)
     p.add_argument("--json", help="also write the results here")
+
+    p = benches.add_parser(
+        "e2e", parents=[_common()], help="pipeline latency against its floor, split and whole",
+        description="the floor (each model at batch 1, one thread; the broker's one-way "
+        "latency; decode), then simulated cameras through the split fleet and through the "
+        "original served whole by one node: p50/p95 and the median per stage, against the floor",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_e2e)
+    p.add_argument(
+        "bundle", nargs="?", help="bundle folder (default: the shipped Fashion-MNIST bundle)"
+    )
+    # Checked by the benchmark (ConfigError), so the command and the function agree.
+    p.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--fps", type=float, default=10.0, help="frames per second per camera")
+    p.add_argument("--seconds", type=float, default=5.0, help="camera time per run")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(log_level="WARNING")  # its progress lines are the story; logs go to files
 
     p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")
     p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from tempfile import mkdtemp
@@ -153,9 +154,9 @@ def _message(sample: Sample, camera: str, seq: int, topics: Topics) -> tuple[str
 
 
 def _generate(broker_url: str, prefix: str, cameras: int, fps: float, mix: CameraMix,
-              stop: EventType) -> None:  # fmt: skip
+              stop: EventType, sent: Synchronized[int] | None = None) -> None:  # fmt: skip
     """Runs in its own process; cameras are not synchronised, so their messages are spread
-    evenly over each period."""
+    evenly over each period. `sent`, when given, counts the messages published so far."""
     topics = Topics(prefix)
     client = MqttClient(f"bench-cams-{os.getpid()}", broker_url)
     client.start(required=True)
@@ -169,6 +170,8 @@ def _generate(broker_url: str, prefix: str, cameras: int, fps: float, mix: Camer
             samples = mix[camera % len(mix)]
             topic, payload = _message(samples[seq % len(samples)], f"cam{camera}", seq, topics)
             client.publish(topic, payload)
+            if sent is not None:
+                sent.value = tick + 1
             next_at += step
             delay = next_at - time.monotonic()
             if delay > 0.0005:

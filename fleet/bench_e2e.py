@@ -1,0 +1,404 @@
+"""`edvit bench e2e`: the pipeline's latency against its floor, split and monolithic.
+
+The floor is measured here, from first principles on this machine: each model of the bundle
+at batch 1 on one ONNX Runtime thread, the broker's one-way latency between two clients on
+the same local mosquitto, and a frame's decode as the node does it. The split pipeline's
+floor is camera -> node hop + decode + slowest sub-model + node -> aggregator hop + fusion;
+the monolithic one's is hop + decode + original + hop.
+
+Then simulated cameras (at several counts, a fixed rate each) go through two real fleets on
+that broker, each a process per service: the split fleet (one node per sub-model and the
+aggregator, as `edvit demo` runs it) and the monolithic baseline (the original served whole
+by one node, through the same aggregator, from a bundle made in a temp folder by
+edvit.models.monolithic, which cli.py passes in: onnx is imported in models/ only). Per
+run: frames sent and answered, p50/p95 latency (capture to prediction), the floor, and the
+median of every stage of the predictions' `timings` next to that stage's part of the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edvit.broker.local import LocalBroker
+from edvit.bundle import Bundle
+from edvit.datasets import load_dataset
+from edvit.errors import BrokerError, ConfigError, EdvitError
+from edvit.fleet.bench import Sample, _generate, _message, frame_samples
+from edvit.fleet.deploy import deploy
+from edvit.fleet.local import LocalFleet
+from edvit.fleet.watch import PredictionStream
+from edvit.inference import measure_latency_ms
+from edvit.mqtt import MqttClient, unique_client_id
+from edvit.preprocess import decode_frame, to_model_input
+from edvit.schemas import STAGES, FrameMsg, PredictionMsg, decode, encode
+from edvit.topics import Topics
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+
+PIPELINES = ("split", "monolithic")
+# Makes the monolithic bundle from a bundle, in a folder (edvit.models.monolithic: onnx lives
+# in models/, so cli.py passes it in).
+MakeMonolithic = Callable[[Bundle, Path], Bundle]
+ONNX_MISSING = "the onnx package is not installed (pip install onnx, or the build extra)"
+HOP_MESSAGES = 300
+HOP_WARMUP = 20  # messages before the subscription surely holds and the path is warm
+HOP_SPACING_S = 0.002  # apart, so no message queues behind the one before
+DECODE_REPEATS = 5  # passes over the sample frames
+MODEL_RUNS = 200
+WARMUP_FRAMES = 5  # per run, before the cameras start: first ONNX Runtime calls are slow
+WARMUP_CAMERA = "warmup"
+QUIET_S = 3.0  # after the cameras stop, give up once no prediction came for this long
+DRAIN_S = 20.0  # and in any case after this long
+
+
+@dataclass(frozen=True)
+class Floor:
+    """ms, measured on this machine."""
+
+    hop_ms: float  # one broker hop, publish -> receive
+    decode_ms: float  # a frame message -> the model's input tensor
+    submodel_ms: dict[str, float]  # each sub-model at batch 1, one thread
+    fusion_ms: float
+    original_ms: float
+
+    def stages(self, pipeline: str) -> dict[str, float]:
+        """Each stage's part of the floor (schemas.STAGES order); queue, wait and other: 0.
+        The monolithic fleet's fusion is the identity, no work the pipeline needs: 0."""
+        split = pipeline == "split"
+        parts = {
+            "to_node": self.hop_ms,
+            "decode": self.decode_ms,
+            "infer": max(self.submodel_ms.values()) if split else self.original_ms,
+            "to_aggregator": self.hop_ms,
+            "fusion": self.fusion_ms if split else 0.0,
+        }
+        return {stage: round(parts.get(stage, 0.0), 3) for stage in STAGES}
+
+    def total(self, pipeline: str) -> float:
+        return round(sum(self.stages(pipeline).values()), 3)
+
+
+@dataclass
+class RunResult:
+    pipeline: str
+    cameras: int
+    fps: float
+    seconds: float
+    sent: int
+    answered: int  # distinct frames with a prediction
+    degraded: int
+    p50_ms: float
+    p95_ms: float
+    floor_ms: float
+    over_floor_ms: float  # p50 - floor
+    # stage -> {"median": ms, "floor": ms, "over": median - floor}
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def check_arguments(cameras: list[int], fps: float, seconds: float) -> None:
+    if not cameras:
+        raise ConfigError("--cameras needs at least one camera count")
+    for count in cameras:
+        if count < 1:
+            raise ConfigError(f"--cameras: every count must be a positive integer, got {count}")
+    if not fps > 0:
+        raise ConfigError(f"--fps must be positive, got {fps:g}")
+    if not seconds > 0:
+        raise ConfigError(f"--seconds must be positive, got {seconds:g}")
+
+
+# -- the floor ------------------------------------------------------------------------------
+
+
+def measure_hop_ms(broker_url: str, messages: int = HOP_MESSAGES) -> float:
+    """Median one-way latency of a small message between two clients on this broker; the
+    sender stamps time.time() in the payload (one machine, one clock)."""
+    topic = f"edvit-bench-e2e/hop/{unique_client_id('hop')}"
+    delays: list[float] = []
+    done = threading.Event()
+
+    def on_message(_topic: str, payload: bytes) -> None:
+        now = time.time()
+        index, sent = payload.split(b" ")
+        if int(index) >= HOP_WARMUP:
+            delays.append((now - float(sent)) * 1000.0)
+            if len(delays) >= messages:
+                done.set()
+
+    receiver = MqttClient(unique_client_id("e2e-hop-in"), broker_url)
+    receiver.route(topic, on_message)
+    sender = MqttClient(unique_client_id("e2e-hop-out"), broker_url)
+    receiver.start(required=True)
+    sender.start(required=True)
+    deadline = time.monotonic() + 30.0
+    try:
+        index = 0
+        while not done.is_set() and time.monotonic() < deadline:
+            sender.publish(topic, f"{index} {time.time()!r}".encode())
+            index += 1
+            time.sleep(HOP_SPACING_S)
+        done.wait(timeout=2.0)
+    finally:
+        sender.stop()
+        receiver.stop()
+    if not delays:
+        raise BrokerError(f"no message came back through the broker at {broker_url}")
+    return statistics.median(delays)
+
+
+def frame_payloads(samples: list[Sample]) -> list[bytes]:
+    return [
+        encode(FrameMsg(camera="cam0", seq=i, ts=time.time(), enc="png", data=data, label=label))
+        for i, (_, data, label) in enumerate(samples)
+    ]
+
+
+def measure_decode_ms(bundle: Bundle, payloads: list[bytes]) -> float:
+    """Median ms from a frame message's bytes to the model's input, as the node's decode
+    stage counts it (edge_node/node.py `_on_frame`: the message, the image, the tensor)."""
+    pp = bundle.manifest.preprocessing
+    times = []
+    for _ in range(DECODE_REPEATS):
+        for payload in payloads:
+            start = time.perf_counter()
+            message = decode(FrameMsg, payload)
+            assert message is not None
+            to_model_input(decode_frame(message), pp)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def measure_floor(
+    bundle: Bundle, broker_url: str, payloads: list[bytes], model_runs: int = MODEL_RUNS
+) -> Floor:
+    m = bundle.manifest
+
+    def model_ms(relative: str) -> float:
+        return round(measure_latency_ms(bundle.path(relative), runs=model_runs), 3)
+
+    return Floor(
+        hop_ms=round(measure_hop_ms(broker_url), 3),
+        decode_ms=round(measure_decode_ms(bundle, payloads), 3),
+        submodel_ms={s.id: model_ms(s.file) for s in m.submodels},
+        fusion_ms=model_ms(m.fusion.file),
+        original_ms=model_ms(m.original.file),
+    )
+
+
+# -- one pipeline run -----------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2) if values else float("nan")
+
+
+def _warm_up(broker_url: str, topics: Topics, samples: list[Sample], stream: PredictionStream,
+             fleet: LocalFleet) -> None:  # fmt: skip
+    """A few frames through the whole fleet before the cameras start, answered and dropped."""
+    client = MqttClient(unique_client_id("e2e-warmup"), broker_url)
+    client.start(required=True)
+    try:
+        for seq in range(WARMUP_FRAMES):
+            client.publish(*_message(samples[seq % len(samples)], WARMUP_CAMERA, seq, topics))
+            time.sleep(0.05)
+    finally:
+        client.stop()
+    answered: set[int] = set()
+    deadline = time.monotonic() + 30.0
+    while len(answered) < WARMUP_FRAMES and time.monotonic() < deadline:
+        fleet.check_alive()
+        try:
+            answered.add(stream.queue.get(timeout=0.25).seq)
+        except queue.Empty:
+            continue
+    if len(answered) < WARMUP_FRAMES:
+        raise EdvitError(f"the fleet answered {len(answered)} of {WARMUP_FRAMES} warm-up frames")
+
+
+def _collect(stream: PredictionStream, sent: int, fleet: LocalFleet) -> list[PredictionMsg]:
+    """Predictions of the cameras' frames: every one there is, or what came until the fleet
+    went quiet."""
+    predictions: list[PredictionMsg] = []
+    frames: set[tuple[str, int]] = set()
+    deadline, last = time.monotonic() + DRAIN_S, time.monotonic()
+    while len(frames) < sent and time.monotonic() < deadline and time.monotonic() - last < QUIET_S:
+        fleet.check_alive()
+        try:
+            prediction = stream.queue.get(timeout=0.25)
+        except queue.Empty:
+            continue
+        last = time.monotonic()
+        if prediction.camera != WARMUP_CAMERA:
+            predictions.append(prediction)
+            frames.add((prediction.camera, prediction.seq))
+    while True:  # whatever else already arrived
+        try:
+            prediction = stream.queue.get_nowait()
+        except queue.Empty:
+            return predictions
+        if prediction.camera != WARMUP_CAMERA:
+            predictions.append(prediction)
+
+
+def run_pipeline(broker: LocalBroker, bundle: Bundle, pipeline: str, cameras: int, fps: float,
+                 seconds: float, samples: list[Sample], floor: Floor,
+                 log_dir: Path) -> RunResult:  # fmt: skip
+    topics = Topics(f"e2e-{pipeline}-{cameras}")
+    plan = deploy(bundle, broker.url, topics=topics)
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    sent: Synchronized[int] = context.Value("i", 0)
+    with LocalFleet(broker.url, log_dir / topics.prefix, topics) as fleet:
+        for node in plan.assignments:
+            # As the demo: every frame is served, none replaced by a newer one, so each
+            # frame's latency counts, however long it queued.
+            fleet.spawn(node, "node", "--id", node, "--keep-all-frames")
+        fleet.spawn("aggregator", "aggregator")
+        stream = PredictionStream(broker.url, topics=topics)
+        stream.start()
+        generator = context.Process(
+            target=_generate, args=(broker.url, topics.prefix, cameras, fps, [samples], stop, sent)
+        )
+        try:
+            fleet.wait_ready(plan, timeout=60)
+            _warm_up(broker.url, topics, samples, stream, fleet)
+            generator.start()
+            stop.wait(seconds)
+            stop.set()
+            generator.join(timeout=10)
+            if generator.exitcode:
+                raise EdvitError(f"the camera generator exited with code {generator.exitcode}")
+            predictions = _collect(stream, sent.value, fleet)
+        finally:
+            stop.set()
+            if generator.is_alive():
+                generator.join(timeout=10)
+            stream.stop()
+    return summarise(pipeline, cameras, fps, seconds, sent.value, predictions, floor)
+
+
+def summarise(pipeline: str, cameras: int, fps: float, seconds: float, sent: int,
+              predictions: list[PredictionMsg], floor: Floor) -> RunResult:  # fmt: skip
+    latencies = [p.latency_ms for p in predictions]
+    p50, floor_ms = _percentile(latencies, 50), floor.total(pipeline)
+    stages = {}
+    for stage, stage_floor in floor.stages(pipeline).items():
+        values = [p.timings[stage] for p in predictions if stage in p.timings]
+        median = round(statistics.median(values), 3) if values else float("nan")
+        stages[stage] = {
+            "median": median, "floor": stage_floor, "over": round(median - stage_floor, 3)
+        }  # fmt: skip
+    return RunResult(
+        pipeline=pipeline,
+        cameras=cameras,
+        fps=fps,
+        seconds=seconds,
+        sent=sent,
+        answered=len({(p.camera, p.seq) for p in predictions}),
+        degraded=sum(p.degraded for p in predictions),
+        p50_ms=p50,
+        p95_ms=_percentile(latencies, 95),
+        floor_ms=floor_ms,
+        over_floor_ms=round(p50 - floor_ms, 2),
+        stages=stages,
+    )
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def format_report(floor: Floor, results: list[RunResult], pipelines: list[str]) -> str:
+    lines = [
+        f"floor (ms): broker hop {floor.hop_ms:g}, decode {floor.decode_ms:g}, "
+        + ", ".join(f"{sid} {ms:g}" for sid, ms in floor.submodel_ms.items())
+        + f", fusion {floor.fusion_ms:g}, original {floor.original_ms:g}",
+        "  " + "; ".join(f"{p} floor {floor.total(p):g}" for p in pipelines),
+        "",
+        "| pipeline | cameras | fps | sent | answered | degraded | p50 ms | p95 ms | floor ms "
+        "| p50 - floor ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.pipeline} | {r.cameras} | {r.fps:g} | {r.sent} | {r.answered} | "
+            f"{r.degraded} | {r.p50_ms:g} | {r.p95_ms:g} | {r.floor_ms:g} | {r.over_floor_ms:g} |"
+        )
+    lines += [
+        "",
+        "median ms per stage, (+ over the stage's floor); the floor rows are each stage's part",
+        "",
+        "| pipeline | cameras | " + " | ".join(STAGES) + " |",
+        "|---|---:|" + "---:|" * len(STAGES),
+    ]
+    for pipeline in pipelines:
+        parts = floor.stages(pipeline)
+        cells = (f"{parts[s]:g}" for s in STAGES)
+        lines.append(f"| {pipeline} | floor | " + " | ".join(cells) + " |")
+        for r in (r for r in results if r.pipeline == pipeline):
+            cells = (f"{r.stages[s]['median']:g} (+{r.stages[s]['over']:g})" for s in STAGES)
+            lines.append(f"| {pipeline} | {r.cameras} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bench_e2e(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
+              json_out: Path | None = None,
+              make_monolithic: MakeMonolithic | None = None) -> dict[str, Any]:  # fmt: skip
+    """Measure the floor, then run every camera count through each pipeline; print the
+    table and return the report (also written to `json_out`). Without `make_monolithic`
+    (no onnx here) only the split fleet runs."""
+    check_arguments(cameras, fps, seconds)
+    bundle = Bundle.load(bundle_dir)
+    samples = frame_samples(load_dataset(bundle.manifest.dataset, "test"))
+
+    def say(text: str, end: str = "\n") -> None:
+        print(text, end=end, file=sys.stderr, flush=True)
+
+    skipped = None if make_monolithic else ONNX_MISSING
+    pipelines = ["split"] if skipped else list(PIPELINES)
+    if skipped:
+        say(f"e2e: monolithic rows skipped: {skipped}")
+    log_dir = Path(tempfile.mkdtemp(prefix="edvit-bench-e2e-"))
+    results: list[RunResult] = []
+    with LocalBroker(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as tmp:
+        bundles = {"split": bundle}
+        if make_monolithic:
+            bundles["monolithic"] = make_monolithic(bundle, Path(tmp))
+        say("e2e: measuring the floor ...", end="")
+        floor = measure_floor(bundle, broker.url, frame_payloads(samples))
+        say(f" split {floor.total('split'):g} ms, monolithic {floor.total('monolithic'):g} ms")
+        runs = [(pipeline, count) for count in cameras for pipeline in pipelines]
+        for i, (pipeline, count) in enumerate(runs, start=1):
+            say(f"e2e [{i}/{len(runs)}] {pipeline}, {count} cameras at {fps:g} fps for "
+                f"{seconds:g} s ...", end="")  # fmt: skip
+            result = run_pipeline(broker, bundles[pipeline], pipeline, count, fps, seconds,
+                                  samples, floor, log_dir)  # fmt: skip
+            say(f" answered {result.answered}/{result.sent}, p50 {result.p50_ms:g} ms, "
+                f"p95 {result.p95_ms:g} ms")  # fmt: skip
+            results.append(result)
+    say(f"e2e: logs in {log_dir}")
+    print(format_report(floor, results, pipelines))
+    report = {
+        "bundle": bundle.manifest.name,
+        "settings": {"cameras": cameras, "fps": fps, "seconds": seconds},
+        "monolithic_skipped": skipped,
+        "floor": asdict(floor) | {f"{p}_ms": floor.total(p) for p in PIPELINES},
+        "floor_stages": {p: floor.stages(p) for p in PIPELINES},
+        "runs": [asdict(r) for r in results],
+    }
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
