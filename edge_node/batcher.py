@@ -66,6 +66,14 @@ class DynamicBatcher(Generic[T]):
 
     def put(self, source: str, item: T, now: float | None = None) -> None:
         """Queue a request from `source` (a camera id)."""
+        self.put_unless_quiet(source, item, now, serve_quiet=False)
+
+    def put_unless_quiet(
+        self, source: str, item: T, now: float | None = None, serve_quiet: bool = True
+    ) -> bool:
+        """Queue a request from `source`, or, when the queue is empty and requests arrive
+        further apart than the batch wait (adaptive only), return True without queueing it:
+        the caller serves it at once, saving the hand-over to the consumer's thread."""
         now = time.monotonic() if now is None else now
         with self._ready:
             if self._last_put is not None:
@@ -75,6 +83,8 @@ class DynamicBatcher(Generic[T]):
                 else:
                     self._mean_gap_s += GAP_SMOOTHING * (gap - self._mean_gap_s)
             self._last_put = now
+            if serve_quiet and not self._slots and self._wait_s() == 0.0:
+                return True
             if self.newest_only and source in self._slots:
                 self._slots[source].item = item  # keeps its place and its deadline
                 self.dropped += 1
@@ -85,6 +95,7 @@ class DynamicBatcher(Generic[T]):
                 key: object = source if self.newest_only else self._next_serial()
                 self._slots[key] = _Slot(now, item)
             self._ready.notify()
+        return False
 
     def _next_serial(self) -> int:
         self._serial += 1

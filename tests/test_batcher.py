@@ -126,3 +126,21 @@ def test_adaptive_waits_while_requests_come_close_together() -> None:
     batcher.put("cam9", 9)
     assert batcher.take(timeout=5) == [9]
     assert time.monotonic() - started >= 0.09  # waited for company
+
+
+def test_a_quiet_request_is_handed_back_to_serve_at_once() -> None:
+    """put_unless_quiet: an empty queue and sparse arrivals mean the caller serves the request
+    itself; otherwise it is queued as put() would."""
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=100)
+    assert batcher.put_unless_quiet("cam0", 1, now=10.0)  # the first ever: nothing to wait for
+    assert len(batcher) == 0
+    assert batcher.put_unless_quiet("cam0", 2, now=11.0)  # a second later
+    # Requests 1 ms apart: once the moving average of the gaps is under the wait, they queue.
+    served_at_once = [batcher.put_unless_quiet(f"c{i}", i, now=11.0 + i / 1000) for i in range(20)]
+    assert served_at_once[0] and not served_at_once[-1]
+    first_queued = served_at_once.index(False)
+    assert not any(served_at_once[first_queued:])
+    assert batcher.take(timeout=1) == list(range(first_queued, first_queued + 8))
+    fixed: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=100, adaptive=False)
+    assert not fixed.put_unless_quiet("cam0", 1, now=10.0)
+    assert len(fixed) == 1
