@@ -166,7 +166,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
-    from edvit.aggregator.service import Aggregator, DeadlinePolicy
+    from edvit.aggregator.service import Aggregator, DeadlinePolicy, Shard
 
     trust_key, sign_key = _keys(args)
     deadline = DeadlinePolicy(
@@ -178,10 +178,12 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         instance=args.id, lease_ttl_s=args.lease_ttl_s, trust_key=trust_key,
         ha_prefix=args.ha_prefix if args.ha_discovery else None,
         stats_interval_s=args.stats_interval_s,
+        shard=Shard.parse(args.shard) if args.shard else None,
     )  # fmt: skip
     _serve_metrics(aggregator.metrics, args)
     services: list[object] = []
-    if not args.no_planner:
+    # One planner for the fleet: shard 0's (each shard holds a lease of its own).
+    if not args.no_planner and (aggregator.shard is None or aggregator.shard.index == 0):
         from edvit.fleet.planner import Planner
 
         # The planner shares the aggregator's connection and lease: only the aggregator
@@ -225,7 +227,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return 0
     nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
     sign_key = _keys(args)[1]
-    plan = deploy(bundle, connection(args), nodes, topics, sign_key=sign_key)
+    plan = deploy(
+        bundle, connection(args), nodes, topics, sign_key=sign_key, replicas=args.replicas
+    )
     signed = f", signed by key {sign_key.key_id}" if sign_key is not None else ""
     print(f"deployed plan {plan.plan_id} to {args.broker}{signed}")
     for node, ids in plan.assignments.items():
@@ -402,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated node ids, sub-models round-robin (default: the bundle's "
         "assignment.json, else node-0..node-N-1)",
     )
+    p.add_argument(
+        "--replicas", type=int, default=1,
+        help="nodes per share (default 1): NODE-r1, NODE-r2, ... get NODE's sub-models and "
+        "split its frames through shared subscriptions (README, \"Scale-out\")",
+    )  # fmt: skip
     p.add_argument("--clear", action="store_true", help="remove the plan and models instead")
     _sign_key_option(p, "sign the plan (it pins every model by sha256) with this Ed25519 key")
 
@@ -480,6 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
         "this long (default %(default)g)",
     )  # fmt: skip
     p.add_argument("--topk", type=_positive_int, default=3)
+    p.add_argument(
+        "--shard", metavar="I/N",
+        help="answer only the cameras whose id hashes (crc32) to shard I of N; each shard has "
+        "its own lease, and only shard 0 runs the planner (README, \"Scale-out\")",
+    )  # fmt: skip
     p.add_argument(
         "--ha-discovery", action="store_true",
         help="announce each camera to Home Assistant (MQTT discovery) as a sensor whose "
