@@ -339,6 +339,18 @@ def cmd_bench_slicing(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench_scale import bench_scale
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+
+    bench_scale(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
+        [n.strip() for n in args.nodes.split(",")], args.replicas, args.shards, args.cameras,
+        args.fps, args.seconds, Path(args.json) if args.json else None,
+    )  # fmt: skip
+    return 0
+
+
 def cmd_bench_chaos(args: argparse.Namespace) -> int:
     from edvit.fleet.chaos import run_chaos
     from edvit.fleet.demo import DEFAULT_BUNDLE
@@ -547,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the identity must be allowed to read frames, `secure init --dashboard-sees-frames`)",
     )  # fmt: skip
 
-    p = add("bench", cmd_bench_batching, "benchmarks of the node: `batching` or `slicing`")
+    p = add("bench", cmd_bench_batching, "benchmarks: `batching`, `slicing`, `scale` or `chaos`")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = benches.add_parser(
         "batching", parents=[_common()], help="K simulated cameras against one node",
@@ -579,6 +591,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_positive_int, default=3,
         help="runs per J and strategy, interleaved; the table keeps the least node CPU (default 3)",
     )  # fmt: skip
+
+    p = benches.add_parser(
+        "scale", parents=[_common()], help="node replicas and aggregator shards under load",
+        description="served fps of nodes, aggregator and predictions with R replicas of every "
+        "node and S aggregator shards, every process on this machine (README, \"Scale-out\")",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_scale)
+    p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
+    p.add_argument(
+        "--nodes", default="node-0",
+        help="the nodes before replicas, sub-models round-robin (default: one node runs all)",
+    )  # fmt: skip
+    p.add_argument("--replicas", type=_positive_int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--shards", type=_positive_int, nargs="+", default=[1, 2])
+    p.add_argument("--cameras", type=_positive_int, default=16)
+    p.add_argument("--fps", type=_positive_float, default=100.0, help="per camera (default 100)")
+    p.add_argument("--seconds", type=_positive_float, default=5.0, help="measured time per run")
+    p.add_argument("--json", help="also write the results here")
 
     p = benches.add_parser(
         "chaos", parents=[_common()], help="kill, freeze and restart parts of a 3-node fleet",
