@@ -21,7 +21,9 @@ no longer waited for either, until it sends features or a fresh status again.
 
 Several aggregators may run: a lease (edvit/lease.py) picks the one that answers; the
 others follow the same features as a standby, drop what they see answered, and on taking
-over answer what the old one left.
+over answer what the old one left. With `--shard i/n` an aggregator answers only the
+cameras whose id hashes to shard i (crc32 mod n), drops other cameras' features before
+decoding them (counted, `features_other_shard`) and holds a lease of its shard's own.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import socket
 import threading
 import time
+import zlib
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -67,6 +70,31 @@ UNLOADED_WAIT_S = 5.0
 SUSPECT_AFTER = 3
 # A standby keeps frames this long past the lease ttl, to answer them if it takes over.
 STANDBY_KEEP_S = 2.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`--shard i/n`: this aggregator answers only the cameras whose id hashes to i of n."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/2") from None
+        if not 0 <= index < count:
+            raise ConfigError(f"--shard {text!r}: need 0 <= I < N")
+        return cls(index, count)
+
+    def owns(self, camera: str) -> bool:
+        # crc32, not hash(): the same on every machine and in every process.
+        return zlib.crc32(camera.encode()) % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}-of-{self.count}"
 
 
 @dataclass(frozen=True)
@@ -198,8 +226,10 @@ class Aggregator:
         trust_key: TrustKey | None = None,
         ha_prefix: str | None = None,
         stats_interval_s: float = STATS_INTERVAL_S,
+        shard: Shard | None = None,
     ) -> None:
         self.topics = topics or Topics()
+        self.shard = shard
         self.deadline = ArrivalDeadline(deadline or DeadlinePolicy())
         self.topk = topk
         self.threads = threads
@@ -239,7 +269,8 @@ class Aggregator:
         self._misses: Counter[tuple[str, str]] = Counter()  # (node, sub-model) in a row
         self._suspects: dict[str, float] = {}  # node -> when it was suspected (monotonic)
         self.lease = Lease(
-            self.client, self.topics.aggregator_lease(), self.instance, ttl_s=lease_ttl_s,
+            self.client, self.topics.aggregator_lease(str(shard) if shard else None),
+            self.instance, ttl_s=lease_ttl_s,
             on_change=self._on_lease, logger=log,
         )  # fmt: skip
         self._lock = threading.Lock()
@@ -403,11 +434,14 @@ class Aggregator:
 
     # -- features -------------------------------------------------------------------------
     def _on_features(self, topic: str, payload: bytes) -> None:
+        # features/{camera}/{sub-model}/{node}; without the node level from older nodes.
+        parts = self.topics.parts(topic)
+        if self.shard is not None and not self.shard.owns(parts[1]):
+            self.counters["features_other_shard"] += 1  # before decoding: another shard's
+            return
         msg = decode(FeaturesMsg, payload)
         if msg is None:
             return
-        # features/{camera}/{sub-model}/{node}; without the node level from older nodes.
-        parts = self.topics.parts(topic)
         topic_node = parts[3] if len(parts) == 4 else msg.node
         if (msg.camera, msg.submodel, msg.node) != (parts[1], parts[2], topic_node):
             raise BadPayload(

@@ -16,7 +16,7 @@ import numpy as np
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
 from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
-from edvit.mqtt import Connection, MqttClient
+from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.schemas import Encoding, FeatureDtype, FrameMsg, StatusMsg, TokensMsg, encode
 from edvit.signing import TrustKey
 from edvit.topics import Topics, validate_id
@@ -122,7 +122,7 @@ class Camera:
         self.enc: Encoding = enc or ("png" if source.startswith("dataset:") else "jpeg")
         self.topics = topics or Topics()
         self.client = MqttClient(
-            f"edvit-camera-{camera_id}",
+            unique_client_id(f"camera-{camera_id}"),
             broker,
             status_topic=self.topics.camera_status(camera_id),
             logger=log,

@@ -22,6 +22,7 @@ one before.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ import numpy as np
 
 from edvit.errors import BadPayload, ConfigError
 from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
-from edvit.mqtt import Connection, MqttClient, Transport
+from edvit.mqtt import Connection, MqttClient, Transport, shared_filter, unique_client_id
 from edvit.preprocess import decode_frame, to_model_input
 from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
@@ -73,6 +74,15 @@ def make_runner(plan: PlanMsg, assigned: tuple[str, ...], blobs: dict[str, bytes
         slices = [blobs[StemRef.from_id(i)] for i in range(stem.blocks)]
         return PerEntry(embed, slices, tails, threads)
     return Merged(embed, [blobs[StemRef.block_id(i)] for i in range(stem.blocks)], tails, threads)
+
+
+def share_group(plan: PlanMsg, assigned: tuple[str, ...]) -> str:
+    """The shared-subscription group of every node that runs exactly `assigned` of this
+    bundle: replicas (nodes the plan gives the same sub-models) split the frames between
+    them. The bundle, not the plan id, names it, so a re-plan that leaves a node's share
+    alone leaves its subscription alone too."""
+    key = "\n".join((plan.bundle_sha256, *sorted(assigned)))
+    return "edvit-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def check_runner(runner: Runner, plan: PlanMsg, assigned: tuple[str, ...]) -> None:
@@ -165,9 +175,11 @@ class EdgeNode:
             raise ConfigError(f"--memory-mb/--speed: {exc}".splitlines()[0]) from None
         self.topics = topics or Topics()
         self.threads = threads
+        # A unique client id: two processes started with the same --id must not take each
+        # other's session (the broker would disconnect one, which reconnects, and so on).
         self.client = client or MqttClient(
-            f"edvit-node-{node_id}", broker, status_topic=self.topics.node_status(node_id),
-            logger=log,
+            unique_client_id(f"node-{node_id}"), broker,
+            status_topic=self.topics.node_status(node_id), logger=log,
         )  # fmt: skip
         self.counters = self.client.counters
         self.metrics = Metrics("node", self.node_id, self.counters)
@@ -184,7 +196,7 @@ class EdgeNode:
         # computed under another plan are served when their blocks are the same files.
         self._stems: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._update_lock = threading.Lock()
-        self._serving_requests = False
+        self._request_filters: tuple[str, str] | None = None  # routed frames, tokens
         self._serving = threading.Lock()  # held while a batch is served, on either thread
         self._worker = Worker("inference", self._serve_once, self.counters, log)
 
@@ -238,14 +250,7 @@ class EdgeNode:
             active, target = self.follower.active, self.follower.target
             serving = active is not None and active.runtime.runner is not None
             self.metrics.plan(active.plan.plan_id if serving and active else None)
-            if serving != self._serving_requests:
-                self._serving_requests = serving
-                if serving:
-                    self.client.route(self.topics.all_frames(), self._on_frame, qos=0)
-                    self.client.route(self.topics.all_tokens(), self._on_tokens, qos=0)
-                else:
-                    self.client.unroute(self.topics.all_frames())
-                    self.client.unroute(self.topics.all_tokens())
+            self._route_requests(active.plan if serving and active else None)
             if target is None:
                 status = StatusMsg(
                     state="online", error=self.follower.refused, capacity=self.capacity
@@ -265,6 +270,37 @@ class EdgeNode:
                     capacity=self.capacity,
                 )  # fmt: skip
             self.client.set_status(status)
+
+    def _route_requests(self, plan: PlanMsg | None) -> None:
+        """Subscribe to frames and tokens while serving `plan`: through the share group of
+        this node's sub-models when the broker takes shared subscriptions, so replicas split
+        the frames; plainly otherwise (each replica then computes every frame, and the
+        aggregator keeps the first of each). The new filters are routed before the old ones
+        go, so a change of group loses no frame (a frame may arrive twice meanwhile)."""
+        filters = None
+        if plan is not None:
+            frames, tokens = self.topics.all_frames(), self.topics.all_tokens()
+            assigned = plan.submodels_of(self.node_id)
+            if self.client.shared_subscriptions:
+                group = share_group(plan, assigned)
+                frames, tokens = shared_filter(group, frames), shared_filter(group, tokens)
+            elif any(n != self.node_id and ids == assigned for n, ids in plan.assignments.items()):
+                log.warning(
+                    "plan %s has replicas of this node, but the broker takes no shared "
+                    "subscriptions (MQTT 3.1.1: amqtt, NATS, --mqtt-version 3.1.1): every "
+                    "replica computes every frame", plan.plan_id,
+                )  # fmt: skip
+            filters = (frames, tokens)
+        if filters == self._request_filters:
+            return
+        if filters is not None:
+            self.client.route(filters[0], self._on_frame, qos=0)
+            self.client.route(filters[1], self._on_tokens, qos=0)
+            log.info("taking frames and tokens on %s and %s", *filters)
+        if self._request_filters is not None:
+            for topic_filter in self._request_filters:
+                self.client.unroute(topic_filter)
+        self._request_filters = filters
 
     # -- requests: prepared on the network thread, served by the worker ---------------------
     def _on_frame(self, topic: str, payload: bytes) -> None:

@@ -166,7 +166,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
-    from edvit.aggregator.service import Aggregator, DeadlinePolicy
+    from edvit.aggregator.service import Aggregator, DeadlinePolicy, Shard
 
     trust_key, sign_key = _keys(args)
     deadline = DeadlinePolicy(
@@ -178,10 +178,12 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         instance=args.id, lease_ttl_s=args.lease_ttl_s, trust_key=trust_key,
         ha_prefix=args.ha_prefix if args.ha_discovery else None,
         stats_interval_s=args.stats_interval_s,
+        shard=Shard.parse(args.shard) if args.shard else None,
     )  # fmt: skip
     _serve_metrics(aggregator.metrics, args)
     services: list[object] = []
-    if not args.no_planner:
+    # One planner for the fleet: shard 0's (each shard holds a lease of its own).
+    if not args.no_planner and (aggregator.shard is None or aggregator.shard.index == 0):
         from edvit.fleet.planner import Planner
 
         # The planner shares the aggregator's connection and lease: only the aggregator
@@ -225,7 +227,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return 0
     nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
     sign_key = _keys(args)[1]
-    plan = deploy(bundle, connection(args), nodes, topics, sign_key=sign_key)
+    plan = deploy(
+        bundle, connection(args), nodes, topics, sign_key=sign_key, replicas=args.replicas
+    )
     signed = f", signed by key {sign_key.key_id}" if sign_key is not None else ""
     print(f"deployed plan {plan.plan_id} to {args.broker}{signed}")
     for node, ids in plan.assignments.items():
@@ -353,6 +357,18 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench_scale import bench_scale
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+
+    bench_scale(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
+        [n.strip() for n in args.nodes.split(",")], args.replicas, args.shards, args.cameras,
+        args.fps, args.seconds, Path(args.json) if args.json else None,
+    )  # fmt: skip
+    return 0
+
+
 def cmd_bench_chaos(args: argparse.Namespace) -> int:
     from edvit.fleet.chaos import run_chaos
     from edvit.fleet.demo import DEFAULT_BUNDLE
@@ -420,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated node ids, sub-models round-robin (default: the bundle's "
         "assignment.json, else node-0..node-N-1)",
     )
+    p.add_argument(
+        "--replicas", type=int, default=1,
+        help="nodes per share (default 1): NODE-r1, NODE-r2, ... get NODE's sub-models and "
+        "split its frames through shared subscriptions (README, \"Scale-out\")",
+    )  # fmt: skip
     p.add_argument("--clear", action="store_true", help="remove the plan and models instead")
     _sign_key_option(p, "sign the plan (it pins every model by sha256) with this Ed25519 key")
 
@@ -499,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--topk", type=_positive_int, default=3)
     p.add_argument(
+        "--shard", metavar="I/N",
+        help="answer only the cameras whose id hashes (crc32) to shard I of N; each shard has "
+        "its own lease, and only shard 0 runs the planner (README, \"Scale-out\")",
+    )  # fmt: skip
+    p.add_argument(
         "--ha-discovery", action="store_true",
         help="announce each camera to Home Assistant (MQTT discovery) as a sensor whose "
         "state is the predicted class; README, \"Home Assistant\"",
@@ -553,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "bench", cmd_bench_batching,
-        "benchmarks: `batching`, `slicing`, `chaos` or `e2e` (latency against its floor)",
+        "benchmarks: `batching`, `slicing`, `scale`, `chaos` or `e2e` (latency against its floor)",
     )  # fmt: skip
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = benches.add_parser(
@@ -586,6 +612,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=_positive_int, default=3,
         help="runs per J and strategy, interleaved; the table keeps the least node CPU (default 3)",
     )  # fmt: skip
+
+    p = benches.add_parser(
+        "scale", parents=[_common()], help="node replicas and aggregator shards under load",
+        description="served fps of nodes, aggregator and predictions with R replicas of every "
+        "node and S aggregator shards, every process on this machine (README, \"Scale-out\")",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_scale)
+    p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
+    p.add_argument(
+        "--nodes", default="node-0",
+        help="the nodes before replicas, sub-models round-robin (default: one node runs all)",
+    )  # fmt: skip
+    p.add_argument("--replicas", type=_positive_int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--shards", type=_positive_int, nargs="+", default=[1, 2])
+    p.add_argument("--cameras", type=_positive_int, default=16)
+    p.add_argument("--fps", type=_positive_float, default=100.0, help="per camera (default 100)")
+    p.add_argument("--seconds", type=_positive_float, default=5.0, help="measured time per run")
+    p.add_argument("--json", help="also write the results here")
 
     p = benches.add_parser(
         "chaos", parents=[_common()], help="kill, freeze and restart parts of a 3-node fleet",

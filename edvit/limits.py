@@ -100,7 +100,7 @@ def topic_kind(parts: list[str] | tuple[str, ...]) -> PayloadKind | None:
             | ("aggregators", _, "status")
         ):
             return "status"
-        case ("aggregator", "lease"):
+        case ("aggregator", "lease") | ("aggregator", "lease", _):
             return "lease"
         case ("fleet", "health"):
             return "health"

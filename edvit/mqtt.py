@@ -188,6 +188,8 @@ class Transport(Protocol):
     def mirror_status(self, topic: str | None) -> None: ...
     def start(self, wait: float | None = 10.0, required: bool = False) -> bool: ...
     def stop(self, timeout: float = 5.0) -> None: ...
+    @property
+    def shared_subscriptions(self) -> bool: ...
 
 
 def kind_of(topic: str) -> PayloadKind | None:
@@ -255,6 +257,25 @@ def deliver(
             log.exception("handler for %s failed", topic)
 
 
+SHARE_PREFIX = "$share/"
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """An MQTT shared subscription: the broker hands each matching message to one of the
+    clients subscribed with the same group and filter (MQTT 5; mosquitto also over 3.1.1)."""
+    if not group or any(c in group for c in "/+#"):
+        raise ValueError(f"share group {group!r} must be non-empty and contain no '/', '+', '#'")
+    return f"{SHARE_PREFIX}{group}/{topic_filter}"
+
+
+def matching_filter(topic_filter: str) -> str:
+    """The filter a received topic is matched against: a shared subscription's messages
+    arrive on their own topic, without `$share/{group}/`."""
+    if topic_filter.startswith(SHARE_PREFIX):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
 def unique_client_id(kind: str) -> str:
     """A client id no other process uses: a second instance must not take over the first's
     session (the broker disconnects the older of two clients with the same id)."""
@@ -302,6 +323,7 @@ class MqttClient:
         self._ever_connected = False
         self._socket_opened = False
         self._falling_back = False
+        self._shared_available = False
 
         # mid -> topic of QoS>0 publishes awaiting their ack, mid -> filter of subscribes
         # awaiting theirs; mid -> reason of publishes the broker refused (MQTT 5 only).
@@ -337,8 +359,8 @@ class MqttClient:
             client.will_set(will, encode(OFFLINE_STATUS), qos=1, retain=True)
         with self._lock:
             filters = list(self._routes)
-        for topic_filter in filters:
-            client.message_callback_add(topic_filter, self._dispatcher(topic_filter))
+        for match in {matching_filter(f) for f in filters}:
+            client.message_callback_add(match, self._dispatcher(match))
         return client
 
     @property
@@ -359,12 +381,13 @@ class MqttClient:
         """Call handler(topic, payload) for messages matching topic_filter; subscribed on every
         connect. Several handlers may share a filter (services sharing a client). A handler
         raising BadPayload has the message dropped with one log line."""
+        match = matching_filter(topic_filter)
         with self._lock:
+            first = not any(matching_filter(f) == match for f in self._routes)
             handlers, _ = self._routes.get(topic_filter, ([], qos))
-            first = not handlers
             self._routes[topic_filter] = ([*handlers, handler], qos)
         if first:
-            self._client.message_callback_add(topic_filter, self._dispatcher(topic_filter))
+            self._client.message_callback_add(match, self._dispatcher(match))
         if self._connected.is_set():
             # Also for a filter already subscribed: subscribing again makes the broker send
             # its retained messages again, which a handler added now has not seen.
@@ -382,16 +405,26 @@ class MqttClient:
                 self._routes[topic_filter] = (kept, qos)
                 return
             del self._routes[topic_filter]
-        self._client.message_callback_remove(topic_filter)
+            match = matching_filter(topic_filter)
+            last = not any(matching_filter(f) == match for f in self._routes)
+        if last:
+            self._client.message_callback_remove(match)
         if self._connected.is_set():
             self._client.unsubscribe(topic_filter)
 
-    def _dispatcher(
-        self, topic_filter: str
-    ) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
+    def _dispatcher(self, match: str) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
+        """Calls the handlers of every route whose filter, `$share/{group}/` removed, is
+        `match`: a shared and a plain subscription to one filter (a node moving between share
+        groups) must not call a handler twice for one message."""
+
         def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
             with self._lock:
-                handlers = self._routes.get(topic_filter, ([], 0))[0]
+                handlers = list(
+                    dict.fromkeys(
+                        h for f, (hs, _) in self._routes.items() if matching_filter(f) == match
+                        for h in hs
+                    )
+                )  # fmt: skip
             deliver(handlers, msg.topic, msg.payload, self.counters, self.log)
 
         return dispatch
@@ -460,6 +493,11 @@ class MqttClient:
                 info.wait_for_publish(timeout)
         self._client.disconnect()
         self._client.loop_stop()
+
+    @property
+    def shared_subscriptions(self) -> bool:
+        """Whether the broker this client is connected to takes shared subscriptions."""
+        return self._shared_available
 
     @property
     def connected(self) -> bool:
@@ -540,7 +578,7 @@ class MqttClient:
             self._publish_status()
 
     # -- paho callbacks -----------------------------------------------------------------
-    def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, _props) -> None:
+    def _on_connect(self, client: paho.Client, _userdata, _flags, reason_code, props) -> None:
         if reason_code.is_failure:
             wrong_version = reason_code.value in _UNSUPPORTED_VERSION
             if wrong_version and self.mqtt_version == "5":
@@ -555,6 +593,12 @@ class MqttClient:
             return
         self.counters["connects"] += 1
         self._ever_connected = True
+        # MQTT 5's CONNACK says whether the broker takes `$share/...` (absent: it does). Over
+        # 3.1.1 nothing says so, and a broker without them (amqtt, NATS) may grant the
+        # subscription and deliver nothing: shared subscriptions are used over MQTT 5 only.
+        self._shared_available = self.mqtt_version == "5" and bool(
+            getattr(props, "SharedSubscriptionAvailable", 1)
+        )
         with self._lock:
             routes = list(self._routes.items())
         for topic_filter, (_handler, qos) in routes:

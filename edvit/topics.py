@@ -54,9 +54,12 @@ class Topics:
     def aggregator_instance_status(self, instance: str) -> str:
         return self._join("aggregators", instance, "status")
 
-    def aggregator_lease(self) -> str:
-        """Retained: which aggregator instance answers and plans now."""
-        return self._join("aggregator", "lease")
+    def aggregator_lease(self, shard: str | None = None) -> str:
+        """Retained: which aggregator instance answers and plans now; with `--shard i/n`,
+        which one answers that shard's cameras (`aggregator/lease/{i}-of-{n}`)."""
+        if shard is None:
+            return self._join("aggregator", "lease")
+        return self._join("aggregator", "lease", shard)
 
     def stats(self, kind: str, service_id: str) -> str:
         """Retained: a service's counters and stage times (edvit/metrics.py); `kind` is

@@ -47,7 +47,7 @@ from edvit.errors import ConfigError
 from edvit.fleet.deploy import deploy
 from edvit.fleet.local import LocalFleet
 from edvit.inference import make_session
-from edvit.mqtt import MqttClient
+from edvit.mqtt import MqttClient, unique_client_id
 from edvit.preprocess import dataset_to_model_input, decode_frame, to_model_input
 from edvit.schemas import FrameMsg, TokensMsg, encode
 from edvit.topics import Topics
@@ -158,7 +158,7 @@ def _generate(broker_url: str, prefix: str, cameras: int, fps: float, mix: Camer
     """Runs in its own process; cameras are not synchronised, so their messages are spread
     evenly over each period. `sent`, when given, counts the messages published so far."""
     topics = Topics(prefix)
-    client = MqttClient(f"bench-cams-{os.getpid()}", broker_url)
+    client = MqttClient(unique_client_id("bench-cams"), broker_url)
     client.start(required=True)
     step = 1.0 / (fps * cameras)
     next_at = time.monotonic()
@@ -214,7 +214,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
     )  # fmt: skip
     with LocalFleet(broker.url, log_dir / topics.prefix, topics) as fleet:
         node = fleet.spawn(NODE_ID, "node", "--id", NODE_ID, *config.node_args)
-        probe = MqttClient(f"bench-probe-{topics.prefix}", broker.url)
+        probe = MqttClient(unique_client_id("bench-probe"), broker.url)
         probe.route(topics.all_features(), collector.on_features)
         probe.start(required=True)
         stop = multiprocessing.get_context("fork").Event()

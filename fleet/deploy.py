@@ -49,11 +49,31 @@ def round_robin(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[st
     return {node: tuple(ids) for node, ids in assigned.items()}
 
 
+def with_replicas(
+    assignments: dict[str, tuple[str, ...]], replicas: int
+) -> dict[str, tuple[str, ...]]:
+    """Each node followed by `replicas - 1` more nodes with its sub-models, `NODE-r1`, ...:
+    nodes the plan gives the same sub-models split the frames between them (README,
+    "Scale-out")."""
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, not {replicas}")
+    placed: dict[str, tuple[str, ...]] = {}
+    for node, ids in assignments.items():
+        placed[node] = ids
+        for k in range(1, replicas if ids else 1):
+            placed[f"{node}-r{k}"] = ids
+    return placed
+
+
 def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMsg:
     m = bundle.manifest
-    placed = sorted(sid for ids in assignments.values() for sid in ids)
+    once = {tuple(sorted(ids)) for ids in assignments.values() if ids}
+    placed = sorted(sid for ids in once for sid in ids)
     if placed != sorted(s.id for s in m.submodels):
-        raise ConfigError("the assignment must place every sub-model exactly once")
+        raise ConfigError(
+            "the assignment must place every sub-model exactly once (nodes given the same "
+            "sub-models are replicas and count once)"
+        )
     stem = None
     if m.stem is not None:
         tail_files = set(m.stem.tails.values())
@@ -136,9 +156,10 @@ def deploy(
     topics: Topics | None = None,
     timeout: float = 30.0,
     sign_key: SigningKey | None = None,
+    replicas: int = 1,
 ) -> PlanMsg:
     topics = topics or Topics()
-    plan = make_plan(bundle, bundle_assignments(bundle, nodes))
+    plan = make_plan(bundle, with_replicas(bundle_assignments(bundle, nodes), replicas))
     if sign_key is not None:
         plan = sign_key.sign(plan)
     client = MqttClient(unique_client_id("deploy"), broker, logger=log)

@@ -13,7 +13,8 @@ asks the aggregator which nodes say they serve but send nothing (frozen, cut off
   flapping node does not flap the plan.
 - Sub-models of nodes that are not live are placed on live nodes with memory left, using
   the placement code (edvit.fleet.assignment), largest first; where a moved sub-model
-  already runs on a live node it stays there. What fits nowhere stays unplaced: answers
+  already runs on a live node it stays there; one that a live replica (a node the deployed
+  plan gave the same sub-models) still runs is not moved. What fits nowhere stays unplaced: answers
   lack it (degraded), and the fleet health message says so.
 - A new plan goes out (retained) only when the placement changes, at most every
   `min_interval_s`; it has the same bundle, so every model file is already on the broker.
@@ -59,7 +60,14 @@ def heal(
     node with room. Returns the placement and the sub-models that fit nowhere (left on
     their base node)."""
     placed: dict[str, list[str]] = {node: list(base.get(node, ())) for node in live}
-    orphans = [sid for node, ids in base.items() if node not in live for sid in ids]
+    # A sub-model that a live replica (a node with the same share) still runs needs no move.
+    served = {sid for ids in placed.values() for sid in ids}
+    orphans = list(
+        dict.fromkeys(
+            sid for node, ids in base.items() if node not in live for sid in ids
+            if sid not in served
+        )
+    )  # fmt: skip
     free = {
         node: device.memory_mb - sum(sizes_mb[sid] for sid in placed[node])
         for node, device in live.items()
@@ -97,7 +105,7 @@ def heal(
     # What fits nowhere stays where the deployed plan put it: served again when that node is.
     for node, ids in base.items():
         for sid in ids:
-            if sid in unplaced:
+            if sid in unplaced and sid not in placed.get(node, ()):
                 placed.setdefault(node, []).append(sid)
     return {n: tuple(ids) for n, ids in placed.items() if ids}, tuple(sorted(unplaced))
 

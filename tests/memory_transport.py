@@ -76,6 +76,10 @@ class MemoryTransport:
     def set_status(self, status: StatusMsg) -> None:
         self.statuses.append(status)
 
+    @property
+    def shared_subscriptions(self) -> bool:
+        return False  # every client gets every message, like a broker without `$share`
+
     def mirror_status(self, topic: str | None) -> None:
         self.mirrored = topic
 
