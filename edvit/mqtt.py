@@ -60,6 +60,12 @@ _UNSUPPORTED_VERSION = (1, 0x84)
 # --mqtt-version auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried.
 CONNACK_WAIT_S = 2.0
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+# With several brokers (a NATS cluster), a refused subscription may be the cluster still
+# electing the JetStream leaders that QoS 1 subscriptions need after losing a node: it is
+# tried again, SUBSCRIBE_RETRIES times at most, SUBSCRIBE_RETRY_S apart. One broker: never
+# (a refusal there is the ACL, README "Security").
+SUBSCRIBE_RETRY_S = 5.0
+SUBSCRIBE_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -313,6 +319,7 @@ class MqttClient:
         self.addresses = self.connection.addresses
         self._broker_index = 0
         self._last_connected: BrokerAddress | None = None
+        self._subscribe_retries: Counter[str] = Counter()
         self.log = logger or logging.getLogger(f"edvit.mqtt.{client_id}")
         self.counters: Counter[str] = Counter()
         self._status_topic = status_topic
@@ -603,6 +610,7 @@ class MqttClient:
                 self._last_connected, self.address, self.counters["broker_failovers"],
             )  # fmt: skip
         self._last_connected = self.address
+        self._subscribe_retries.clear()
         with self._lock:
             routes = list(self._routes.items())
         for topic_filter, (_handler, qos) in routes:
@@ -624,15 +632,39 @@ class MqttClient:
         receives a message: say so once per subscribe, and count it."""
         with self._acks_lock:
             topic_filter = self._pending_subscribes.pop(mid, "?")
+        if not any(reason.is_failure for reason in reason_codes):
+            self._subscribe_retries.pop(topic_filter, None)
         for reason in reason_codes:
             if reason.is_failure:
                 self.counters["subscriptions_refused"] += 1
                 who = f" as {self.connection.username}" if self.connection.username else ""
+                retry = self._retry_later(topic_filter)
                 self.log.error(
-                    "the broker refused the subscription to %s%s: %s; nothing will arrive "
-                    "on it (check the ACL) [subscriptions_refused=%d]",
-                    topic_filter, who, reason, self.counters["subscriptions_refused"],
+                    "the broker refused the subscription to %s%s: %s; %s "
+                    "[subscriptions_refused=%d]",
+                    topic_filter, who, reason,
+                    f"trying again in {SUBSCRIBE_RETRY_S:g} s" if retry
+                    else "nothing will arrive on it (check the ACL)",
+                    self.counters["subscriptions_refused"],
                 )  # fmt: skip
+
+    def _retry_later(self, topic_filter: str) -> bool:
+        """Subscribe to topic_filter again in SUBSCRIBE_RETRY_S, if this client has several
+        brokers and retries left; False if not."""
+        if len(self.addresses) == 1 or self._subscribe_retries[topic_filter] >= SUBSCRIBE_RETRIES:
+            return False
+        self._subscribe_retries[topic_filter] += 1
+        timer = threading.Timer(SUBSCRIBE_RETRY_S, self._resubscribe, args=(topic_filter,))
+        timer.daemon = True
+        timer.start()
+        return True
+
+    def _resubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            route = self._routes.get(topic_filter)
+        # Not connected: the next connect subscribes to every route anyway.
+        if route is not None and self._connected.is_set() and not self._stopping.is_set():
+            self._subscribe(self._client, topic_filter, route[1])
 
     def _on_publish(self, _client, _userdata, mid: int, reason: ReasonCode, _props) -> None:
         with self._acks_lock:
