@@ -100,6 +100,7 @@ def test_fleet_keeps_answering_when_the_aggregators_nats_node_dies(
     for name in ("aggregator", nodes[0]):
         text = fleet.log_path(name).read_text()
         assert f"failed over from broker {victim.url}" in text, text[-3000:]
+        assert "does not speak MQTT 5; using 3.1.1" in text  # --mqtt-version auto
 
 
 @pytest.fixture
