@@ -162,20 +162,25 @@ class LocalBroker:
         kind: KindArg = "auto",
         log_path: Path | None = None,
         secure_config: Path | None = None,
+        extra_config: str | None = None,
     ) -> None:
         """`secure_config`: a config written by `edvit secure init` (TLS, logins, ACL), run
-        with its listener moved to host:port; mosquitto only."""
+        with its listener moved to host:port; mosquitto only. `extra_config`: lines added to
+        the mosquitto config, e.g. a bridge to another broker (README, "Which broker")."""
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range 0-65535")
         self._host = host
         self._port = port if port else find_free_port(host)
         self._kind = resolve_kind(kind)
+        if extra_config is not None and self._kind != "mosquitto":
+            raise BrokerError("extra_config is a mosquitto config; install mosquitto")
         if secure_config is not None and self._kind != "mosquitto":
             raise BrokerError(
                 "the embedded amqtt broker cannot run a secure config (TLS, passwords, ACL); "
                 "install mosquitto"
             )
         self._secure_config = secure_config
+        self._extra_config = extra_config
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -294,6 +299,8 @@ class LocalBroker:
                 except OSError as exc:
                     raise BrokerError(f"cannot read {self._secure_config}: {exc}") from None
                 text = with_listener(base, self._host, self._port)
+            if self._extra_config:
+                text = f"{text.rstrip()}\n{self._extra_config}\n"
             conf.write_text(text, encoding="utf-8")
             return [binary, "-c", str(conf)]
         return [

@@ -67,7 +67,8 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument(
         "--broker",
         default=os.environ.get("EDVIT_BROKER", DEFAULT_BROKER),
-        help="MQTT broker address, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS "
+        help="MQTT broker address, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS; several, "
+        "comma-separated, for a cluster: the first that answers, the next when it is lost "
         "(env EDVIT_BROKER; default %(default)s)",
     )
     # The login and TLS files (README, "Security"); a password only ever comes from a file.

@@ -60,6 +60,12 @@ _UNSUPPORTED_VERSION = (1, 0x84)
 # --mqtt-version auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried.
 CONNACK_WAIT_S = 2.0
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+# With several brokers (a NATS cluster), a refused subscription may be the cluster still
+# electing the JetStream leaders that QoS 1 subscriptions need after losing a node: it is
+# tried again, SUBSCRIBE_RETRIES times at most, SUBSCRIBE_RETRY_S apart. One broker: never
+# (a refusal there is the ACL, README "Security").
+SUBSCRIBE_RETRY_S = 5.0
+SUBSCRIBE_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,24 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def parse_brokers(urls: str) -> tuple[BrokerAddress, ...]:
+    """A comma-separated list of broker addresses (a cluster, or brokers bridged together),
+    in the order a client tries them."""
+    addresses = tuple(BrokerAddress.parse(url.strip()) for url in urls.split(",") if url.strip())
+    if not addresses:
+        raise ConfigError(f"bad broker address {urls!r}: no address given")
+    return addresses
+
+
 @dataclass(frozen=True)
 class Connection:
     """Where the broker is and how to log in: the `--broker`, `--ca`, `--cert`, `--key`,
     `--username` and `--password-file` options (README, "Security"). The password is read
-    from a file, never given on a command line, where `ps` would show it."""
+    from a file, never given on a command line, where `ps` would show it.
+
+    `url` may list several brokers, comma-separated (README, "Which broker"): the client
+    connects to the first that answers and moves on to the next when it loses that one.
+    TLS and the login apply to all of them."""
 
     url: str = DEFAULT_BROKER
     ca: str | None = None
@@ -103,19 +122,29 @@ class Connection:
     mqtt_version: str = "auto"
 
     @property
+    def addresses(self) -> tuple[BrokerAddress, ...]:
+        return parse_brokers(self.url)
+
+    @property
     def address(self) -> BrokerAddress:
-        return BrokerAddress.parse(self.url)
+        """The first broker of the list (the only one, usually)."""
+        return self.addresses[0]
 
     def __str__(self) -> str:
-        return str(self.address)
+        """Every broker, in order: what `--broker` takes back (a child process's option)."""
+        return ",".join(str(address) for address in self.addresses)
 
     def check(self) -> None:
         """ConfigError, naming the option or file, for settings that cannot work: TLS files
         without mqtts://, a certificate without its key, a file that is missing or
         unreadable, a password file without a username."""
-        address = self.address
+        addresses = self.addresses
+        if len({address.tls for address in addresses}) > 1:
+            # One TLS setting per client: a paho client cannot drop TLS for the next broker.
+            raise ConfigError(f"--broker {self}: use mqtts:// for all brokers or for none")
+        address = addresses[0]
         if not address.tls and (self.ca or self.cert or self.key):
-            raise ConfigError(f"--ca/--cert/--key need an mqtts:// broker, not {address}")
+            raise ConfigError(f"--ca/--cert/--key need an mqtts:// broker, not {self}")
         if bool(self.cert) != bool(self.key):
             raise ConfigError("--cert and --key go together: give both or neither")
         if self.password_file and not self.username:
@@ -306,7 +335,12 @@ class MqttClient:
         self.client_id = client_id
         self.connection = as_connection(broker)
         self.connection.check()
-        self.address = self.connection.address
+        # --broker may list several brokers: `address` is the one this client is on (or
+        # trying), `_last_connected` the one it was last connected to.
+        self.addresses = self.connection.addresses
+        self._broker_index = 0
+        self._last_connected: BrokerAddress | None = None
+        self._subscribe_retries: Counter[str] = Counter()
         self.log = logger or logging.getLogger(f"edvit.mqtt.{client_id}")
         self.counters: Counter[str] = Counter()
         self._status_topic = status_topic
@@ -350,6 +384,7 @@ class MqttClient:
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
+        client.on_connect_fail = self._on_connect_fail
         if self.connection.username:
             client.username_pw_set(self.connection.username, self.connection.password())
         if self.address.tls:
@@ -362,6 +397,11 @@ class MqttClient:
         for match in {matching_filter(f) for f in filters}:
             client.message_callback_add(match, self._dispatcher(match))
         return client
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker this client is connected to, or trying next."""
+        return self.addresses[self._broker_index]
 
     @property
     def mqtt_version(self) -> str:
@@ -460,14 +500,22 @@ class MqttClient:
             return True
         if required:
             self._client.loop_stop()
-            raise BrokerError(f"no MQTT broker answered at {self.address} within {wait:.0f} s")
-        self.log.warning("broker %s not reachable yet; retrying in the background", self.address)
+            raise BrokerError(f"no MQTT broker answered at {self.connection} within {wait:.0f} s")
+        self.log.warning("broker %s not reachable yet; retrying in the background", self.connection)
         return False
 
     def _connect_tls_now(self) -> bool:
         """Open the TLS connection in this thread, so that a certificate the broker or this
         client rejects is reported here, once, instead of retried forever in paho's thread.
-        False when the broker is not reachable yet (connect in the background then)."""
+        False when no broker is reachable yet (connect in the background then)."""
+        for index in range(len(self.addresses)):
+            self._broker_index = index
+            if self._connect_tls_to_current():
+                return True
+        self._broker_index = 0
+        return False
+
+    def _connect_tls_to_current(self) -> bool:
         try:
             self._client.connect(**self._connect_args())
         except ssl.SSLCertVerificationError as exc:
@@ -599,6 +647,14 @@ class MqttClient:
         self._shared_available = self.mqtt_version == "5" and bool(
             getattr(props, "SharedSubscriptionAvailable", 1)
         )
+        if self._last_connected is not None and self._last_connected != self.address:
+            self.counters["broker_failovers"] += 1
+            self.log.warning(
+                "failed over from broker %s to %s [broker_failovers=%d]",
+                self._last_connected, self.address, self.counters["broker_failovers"],
+            )  # fmt: skip
+        self._last_connected = self.address
+        self._subscribe_retries.clear()
         with self._lock:
             routes = list(self._routes.items())
         for topic_filter, (_handler, qos) in routes:
@@ -620,15 +676,39 @@ class MqttClient:
         receives a message: say so once per subscribe, and count it."""
         with self._acks_lock:
             topic_filter = self._pending_subscribes.pop(mid, "?")
+        if not any(reason.is_failure for reason in reason_codes):
+            self._subscribe_retries.pop(topic_filter, None)
         for reason in reason_codes:
             if reason.is_failure:
                 self.counters["subscriptions_refused"] += 1
                 who = f" as {self.connection.username}" if self.connection.username else ""
+                retry = self._retry_later(topic_filter)
                 self.log.error(
-                    "the broker refused the subscription to %s%s: %s; nothing will arrive "
-                    "on it (check the ACL) [subscriptions_refused=%d]",
-                    topic_filter, who, reason, self.counters["subscriptions_refused"],
+                    "the broker refused the subscription to %s%s: %s; %s "
+                    "[subscriptions_refused=%d]",
+                    topic_filter, who, reason,
+                    f"trying again in {SUBSCRIBE_RETRY_S:g} s" if retry
+                    else "nothing will arrive on it (check the ACL)",
+                    self.counters["subscriptions_refused"],
                 )  # fmt: skip
+
+    def _retry_later(self, topic_filter: str) -> bool:
+        """Subscribe to topic_filter again in SUBSCRIBE_RETRY_S, if this client has several
+        brokers and retries left; False if not."""
+        if len(self.addresses) == 1 or self._subscribe_retries[topic_filter] >= SUBSCRIBE_RETRIES:
+            return False
+        self._subscribe_retries[topic_filter] += 1
+        timer = threading.Timer(SUBSCRIBE_RETRY_S, self._resubscribe, args=(topic_filter,))
+        timer.daemon = True
+        timer.start()
+        return True
+
+    def _resubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            route = self._routes.get(topic_filter)
+        # Not connected: the next connect subscribes to every route anyway.
+        if route is not None and self._connected.is_set() and not self._stopping.is_set():
+            self._subscribe(self._client, topic_filter, route[1])
 
     def _on_publish(self, _client, _userdata, mid: int, reason: ReasonCode, _props) -> None:
         with self._acks_lock:
@@ -682,6 +762,21 @@ class MqttClient:
             self._falling_back = True
         # paho's loop thread cannot stop itself: switch clients from another thread.
         threading.Thread(target=self._fall_back_to_311, daemon=True).start()
+
+    def _on_connect_fail(self, client: paho.Client, _userdata: object) -> None:
+        """A connect attempt failed (refused, timed out): with several brokers, aim paho's
+        next attempt at the next one. paho itself retries one host only; a dropped connection
+        is retried on the same broker first, so a broker restart keeps its clients."""
+        if len(self.addresses) == 1 or self._stopping.is_set():
+            return
+        failed = self.address
+        self._broker_index = (self._broker_index + 1) % len(self.addresses)
+        self.log.info("broker %s unreachable; trying %s next", failed, self.address)
+        try:
+            # connect_async only records where to connect; paho's loop makes the attempt.
+            client.connect_async(**self._connect_args())
+        except (OSError, ValueError) as exc:
+            self.log.error("cannot aim at broker %s: %s", self.address, exc)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         if self._socket_opened and not self._ever_connected and self._may_fall_back():

@@ -11,6 +11,7 @@ import pytest
 
 from edvit.broker.local import LocalBroker, mosquitto_path
 from helpers import MqttProbe
+from nats_cluster import NatsCluster, nats_server_path
 
 __all__ = ["MqttProbe"]
 
@@ -47,6 +48,21 @@ def broker(request: pytest.FixtureRequest) -> LocalBroker:
         # A previous test killed it and failed before restarting it.
         local.start()
     return local
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three NATS servers routed into one cluster, MQTT on each (tests/nats_cluster.py);
+    one per test, since a test may kill a node. Skipped without a recent nats-server."""
+    binary, why_not = nats_server_path()
+    if binary is None:
+        pytest.skip(why_not)
+    cluster = NatsCluster(binary, tmp_path / "nats")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
