@@ -69,11 +69,15 @@ class DynamicBatcher(Generic[T]):
         self.put_unless_quiet(source, item, now, serve_quiet=False)
 
     def put_unless_quiet(
-        self, source: str, item: T, now: float | None = None, serve_quiet: bool = True
-    ) -> bool:
+        self, source: str, item: T, now: float | None = None, serve_quiet: bool = True,
+        min_gap_s: float = 0.0,
+    ) -> bool:  # fmt: skip
         """Queue a request from `source`, or, when the queue is empty and requests arrive
-        further apart than the batch wait (adaptive only), return True without queueing it:
-        the caller serves it at once, saving the hand-over to the consumer's thread."""
+        further apart than the batch wait and `min_gap_s` (adaptive only), return True
+        without queueing it: the caller serves it at once, saving the hand-over to the
+        consumer's thread. `min_gap_s` should be well above the time a request takes to
+        serve: a caller serving requests itself cannot drop the ones that arrive meanwhile
+        (they wait in its socket), so it must only do so when they are rare."""
         now = time.monotonic() if now is None else now
         with self._ready:
             if self._last_put is not None:
@@ -83,7 +87,8 @@ class DynamicBatcher(Generic[T]):
                 else:
                     self._mean_gap_s += GAP_SMOOTHING * (gap - self._mean_gap_s)
             self._last_put = now
-            if serve_quiet and not self._slots and self._wait_s() == 0.0:
+            quiet = self._wait_s() == 0.0 and self._mean_gap_s >= min_gap_s
+            if serve_quiet and quiet and not self._slots:
                 return True
             if self.newest_only and source in self._slots:
                 self._slots[source].item = item  # keeps its place and its deadline

@@ -60,6 +60,10 @@ log = logging.getLogger("edvit.node")
 
 Runner = WholeModels | PerEntry | Merged
 STEMS_REMEMBERED = 8
+# A frame is served on the network thread only while frames arrive at least this many
+# serving times apart (see _enqueue), and the average serving time follows this weight.
+QUIET_FACTOR = 3.0
+SERVE_SMOOTHING = 0.2
 BYTES_PER_MB = 1_000_000
 
 
@@ -198,6 +202,7 @@ class EdgeNode:
         self._update_lock = threading.Lock()
         self._request_filters: tuple[str, str] | None = None  # routed frames, tokens
         self._serving = threading.Lock()  # held while a batch is served, on either thread
+        self._serve_s = 0.0  # moving average of the time a batch takes to serve
         self._worker = Worker("inference", self._serve_once, self.counters, log)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -349,7 +354,8 @@ class EdgeNode:
         # nothing to gain from it. Under load requests queue and are batched as before.
         if self._serving.acquire(blocking=False):
             try:
-                if self._batcher.put_unless_quiet(message.camera, pending):
+                min_gap_s = QUIET_FACTOR * self._serve_s
+                if self._batcher.put_unless_quiet(message.camera, pending, min_gap_s=min_gap_s):
                     self.counters["requests_served_inline"] += 1
                     self._serve([pending])
                     return
@@ -405,6 +411,14 @@ class EdgeNode:
             self._serve(batch)
 
     def _serve(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            self._serve_batch(batch)
+        finally:
+            took = time.perf_counter() - started
+            self._serve_s += SERVE_SMOOTHING * (took - self._serve_s)
+
+    def _serve_batch(self, batch: list[_Pending]) -> None:
         active = self.follower.active
         if active is None or active.runtime.runner is None:
             self.counters["requests_not_serving"] += len(batch)
