@@ -104,7 +104,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--epochs", "epochs for the original ViT", type=int, setting="epochs"),
     Option(
         "--sub-steps",
-        "distillation steps per sub-model, turned into epochs by its data size (default 1500)",
+        "distillation steps per sub-model, turned into epochs by its data size (default "
+        "3000 up to 3 devices, 1200 per device beyond)",
         type=int,
         setting="sub_steps",
     ),

@@ -17,7 +17,9 @@ from edvit.models.build import (  # noqa: E402
     balanced_subset_indices,
     build_bundle,
     default_settings,
+    default_sub_steps,
     epochs_for_steps,
+    sub_steps_of,
     subset_epochs,
 )
 from edvit.models.train import Augment, TrainConfig, fit, resolve_device  # noqa: E402
@@ -68,6 +70,13 @@ def test_epochs_follow_a_step_target_whatever_the_data_size() -> None:
     assert subset_epochs(fixed, 100) == (epochs_for_steps(fixed.recover_steps, 100, 32), 2)
 
 
+def test_sub_models_train_longer_from_five_devices() -> None:
+    """From N=5 the embedding is halved: the default steps grow with N from there."""
+    assert [default_sub_steps(n) for n in (2, 3, 4, 5, 10)] == [3000, 3000, 4800, 6000, 12000]
+    assert sub_steps_of(default_settings("digits", num_devices=5)) == 6000
+    assert sub_steps_of(default_settings("digits", num_devices=5, sub_steps=50)) == 50
+
+
 @pytest.mark.parametrize(
     ("dims", "classes", "budget"),
     [((32, 32, 32), 10, 2740), ((8,) * 10, 10, 900), ((192, 192), 100, 10**7)],
@@ -86,7 +95,7 @@ def test_the_build_warns_with_the_flag_to_fix_a_drop_above_one_point() -> None:
     assert accuracy_warning(0.90, 0.895, settings) is None
     warning = accuracy_warning(0.90, 0.85, settings)
     assert warning is not None and "5.0 points" in warning
-    assert f"--sub-steps {2 * settings.sub_steps}" in warning
+    assert f"--sub-steps {2 * sub_steps_of(settings)}" in warning
     fixed_epochs = accuracy_warning(0.9, 0.8, default_settings("digits", sub_epochs=3))
     assert fixed_epochs is not None and "--sub-epochs 6" in fixed_epochs
 
