@@ -8,6 +8,8 @@ it names already retained on the broker. With a signing key the plan is signed
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from edvit.bundle import Bundle
@@ -17,8 +19,10 @@ from edvit.schemas import (
     FUSION_MODEL_ID,
     ModelMsg,
     PlanMsg,
+    StatusMsg,
     StemRef,
     SubmodelRef,
+    decode,
     encode,
     plan_id_for,
 )
@@ -157,14 +161,28 @@ def deploy(
     timeout: float = 30.0,
     sign_key: SigningKey | None = None,
     replicas: int = 1,
+    wait_nodes: int | None = None,
+    wait_timeout: float = 120.0,
 ) -> PlanMsg:
+    """Publish the bundle with the plan. With `wait_nodes`, first wait up to `wait_timeout`
+    seconds until that many nodes have announced a status that is not offline, and place
+    the sub-models round-robin over every node announced by then (instead of `nodes`)."""
     topics = topics or Topics()
-    plan = make_plan(bundle, with_replicas(bundle_assignments(bundle, nodes), replicas))
-    if sign_key is not None:
-        plan = sign_key.sign(plan)
     client = MqttClient(unique_client_id("deploy"), broker, logger=log)
+    if wait_nodes is not None:
+        if nodes:
+            raise ConfigError("name the nodes or wait for them, not both")
+        if wait_nodes < 1:
+            raise ConfigError(f"--wait-nodes must be at least 1, not {wait_nodes}")
+        announced = NodeStatuses(topics)
+        client.route(topics.all_node_statuses(), announced.on_status, qos=1)
     client.start(wait=timeout, required=True)
     try:
+        if wait_nodes is not None:
+            nodes = announced.wait_for(wait_nodes, wait_timeout)
+        plan = make_plan(bundle, with_replicas(bundle_assignments(bundle, nodes), replicas))
+        if sign_key is not None:
+            plan = sign_key.sign(plan)
         publish_bundle(
             lambda topic, payload: client.publish_and_wait(
                 topic, payload, qos=1, retain=True, timeout=timeout
@@ -174,6 +192,42 @@ def deploy(
     finally:
         client.stop()
     return plan
+
+
+class NodeStatuses:
+    """The nodes that announce themselves: every node keeps a retained status, so a
+    subscriber hears the ones already up at once and the others as they come."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self._live: set[str] = set()
+        self._changed = threading.Condition()
+
+    def on_status(self, topic: str, payload: bytes) -> None:
+        node = self.topics.node_of(topic)
+        status = decode(StatusMsg, payload)
+        with self._changed:
+            if status is None or status.state == "offline":
+                self._live.discard(node)
+            else:
+                self._live.add(node)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> list[str]:
+        """The live nodes, sorted, once there are at least `count`; ConfigError after
+        `timeout` seconds with fewer."""
+        deadline = time.monotonic() + timeout
+        log.info("waiting for %d nodes to announce themselves", count)
+        with self._changed:
+            while len(self._live) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConfigError(
+                        f"{len(self._live)} of {count} nodes announced themselves within "
+                        f"{timeout:.0f} s: {sorted(self._live)}"
+                    )
+                self._changed.wait(left)
+            return sorted(self._live)
 
 
 def publish_bundle(
