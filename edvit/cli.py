@@ -447,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait-nodes", type=_positive_int, metavar="N",
         help="wait until N nodes have announced themselves (a retained status that is not "
-        "offline), then place the sub-models round-robin over every node announced by then; "
-        "for nodes started with `--id auto` (compose's `--scale node=N`)",
+        "offline), then place the sub-models round-robin over every node announced by then "
+        "(nodes beyond the sub-model count become replicas); for nodes started with "
+        "`--id auto` (compose's `--scale node=N`)",
     )  # fmt: skip
     p.add_argument(
         "--wait-timeout", type=_positive_float, default=120.0, metavar="S",

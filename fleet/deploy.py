@@ -38,6 +38,14 @@ def default_nodes(bundle: Bundle) -> list[str]:
 
 def round_robin(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[str, ...]]:
     """Spread sub-models over nodes in order; every node gets at least one when it can."""
+    check_nodes(nodes)
+    assigned: dict[str, list[str]] = {node: [] for node in nodes}
+    for i, sid in enumerate(submodel_ids):
+        assigned[nodes[i % len(nodes)]].append(sid)
+    return {node: tuple(ids) for node, ids in assigned.items()}
+
+
+def check_nodes(nodes: list[str]) -> None:
     if not nodes:
         raise ConfigError("at least one node id is needed")
     for node in nodes:
@@ -47,10 +55,15 @@ def round_robin(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[st
             raise ConfigError(str(exc)) from None
     if len(set(nodes)) != len(nodes):
         raise ConfigError(f"node ids must be unique: {nodes}")
-    assigned: dict[str, list[str]] = {node: [] for node in nodes}
-    for i, sid in enumerate(submodel_ids):
-        assigned[nodes[i % len(nodes)]].append(sid)
-    return {node: tuple(ids) for node, ids in assigned.items()}
+
+
+def over_nodes(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[str, ...]]:
+    """Round-robin while there are no more nodes than sub-models; beyond that node i runs
+    sub-model i mod S, so the nodes past the first S are replicas (shared frames), not idle."""
+    if len(nodes) <= len(submodel_ids):
+        return round_robin(submodel_ids, nodes)
+    check_nodes(nodes)
+    return {node: (submodel_ids[i % len(submodel_ids)],) for i, node in enumerate(nodes)}
 
 
 def with_replicas(
@@ -166,7 +179,7 @@ def deploy(
 ) -> PlanMsg:
     """Publish the bundle with the plan. With `wait_nodes`, first wait up to `wait_timeout`
     seconds until that many nodes have announced a status that is not offline, and place
-    the sub-models round-robin over every node announced by then (instead of `nodes`)."""
+    the sub-models over every node announced by then (`over_nodes`, instead of `nodes`)."""
     topics = topics or Topics()
     client = MqttClient(unique_client_id("deploy"), broker, logger=log)
     if wait_nodes is not None:
@@ -178,9 +191,12 @@ def deploy(
         client.route(topics.all_node_statuses(), announced.on_status, qos=1)
     client.start(wait=timeout, required=True)
     try:
-        if wait_nodes is not None:
-            nodes = announced.wait_for(wait_nodes, wait_timeout)
-        plan = make_plan(bundle, with_replicas(bundle_assignments(bundle, nodes), replicas))
+        if wait_nodes is None:
+            assignments = bundle_assignments(bundle, nodes)
+        else:
+            ids = [s.id for s in bundle.manifest.submodels]
+            assignments = over_nodes(ids, announced.wait_for(wait_nodes, wait_timeout))
+        plan = make_plan(bundle, with_replicas(assignments, replicas))
         if sign_key is not None:
             plan = sign_key.sign(plan)
         publish_bundle(

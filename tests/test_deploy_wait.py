@@ -12,7 +12,7 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
 from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import deploy
+from edvit.fleet.deploy import deploy, make_plan, over_nodes
 from edvit.mqtt import MqttClient
 from edvit.schemas import StatusMsg, encode
 from edvit.topics import Topics
@@ -57,3 +57,13 @@ def test_deploy_gives_up_when_too_few_nodes_announce(mosquitto_broker: LocalBrok
         )  # fmt: skip
     with pytest.raises(ConfigError, match="not both"):
         deploy(Bundle.load(DEFAULT_BUNDLE), mosquitto_broker.url, ["node-a"], topics, wait_nodes=1)
+
+
+def test_nodes_beyond_the_submodels_are_replicas() -> None:
+    ids = ["sub0", "sub1", "sub2"]
+    assert over_nodes(ids, ["a", "b"]) == {"a": ("sub0", "sub2"), "b": ("sub1",)}
+    five = over_nodes(ids, ["a", "b", "c", "d", "e"])
+    assert five == {"a": ("sub0",), "b": ("sub1",), "c": ("sub2",), "d": ("sub0",), "e": ("sub1",)}
+    make_plan(Bundle.load(DEFAULT_BUNDLE), five)  # identical shares: a valid plan
+    with pytest.raises(ConfigError, match="unique"):
+        over_nodes(ids, ["a", "b", "c", "a"])
