@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -155,8 +156,9 @@ def _run_service(*services: object) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     from edvit.edge_node.node import EdgeNode
 
+    node_id = f"node-{socket.gethostname()}" if args.id == "auto" else args.id
     node = EdgeNode(
-        args.id, connection(args), topics=Topics(args.prefix), threads=args.threads,
+        node_id, connection(args), topics=Topics(args.prefix), threads=args.threads,
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         newest_only=not args.keep_all_frames, batch_wait=args.batch_wait, strategy=args.strategy,
         memory_mb=args.memory_mb, speed=args.speed, trust_key=_keys(args)[0],
@@ -229,8 +231,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
     sign_key = _keys(args)[1]
     plan = deploy(
-        bundle, connection(args), nodes, topics, sign_key=sign_key, replicas=args.replicas
-    )
+        bundle, connection(args), nodes, topics, sign_key=sign_key, replicas=args.replicas,
+        wait_nodes=args.wait_nodes, wait_timeout=args.wait_timeout,
+    )  # fmt: skip
     signed = f", signed by key {sign_key.key_id}" if sign_key is not None else ""
     print(f"deployed plan {plan.plan_id} to {args.broker}{signed}")
     for node, ids in plan.assignments.items():
@@ -442,12 +445,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="nodes per share (default 1): NODE-r1, NODE-r2, ... get NODE's sub-models and "
         "split its frames through shared subscriptions (README, \"Scale-out\")",
     )  # fmt: skip
+    p.add_argument(
+        "--wait-nodes", type=_positive_int, metavar="N",
+        help="wait until N nodes have announced themselves (a retained status that is not "
+        "offline), then place the sub-models round-robin over every node announced by then "
+        "(nodes beyond the sub-model count become replicas); for nodes started with "
+        "`--id auto` (compose's `--scale node=N`)",
+    )  # fmt: skip
+    p.add_argument(
+        "--wait-timeout", type=_positive_float, default=120.0, metavar="S",
+        help="give up waiting for the nodes after S seconds (default 120)",
+    )  # fmt: skip
     p.add_argument("--clear", action="store_true", help="remove the plan and models instead")
     _sign_key_option(p, "sign the plan (it pins every model by sha256) with this Ed25519 key")
 
     p = add("node", cmd_node, "edge node: run assigned sub-models, publish feature vectors")
     _metrics_options(p)
-    p.add_argument("--id", required=True, help="this node's id, as the plan names it")
+    p.add_argument(
+        "--id", required=True,
+        help="this node's id, as the plan names it; `auto`: node-HOSTNAME (in a container the "
+        "hostname is the container id: distinct per replica, kept across restarts)",
+    )  # fmt: skip
     _trust_key_option(p)
     p.add_argument("--threads", type=_positive_int, default=1, help="ONNX Runtime threads")
     p.add_argument(

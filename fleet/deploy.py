@@ -8,6 +8,8 @@ it names already retained on the broker. With a signing key the plan is signed
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from edvit.bundle import Bundle
@@ -17,8 +19,10 @@ from edvit.schemas import (
     FUSION_MODEL_ID,
     ModelMsg,
     PlanMsg,
+    StatusMsg,
     StemRef,
     SubmodelRef,
+    decode,
     encode,
     plan_id_for,
 )
@@ -34,6 +38,14 @@ def default_nodes(bundle: Bundle) -> list[str]:
 
 def round_robin(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[str, ...]]:
     """Spread sub-models over nodes in order; every node gets at least one when it can."""
+    check_nodes(nodes)
+    assigned: dict[str, list[str]] = {node: [] for node in nodes}
+    for i, sid in enumerate(submodel_ids):
+        assigned[nodes[i % len(nodes)]].append(sid)
+    return {node: tuple(ids) for node, ids in assigned.items()}
+
+
+def check_nodes(nodes: list[str]) -> None:
     if not nodes:
         raise ConfigError("at least one node id is needed")
     for node in nodes:
@@ -43,10 +55,15 @@ def round_robin(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[st
             raise ConfigError(str(exc)) from None
     if len(set(nodes)) != len(nodes):
         raise ConfigError(f"node ids must be unique: {nodes}")
-    assigned: dict[str, list[str]] = {node: [] for node in nodes}
-    for i, sid in enumerate(submodel_ids):
-        assigned[nodes[i % len(nodes)]].append(sid)
-    return {node: tuple(ids) for node, ids in assigned.items()}
+
+
+def over_nodes(submodel_ids: list[str], nodes: list[str]) -> dict[str, tuple[str, ...]]:
+    """Round-robin while there are no more nodes than sub-models; beyond that node i runs
+    sub-model i mod S, so the nodes past the first S are replicas (shared frames), not idle."""
+    if len(nodes) <= len(submodel_ids):
+        return round_robin(submodel_ids, nodes)
+    check_nodes(nodes)
+    return {node: (submodel_ids[i % len(submodel_ids)],) for i, node in enumerate(nodes)}
 
 
 def with_replicas(
@@ -157,14 +174,31 @@ def deploy(
     timeout: float = 30.0,
     sign_key: SigningKey | None = None,
     replicas: int = 1,
+    wait_nodes: int | None = None,
+    wait_timeout: float = 120.0,
 ) -> PlanMsg:
+    """Publish the bundle with the plan. With `wait_nodes`, first wait up to `wait_timeout`
+    seconds until that many nodes have announced a status that is not offline, and place
+    the sub-models over every node announced by then (`over_nodes`, instead of `nodes`)."""
     topics = topics or Topics()
-    plan = make_plan(bundle, with_replicas(bundle_assignments(bundle, nodes), replicas))
-    if sign_key is not None:
-        plan = sign_key.sign(plan)
     client = MqttClient(unique_client_id("deploy"), broker, logger=log)
+    if wait_nodes is not None:
+        if nodes:
+            raise ConfigError("name the nodes or wait for them, not both")
+        if wait_nodes < 1:
+            raise ConfigError(f"--wait-nodes must be at least 1, not {wait_nodes}")
+        announced = NodeStatuses(topics)
+        client.route(topics.all_node_statuses(), announced.on_status, qos=1)
     client.start(wait=timeout, required=True)
     try:
+        if wait_nodes is None:
+            assignments = bundle_assignments(bundle, nodes)
+        else:
+            ids = [s.id for s in bundle.manifest.submodels]
+            assignments = over_nodes(ids, announced.wait_for(wait_nodes, wait_timeout))
+        plan = make_plan(bundle, with_replicas(assignments, replicas))
+        if sign_key is not None:
+            plan = sign_key.sign(plan)
         publish_bundle(
             lambda topic, payload: client.publish_and_wait(
                 topic, payload, qos=1, retain=True, timeout=timeout
@@ -174,6 +208,42 @@ def deploy(
     finally:
         client.stop()
     return plan
+
+
+class NodeStatuses:
+    """The nodes that announce themselves: every node keeps a retained status, so a
+    subscriber hears the ones already up at once and the others as they come."""
+
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self._live: set[str] = set()
+        self._changed = threading.Condition()
+
+    def on_status(self, topic: str, payload: bytes) -> None:
+        node = self.topics.node_of(topic)
+        status = decode(StatusMsg, payload)
+        with self._changed:
+            if status is None or status.state == "offline":
+                self._live.discard(node)
+            else:
+                self._live.add(node)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> list[str]:
+        """The live nodes, sorted, once there are at least `count`; ConfigError after
+        `timeout` seconds with fewer."""
+        deadline = time.monotonic() + timeout
+        log.info("waiting for %d nodes to announce themselves", count)
+        with self._changed:
+            while len(self._live) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConfigError(
+                        f"{len(self._live)} of {count} nodes announced themselves within "
+                        f"{timeout:.0f} s: {sorted(self._live)}"
+                    )
+                self._changed.wait(left)
+            return sorted(self._live)
 
 
 def publish_bundle(

@@ -5,12 +5,14 @@
 - for what the schema cannot see: services that depend on services that exist, host paths
   that exist, commands given as lists;
 - every edvit command parses with the real `edvit` argument parser;
+- `${VAR:-default}` is read as docker compose reads it with VAR unset;
 - broker/mosquitto.conf is accepted by a real mosquitto.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -30,9 +32,7 @@ FLEET_BROKER = "mqtt://broker:1883"
 EXPECTED_SERVICES = {
     "broker",
     "deploy",
-    "node-0",
-    "node-1",
-    "node-2",
+    "node",
     "aggregator",
     "camera",
     "watch",
@@ -64,10 +64,30 @@ class ComposeFile(BaseModel):
     volumes: dict[str, Any] = {}
 
 
+VARIABLE = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def interpolate(value: Any) -> Any:
+    """Every `${VAR:-default}` in the strings of a parsed compose file, replaced by its
+    default (compose interpolates after parsing the YAML, so "3" stays a string)."""
+    if isinstance(value, str):
+        return VARIABLE.sub(lambda m: m.group(2), value)
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     with COMPOSE.open(encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        parsed = interpolate(yaml.safe_load(f))
+    # Then it casts the fields that take numbers, as docker-compose 1.29 does for `scale`.
+    for service in parsed["services"].values():
+        if "scale" in service:
+            service["scale"] = int(service["scale"])
+    return parsed
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +154,18 @@ def test_every_edvit_command_parses_with_the_real_cli(model: ComposeFile) -> Non
         except SystemExit:
             pytest.fail(f"{name}: `{' '.join(command)}` does not parse")
         assert args.broker == FLEET_BROKER, name
+
+
+def test_deploy_waits_for_every_scaled_node(model: ComposeFile) -> None:
+    from edvit.cli import build_parser
+
+    node = model.services["node"]
+    deploy = model.services["deploy"]
+    assert node.command is not None and deploy.command is not None
+    node_args = build_parser().parse_args(node.command[1:])
+    deploy_args = build_parser().parse_args(deploy.command[1:])
+    assert node_args.id == "auto"  # distinct ids for the replicas of one service
+    assert deploy_args.wait_nodes == node.model_extra["scale"] == 3
 
 
 def test_mosquitto_accepts_the_compose_config(tmp_path: Path) -> None:
