@@ -245,7 +245,10 @@ class Aggregator:
             will_topic=self.topics.aggregator_status(), logger=log,
         )  # fmt: skip
         self.counters = self.client.counters
-        self.metrics = Metrics("aggregator", self.instance, self.counters)
+        self.metrics = Metrics(
+            "aggregator", self.instance, self.counters,
+            always=("predictions", "predictions_degraded", "features_late", "nodes_suspected"),
+        )  # fmt: skip
         self.metrics.gauge("pending_frames", lambda: len(self._pending))
         self.stats = StatsPublisher(
             self.metrics, self.client, self.topics.stats("aggregators", self.instance),

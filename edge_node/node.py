@@ -186,7 +186,10 @@ class EdgeNode:
             status_topic=self.topics.node_status(node_id), logger=log,
         )  # fmt: skip
         self.counters = self.client.counters
-        self.metrics = Metrics("node", self.node_id, self.counters)
+        self.metrics = Metrics(
+            "node", self.node_id, self.counters,
+            always=("requests_replaced_overload", "frames_served", "batches"),
+        )  # fmt: skip
         self.metrics.gauge("queue_depth", lambda: len(self._batcher))
         self.stats = StatsPublisher(
             self.metrics, self.client, self.topics.stats("nodes", self.node_id),

@@ -35,14 +35,25 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128)
 MAX_CAMERAS = 256
 RECENT = 1000  # observations per stage kept for the stats topic's percentiles
 STATS_INTERVAL_S = 5.0
+# Counters every service exports from the start (at 0 until something happens), so that a
+# dashboard or an alert rule sees the series before the first bad payload.
+ALWAYS_EXPORTED = (
+    "bad_payloads", "payloads_too_large", "handler_errors", "plans_refused",
+    "models_refused", "publishes_refused", "subscriptions_refused", "disconnects",
+)  # fmt: skip
 
 
 class Metrics:
     """One service's metrics: `observe` a stage, count `frame` outcomes, name the `plan`,
     register `gauge`s (queue depths); `stats()` for MQTT, `serve()` for Prometheus."""
 
-    def __init__(self, service: str, instance: str, counters: Counter[str]) -> None:
+    def __init__(
+        self, service: str, instance: str, counters: Counter[str], always: tuple[str, ...] = ()
+    ) -> None:
+        """`always`: the service's own counters to export at 0 before they move (on top of
+        ALWAYS_EXPORTED)."""
         self.service, self.instance, self.counters = service, instance, counters
+        self.always = (*ALWAYS_EXPORTED, *always)
         self._lock = threading.Lock()
         self._recent: dict[str, deque[float]] = {}
         self._frames: Counter[tuple[str, str]] = Counter()
@@ -189,7 +200,8 @@ class _CountersAndGauges:
 
         m = self.metrics
         values = [m.service, m.instance]
-        for name, value in sorted(m.counters.items()):
+        counters = dict.fromkeys(m.always, 0) | dict(m.counters)
+        for name, value in sorted(counters.items()):
             family = CounterMetricFamily(
                 f"edvit_{_metric_name(name)}", f"{m.service} counter {name}",
                 labels=["service", "instance"],

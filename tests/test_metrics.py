@@ -96,6 +96,11 @@ def test_a_fleet_exposes_its_metrics(mosquitto_broker: LocalBroker, tmp_path: Pa
             fleet.spawn(node, "node", "--id", node, "--keep-all-frames", *metrics_args(node))
         fleet.spawn("aggregator", "aggregator", "--id", "agg0", *metrics_args("aggregator"))
         fleet.wait_ready(plan)
+        bad = 'edvit_bad_payloads_total{instance="node-0",service="node"}'
+        assert _value(_scrape(ports["node-0"]), bad) == 0  # exported before it moves
+        assert _value(_scrape(ports["aggregator"]), "edvit_predictions_degraded_total{") == 0
+        probe.client.publish(topics.frame("cam9"), b"\x93garbage", qos=1)
+        wait_until(lambda: _value(_scrape(ports["node-0"]), bad) == 1, 10, "a counted bad frame")
         fleet.spawn(
             "cam0", "camera", "--id", "cam0", "--source", "dataset:fashion-mnist",
             "--count", str(frames), "--fps", "10", "--loop", *metrics_args("cam0"),
