@@ -126,10 +126,13 @@ def measure_latency_ms(
     runs: int = 200,
     warmup: int = 20,
     threads: int = 1,
+    idle_s: float = 0.0,
 ) -> float:
     """Median wall time in ms of one ``session.run`` on random float32 input.
 
     input_feed_shape: like :func:`onnx_flops`; None means batch 1 for every input.
+    idle_s: sleep this long before each timed run, as a node does between one camera's
+    frames: caches and CPU clocks have gone cold, which back-to-back runs never see.
     """
     if runs < 1:
         raise ConfigError(f"latency needs at least one run, got {runs}")
@@ -139,6 +142,8 @@ def measure_latency_ms(
         session.run(None, feed)
     times = []
     for _ in range(runs):
+        if idle_s:
+            time.sleep(idle_s)
         start = time.perf_counter_ns()
         session.run(None, feed)
         times.append(time.perf_counter_ns() - start)

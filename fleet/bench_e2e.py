@@ -59,6 +59,7 @@ HOP_WARMUP = 20  # messages before the subscription surely holds and the path is
 HOP_SPACING_S = 0.002  # apart, so no message queues behind the one before
 DECODE_REPEATS = 5  # passes over the sample frames
 MODEL_RUNS = 200
+IDLE_RUNS = 30  # runs of each part of the floor at a camera's rate
 WARMUP_FRAMES = 5  # per run, before the cameras start: first ONNX Runtime calls are slow
 WARMUP_CAMERA = "warmup"
 QUIET_S = 3.0  # after the cameras stop, give up once no prediction came for this long
@@ -105,6 +106,8 @@ class RunResult:
     p95_ms: float
     floor_ms: float
     over_floor_ms: float  # p50 - floor
+    idle_floor_ms: float  # the floor with each part after 1/fps of idle, as the fleet meets it
+    over_idle_floor_ms: float
     # stage -> {"median": ms, "floor": ms, "over": median - floor}
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -124,7 +127,9 @@ def check_arguments(cameras: list[int], fps: float, seconds: float) -> None:
 # -- the floor ------------------------------------------------------------------------------
 
 
-def measure_hop_ms(broker_url: str, messages: int = HOP_MESSAGES) -> float:
+def measure_hop_ms(
+    broker_url: str, messages: int = HOP_MESSAGES, spacing_s: float = HOP_SPACING_S
+) -> float:
     """Median one-way latency of a small message between two clients on this broker; the
     sender stamps time.time() in the payload (one machine, one clock)."""
     topic = f"edvit-bench-e2e/hop/{unique_client_id('hop')}"
@@ -150,7 +155,7 @@ def measure_hop_ms(broker_url: str, messages: int = HOP_MESSAGES) -> float:
         while not done.is_set() and time.monotonic() < deadline:
             sender.publish(topic, f"{index} {time.time()!r}".encode())
             index += 1
-            time.sleep(HOP_SPACING_S)
+            time.sleep(spacing_s)
         done.wait(timeout=2.0)
     finally:
         sender.stop()
@@ -167,13 +172,17 @@ def frame_payloads(samples: list[Sample]) -> list[bytes]:
     ]
 
 
-def measure_decode_ms(bundle: Bundle, payloads: list[bytes]) -> float:
+def measure_decode_ms(
+    bundle: Bundle, payloads: list[bytes], repeats: int = DECODE_REPEATS, idle_s: float = 0.0
+) -> float:
     """Median ms from a frame message's bytes to the model's input, as the node's decode
     stage counts it (edge_node/node.py `_on_frame`: the message, the image, the tensor)."""
     pp = bundle.manifest.preprocessing
     times = []
-    for _ in range(DECODE_REPEATS):
+    for _ in range(repeats):
         for payload in payloads:
+            if idle_s:
+                time.sleep(idle_s)
             start = time.perf_counter()
             message = decode(FrameMsg, payload)
             assert message is not None
@@ -183,16 +192,27 @@ def measure_decode_ms(bundle: Bundle, payloads: list[bytes]) -> float:
 
 
 def measure_floor(
-    bundle: Bundle, broker_url: str, payloads: list[bytes], model_runs: int = MODEL_RUNS
-) -> Floor:
+    bundle: Bundle, broker_url: str, payloads: list[bytes], model_runs: int = MODEL_RUNS,
+    idle_s: float = 0.0,
+) -> Floor:  # fmt: skip
+    """Back to back (idle_s 0), or each part after `idle_s` of idle, as a node meets it when
+    one camera's frames come 1/fps apart (fewer runs then: they take idle_s each)."""
     m = bundle.manifest
+    if idle_s:
+        model_runs = IDLE_RUNS
 
     def model_ms(relative: str) -> float:
-        return round(measure_latency_ms(bundle.path(relative), runs=model_runs), 3)
+        ms = measure_latency_ms(bundle.path(relative), runs=model_runs, idle_s=idle_s)
+        return round(ms, 3)
 
+    hop = measure_hop_ms(broker_url, IDLE_RUNS, idle_s) if idle_s else measure_hop_ms(broker_url)
+    decode_args = {"repeats": 1, "idle_s": idle_s} if idle_s else {}
     return Floor(
-        hop_ms=round(measure_hop_ms(broker_url), 3),
-        decode_ms=round(measure_decode_ms(bundle, payloads), 3),
+        hop_ms=round(hop, 3),
+        decode_ms=round(
+            measure_decode_ms(bundle, payloads[:IDLE_RUNS] if idle_s else payloads, **decode_args),
+            3,
+        ),  # fmt: skip
         submodel_ms={s.id: model_ms(s.file) for s in m.submodels},
         fusion_ms=model_ms(m.fusion.file),
         original_ms=model_ms(m.original.file),
@@ -255,7 +275,7 @@ def _collect(stream: PredictionStream, sent: int, fleet: LocalFleet) -> list[Pre
 
 
 def run_pipeline(broker: LocalBroker, bundle: Bundle, pipeline: str, cameras: int, fps: float,
-                 seconds: float, samples: list[Sample], floor: Floor,
+                 seconds: float, samples: list[Sample], floor: Floor, idle_floor: Floor,
                  log_dir: Path) -> RunResult:  # fmt: skip
     topics = Topics(f"e2e-{pipeline}-{cameras}")
     plan = deploy(bundle, broker.url, topics=topics)
@@ -288,13 +308,15 @@ def run_pipeline(broker: LocalBroker, bundle: Bundle, pipeline: str, cameras: in
             if generator.is_alive():
                 generator.join(timeout=10)
             stream.stop()
-    return summarise(pipeline, cameras, fps, seconds, sent.value, predictions, floor)
+    return summarise(pipeline, cameras, fps, seconds, sent.value, predictions, floor, idle_floor)
 
 
 def summarise(pipeline: str, cameras: int, fps: float, seconds: float, sent: int,
-              predictions: list[PredictionMsg], floor: Floor) -> RunResult:  # fmt: skip
+              predictions: list[PredictionMsg], floor: Floor,
+              idle_floor: Floor) -> RunResult:  # fmt: skip
     latencies = [p.latency_ms for p in predictions]
     p50, floor_ms = _percentile(latencies, 50), floor.total(pipeline)
+    idle_ms = idle_floor.total(pipeline)
     stages = {}
     for stage, stage_floor in floor.stages(pipeline).items():
         values = [p.timings[stage] for p in predictions if stage in p.timings]
@@ -314,6 +336,8 @@ def summarise(pipeline: str, cameras: int, fps: float, seconds: float, sent: int
         p95_ms=_percentile(latencies, 95),
         floor_ms=floor_ms,
         over_floor_ms=round(p50 - floor_ms, 2),
+        idle_floor_ms=idle_ms,
+        over_idle_floor_ms=round(p50 - idle_ms, 2),
         stages=stages,
     )
 
@@ -321,21 +345,30 @@ def summarise(pipeline: str, cameras: int, fps: float, seconds: float, sent: int
 # -- the report -----------------------------------------------------------------------------
 
 
-def format_report(floor: Floor, results: list[RunResult], pipelines: list[str]) -> str:
-    lines = [
-        f"floor (ms): broker hop {floor.hop_ms:g}, decode {floor.decode_ms:g}, "
+def _floor_line(name: str, floor: Floor, pipelines: list[str]) -> list[str]:
+    return [
+        f"{name} (ms): broker hop {floor.hop_ms:g}, decode {floor.decode_ms:g}, "
         + ", ".join(f"{sid} {ms:g}" for sid, ms in floor.submodel_ms.items())
         + f", fusion {floor.fusion_ms:g}, original {floor.original_ms:g}",
         "  " + "; ".join(f"{p} floor {floor.total(p):g}" for p in pipelines),
+    ]
+
+
+def format_report(floor: Floor, idle_floor: Floor, fps: float, results: list[RunResult],
+                  pipelines: list[str]) -> str:  # fmt: skip
+    lines = [
+        *_floor_line("floor, back to back", floor, pipelines),
+        *_floor_line(f"floor, each part after {1000 / fps:g} ms idle", idle_floor, pipelines),
         "",
         "| pipeline | cameras | fps | sent | answered | degraded | p50 ms | p95 ms | floor ms "
-        "| p50 - floor ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p50 - floor ms | idle floor ms | p50 - idle floor ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.pipeline} | {r.cameras} | {r.fps:g} | {r.sent} | {r.answered} | "
-            f"{r.degraded} | {r.p50_ms:g} | {r.p95_ms:g} | {r.floor_ms:g} | {r.over_floor_ms:g} |"
+            f"{r.degraded} | {r.p50_ms:g} | {r.p95_ms:g} | {r.floor_ms:g} | {r.over_floor_ms:g} "
+            f"| {r.idle_floor_ms:g} | {r.over_idle_floor_ms:g} |"
         )
     lines += [
         "",
@@ -348,6 +381,9 @@ def format_report(floor: Floor, results: list[RunResult], pipelines: list[str]) 
         parts = floor.stages(pipeline)
         cells = (f"{parts[s]:g}" for s in STAGES)
         lines.append(f"| {pipeline} | floor | " + " | ".join(cells) + " |")
+        idle_parts = idle_floor.stages(pipeline)
+        cells = (f"{idle_parts[s]:g}" for s in STAGES)
+        lines.append(f"| {pipeline} | idle floor | " + " | ".join(cells) + " |")
         for r in (r for r in results if r.pipeline == pipeline):
             cells = (f"{r.stages[s]['median']:g} (+{r.stages[s]['over']:g})" for s in STAGES)
             lines.append(f"| {pipeline} | {r.cameras} | " + " | ".join(cells) + " |")
@@ -378,25 +414,31 @@ def bench_e2e(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
         if make_monolithic:
             bundles["monolithic"] = make_monolithic(bundle, Path(tmp))
         say("e2e: measuring the floor ...", end="")
-        floor = measure_floor(bundle, broker.url, frame_payloads(samples))
-        say(f" split {floor.total('split'):g} ms, monolithic {floor.total('monolithic'):g} ms")
+        payloads = frame_payloads(samples)
+        floor = measure_floor(bundle, broker.url, payloads)
+        idle_floor = measure_floor(bundle, broker.url, payloads, idle_s=1.0 / fps)
+        say(f" split {floor.total('split'):g} ms, monolithic {floor.total('monolithic'):g} ms; "
+            f"after {1000 / fps:g} ms idle: split {idle_floor.total('split'):g}, monolithic "
+            f"{idle_floor.total('monolithic'):g}")  # fmt: skip
         runs = [(pipeline, count) for count in cameras for pipeline in pipelines]
         for i, (pipeline, count) in enumerate(runs, start=1):
             say(f"e2e [{i}/{len(runs)}] {pipeline}, {count} cameras at {fps:g} fps for "
                 f"{seconds:g} s ...", end="")  # fmt: skip
             result = run_pipeline(broker, bundles[pipeline], pipeline, count, fps, seconds,
-                                  samples, floor, log_dir)  # fmt: skip
+                                  samples, floor, idle_floor, log_dir)  # fmt: skip
             say(f" answered {result.answered}/{result.sent}, p50 {result.p50_ms:g} ms, "
                 f"p95 {result.p95_ms:g} ms")  # fmt: skip
             results.append(result)
     say(f"e2e: logs in {log_dir}")
-    print(format_report(floor, results, pipelines))
+    print(format_report(floor, idle_floor, fps, results, pipelines))
     report = {
         "bundle": bundle.manifest.name,
         "settings": {"cameras": cameras, "fps": fps, "seconds": seconds},
         "monolithic_skipped": skipped,
         "floor": asdict(floor) | {f"{p}_ms": floor.total(p) for p in PIPELINES},
         "floor_stages": {p: floor.stages(p) for p in PIPELINES},
+        "idle_floor": asdict(idle_floor) | {f"{p}_ms": idle_floor.total(p) for p in PIPELINES},
+        "idle_floor_stages": {p: idle_floor.stages(p) for p in PIPELINES},
         "runs": [asdict(r) for r in results],
     }
     if json_out:

@@ -61,6 +61,10 @@ def test_floor_measures_every_part(bundle: Bundle, mosquitto_broker: LocalBroker
         assert floor.total(pipeline) == pytest.approx(sum(stages.values()), abs=1e-3)
     assert floor.stages("split")["infer"] == max(floor.submodel_ms.values())
     assert floor.stages("monolithic")["infer"] == floor.original_ms
+    idle = bench_e2e.measure_floor(
+        bundle, mosquitto_broker.url, bench_e2e.frame_payloads(samples), idle_s=0.01
+    )
+    assert idle.hop_ms > 0 and idle.decode_ms > 0 and idle.original_ms > 0
 
 
 def test_short_run_answers_every_frame_through_both_fleets(tmp_path: Path) -> None:
@@ -79,10 +83,11 @@ def test_short_run_answers_every_frame_through_both_fleets(tmp_path: Path) -> No
         assert r["sent"] >= 15 and r["answered"] == r["sent"], r  # 10 fps for 2 s
         assert r["p95_ms"] >= r["p50_ms"] > 0 and r["floor_ms"] > 0
         assert r["over_floor_ms"] == pytest.approx(r["p50_ms"] - r["floor_ms"], abs=0.01)
+        assert r["over_idle_floor_ms"] == pytest.approx(r["p50_ms"] - r["idle_floor_ms"], abs=0.01)
         assert list(r["stages"]) == list(STAGES)
         for stage in r["stages"].values():
             assert stage["median"] >= 0 and stage["floor"] >= 0  # NaN fails both
-    assert "| split | 1 | 10 |" in done.stdout and "| monolithic | floor |" in done.stdout
+    assert "| split | 1 | 10 |" in done.stdout and "| monolithic | idle floor |" in done.stdout
     assert "e2e [2/2] monolithic" in done.stderr
 
 
