@@ -252,14 +252,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from edvit.fleet.dashboard import Dashboard, require_web, serve
+    from edvit.fleet.dashboard import Dashboard, listen, require_web, serve
 
     require_web()
+    sock = listen(args.host, args.port)
     dashboard = Dashboard(connection(args), topics=Topics(args.prefix), frames=args.frames)
     dashboard.start()
     try:
         print(f"edvit dashboard on http://{args.host}:{args.port}/", flush=True)
-        serve(dashboard, args.host, args.port)
+        serve(dashboard, sock)
     finally:
         dashboard.stop()
     return 0

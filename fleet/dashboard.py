@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -481,8 +483,19 @@ def create_app(dashboard: Dashboard) -> Starlette:
     )
 
 
-def serve(dashboard: Dashboard, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve the dashboard until SIGINT/SIGTERM (uvicorn's own handlers)."""
+def listen(host: str, port: int) -> socket.socket:
+    """The dashboard's listening socket, bound before anything else starts, so that a port
+    in use is one line (ConfigError) rather than uvicorn's traceback after the banner."""
+    try:
+        sock = socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"--host {host} --port {port}: cannot listen ({reason})") from None
+    return sock
+
+
+def serve(dashboard: Dashboard, sock: socket.socket) -> None:
+    """Serve the dashboard on `sock` until SIGINT/SIGTERM (uvicorn's own handlers)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -490,8 +503,5 @@ def serve(dashboard: Dashboard, host: str = "127.0.0.1", port: int = 8080) -> No
             dashboard.closing.set()  # the event streams end within SSE_INTERVAL_S
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(
-        create_app(dashboard), host=host, port=port, log_level="warning",
-        timeout_graceful_shutdown=2,
-    )  # fmt: skip
-    Server(config).run()
+    config = uvicorn.Config(create_app(dashboard), log_level="warning", timeout_graceful_shutdown=2)
+    Server(config).run(sockets=[sock])

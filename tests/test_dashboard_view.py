@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import numpy as np
+import pytest
 
 from edvit.fleet.dashboard import FleetView, histogram, node_state, stage_timings
 from edvit.schemas import FrameMsg, PlanMsg, PredictionMsg, StatusMsg, decode, encode
@@ -207,3 +208,15 @@ def test_version_changes_with_every_message() -> None:
     view.node_status("n0", StatusMsg(state="online"))
     view.node_status_payload(NODE_STATUS.format("n0"), b"junk")
     assert view.version == before + 2
+
+
+def test_a_port_in_use_is_one_clear_line() -> None:
+    import socket
+
+    from edvit.errors import ConfigError
+    from edvit.fleet.dashboard import listen
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--port {port}: cannot listen \\(Address already"):
+            listen("127.0.0.1", port)
