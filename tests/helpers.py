@@ -176,3 +176,15 @@ def small_plan(assignments: dict[str, tuple[str, ...]], submodels: int = 3) -> P
         submodels=refs, assignments=assignments, fusion_sha256="f" * 64,
         preprocessing=Preprocessing(channels=1, height=28, width=28, mean=(0.5,), std=(0.5,)),
     )  # fmt: skip
+
+
+def collect_predictions(stream: Any, count: int, timeout: float) -> list:
+    """Up to `count` predictions from a `PredictionStream`, waiting at most `timeout` s."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            got.append(stream.queue.get(timeout=0.2))
+        except queue.Empty:
+            continue
+    return got

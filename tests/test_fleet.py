@@ -3,7 +3,6 @@ processes, and check every frame gets exactly one prediction equal to the offlin
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import subprocess
 import sys
@@ -24,24 +23,15 @@ from edvit.fleet.watch import PredictionStream
 from edvit.inference import OfflinePredictor, softmax
 from edvit.mqtt import MqttClient
 from edvit.preprocess import dataset_to_model_input
-from edvit.schemas import FrameMsg, ModelMsg, PredictionMsg, StatusMsg, decode, encode
+from edvit.schemas import FrameMsg, ModelMsg, StatusMsg, decode, encode
 from edvit.topics import Topics
-from helpers import assert_exit_codes
+from helpers import assert_exit_codes, collect_predictions
 
 FRAMES = 40
 
 
 def _topics() -> Topics:
     return Topics(f"t{uuid.uuid4().hex[:8]}")  # retained state of other tests stays out
-
-
-def _collect(stream: PredictionStream, count: int, timeout: float) -> list[PredictionMsg]:
-    got: list[PredictionMsg] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and time.monotonic() < deadline:
-        with contextlib.suppress(queue.Empty):
-            got.append(stream.queue.get(timeout=0.2))
-    return got
 
 
 def _start_fleet(fleet: LocalFleet, bundle: Bundle, broker: LocalBroker, topics: Topics):
@@ -67,9 +57,9 @@ def test_every_frame_gets_one_prediction_equal_to_offline(
                 "camera", "camera", "--id", "cam0", "--source", "dataset:digits",
                 "--count", str(FRAMES), "--fps", "40",
             )  # fmt: skip
-            predictions = _collect(stream, FRAMES, timeout=60)
+            predictions = collect_predictions(stream, FRAMES, timeout=60)
             # Anything answered twice would arrive right behind the first answer.
-            predictions += _collect(stream, 1, timeout=1.0)
+            predictions += collect_predictions(stream, 1, timeout=1.0)
         finally:
             stream.stop()
     assert_exit_codes(fleet)  # nodes, aggregator and camera: 0
@@ -114,7 +104,9 @@ def test_bad_payloads_are_dropped_and_the_fleet_keeps_serving(
             frame = FrameMsg(camera="cam9", seq=1, ts=time.time(), enc="raw",
                              data=good.tobytes(), shape=good.shape, dtype="uint8")  # fmt: skip
             sender.publish(frame_topic, encode(frame))
-            predictions = [p for p in _collect(stream, 1, timeout=20) if p.camera == "cam9"]
+            predictions = [
+                p for p in collect_predictions(stream, 1, timeout=20) if p.camera == "cam9"
+            ]
         finally:
             sender.stop()
             stream.stop()
@@ -262,7 +254,7 @@ def test_fleet_reconnects_and_resubscribes_after_broker_restart(
                 "camera", "camera", "--id", "cam1", "--source", "dataset:digits",
                 "--count", "10", "--fps", "20",
             )  # fmt: skip
-            predictions = _collect(stream, 10, timeout=30)
+            predictions = collect_predictions(stream, 10, timeout=30)
         finally:
             probe.stop()
             stream.stop()

@@ -3,7 +3,6 @@ aggregator shards split cameras. Real mosquitto, real processes, the shipped bun
 
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
 import time
@@ -24,9 +23,9 @@ from edvit.fleet.local import LocalFleet
 from edvit.fleet.planner import heal
 from edvit.fleet.watch import PredictionStream
 from edvit.mqtt import MqttClient, matching_filter, shared_filter, unique_client_id
-from edvit.schemas import FeaturesMsg, PredictionMsg, decode
+from edvit.schemas import FeaturesMsg, decode
 from edvit.topics import Topics
-from helpers import assert_exit_codes
+from helpers import assert_exit_codes, collect_predictions
 
 FRAMES = 40
 
@@ -87,15 +86,6 @@ def _publish_plan(broker: LocalBroker, topics: Topics, assignments: dict) -> obj
     return plan
 
 
-def _collect(stream: PredictionStream, count: int, timeout: float) -> list[PredictionMsg]:
-    got: list[PredictionMsg] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and time.monotonic() < deadline:
-        with contextlib.suppress(queue.Empty):
-            got.append(stream.queue.get(timeout=0.2))
-    return got
-
-
 def test_replicas_split_the_frames_and_every_frame_is_answered_once(
     mosquitto_broker: LocalBroker, tmp_path: Path
 ) -> None:
@@ -126,8 +116,8 @@ def test_replicas_split_the_frames_and_every_frame_is_answered_once(
                 "camera", "camera", "--id", "cam0", "--source", "dataset:fashion-mnist",
                 "--count", str(FRAMES), "--fps", "40",
             )  # fmt: skip
-            predictions = _collect(stream, FRAMES, timeout=40)
-            predictions += _collect(stream, 1, timeout=1.0)  # anything answered twice
+            predictions = collect_predictions(stream, FRAMES, timeout=40)
+            predictions += collect_predictions(stream, 1, timeout=1.0)  # anything answered twice
             time.sleep(0.3)  # the last features on their way to the probe
         assert_exit_codes(fleet)
     finally:
@@ -188,8 +178,8 @@ def test_shards_answer_their_own_cameras_once_and_same_id_nodes_stay_connected(
                     camera, "camera", "--id", camera, "--source", "dataset:fashion-mnist",
                     "--count", str(FRAMES), "--fps", "20",
                 )  # fmt: skip
-            predictions = _collect(stream, 2 * FRAMES, timeout=40)
-            predictions += _collect(stream, 1, timeout=1.0)
+            predictions = collect_predictions(stream, 2 * FRAMES, timeout=40)
+            predictions += collect_predictions(stream, 1, timeout=1.0)
             time.sleep(1.5)  # a stats interval, for the counters below
             stats = {
                 shard: _retained(mosquitto_broker, topics.stats("aggregators", f"agg-s{shard}"))

@@ -24,19 +24,9 @@ from edvit.mqtt import MqttClient
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import TokensMsg, encode
 from edvit.topics import Topics
-from helpers import assert_exit_codes
+from helpers import assert_exit_codes, collect_predictions
 
 FRAMES = 15
-
-
-def _collect(stream: PredictionStream, count: int, timeout: float) -> list:
-    got, deadline = [], time.monotonic() + timeout
-    while len(got) < count and time.monotonic() < deadline:
-        try:
-            got.append(stream.queue.get(timeout=0.2))
-        except Exception:  # queue.Empty
-            continue
-    return got
 
 
 @pytest.mark.parametrize("strategy", ["per-entry", "merged"])
@@ -59,7 +49,7 @@ def test_frames_and_tokens_give_the_offline_answers(
             fleet.spawn("cam-frames", "camera", "--id", "cam-frames", *common)
             fleet.spawn("cam-tokens", "camera", "--id", "cam-tokens", "--head-slices", "1",
                         *common)  # fmt: skip
-            predictions = _collect(stream, 2 * FRAMES, timeout=60)
+            predictions = collect_predictions(stream, 2 * FRAMES, timeout=60)
         finally:
             stream.stop()
     assert_exit_codes(fleet)  # node, aggregator and both cameras: 0
