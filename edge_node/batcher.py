@@ -55,6 +55,9 @@ class DynamicBatcher(Generic[T]):
         self.adaptive = adaptive
         self.dropped = 0
         self._last_put: float | None = None
+        # Batches taken (or requests handed back) and not yet finished(): while any is in
+        # hand nothing is handed back, so requests are served in the order they came.
+        self._in_hand = 0
         self._mean_gap_s = float("inf")  # moving average of the gaps between arrivals
         self._slots: OrderedDict[object, _Slot[T]] = OrderedDict()
         self._serial = 0
@@ -88,7 +91,8 @@ class DynamicBatcher(Generic[T]):
                     self._mean_gap_s += GAP_SMOOTHING * (gap - self._mean_gap_s)
             self._last_put = now
             quiet = self._wait_s() == 0.0 and self._mean_gap_s >= min_gap_s
-            if serve_quiet and quiet and not self._slots:
+            if serve_quiet and quiet and not self._slots and not self._in_hand:
+                self._in_hand += 1
                 return True
             if self.newest_only and source in self._slots:
                 self._slots[source].item = item  # keeps its place and its deadline
@@ -106,8 +110,14 @@ class DynamicBatcher(Generic[T]):
         self._serial += 1
         return self._serial
 
+    def finished(self) -> None:
+        """A batch from take(), or a request put_unless_quiet() handed back, is served."""
+        with self._ready:
+            self._in_hand = max(0, self._in_hand - 1)
+
     def take(self, timeout: float = 0.5) -> list[T]:
-        """Wait (at most `timeout` seconds) for a due batch; [] if none became due."""
+        """Wait (at most `timeout` seconds) for a due batch; [] if none became due. Call
+        finished() once a non-empty batch is served."""
         deadline = time.monotonic() + timeout
         with self._ready:
             while True:
@@ -116,6 +126,7 @@ class DynamicBatcher(Generic[T]):
                     oldest = next(iter(self._slots.values())).arrived
                     due_at = oldest + self._wait_s()
                     if len(self._slots) >= self.max_batch or now >= due_at:
+                        self._in_hand += 1
                         return self._pop(self.max_batch)
                     wait = min(due_at, deadline) - now
                 else:

@@ -355,16 +355,19 @@ class EdgeNode:
         # An idle node serves a lone request right here, on the network thread: handing it
         # to the inference thread costs a wake-up (0.1-2 ms on a busy board) and batching has
         # nothing to gain from it. Under load requests queue and are batched as before.
-        if self._serving.acquire(blocking=False):
-            try:
-                min_gap_s = QUIET_FACTOR * self._serve_s
-                if self._batcher.put_unless_quiet(message.camera, pending, min_gap_s=min_gap_s):
-                    self.counters["requests_served_inline"] += 1
+        if not self._serving.acquire(blocking=False):
+            self._batcher.put(message.camera, pending)  # a batch is being served: queue
+            return
+        try:
+            min_gap_s = QUIET_FACTOR * self._serve_s
+            if self._batcher.put_unless_quiet(message.camera, pending, min_gap_s=min_gap_s):
+                self.counters["requests_served_inline"] += 1
+                try:
                     self._serve([pending])
-                    return
-            finally:
-                self._serving.release()
-        self._batcher.put(message.camera, pending)
+                finally:
+                    self._batcher.finished()
+        finally:
+            self._serving.release()
 
     def _tokens_request(self, message: TokensMsg, plan: PlanMsg) -> Request:
         stem = plan.stem
@@ -410,8 +413,11 @@ class EdgeNode:
         self.counters["requests_replaced_overload"] = self._batcher.dropped
         if not batch:
             return
-        with self._serving:
-            self._serve(batch)
+        try:
+            with self._serving:
+                self._serve(batch)
+        finally:
+            self._batcher.finished()
 
     def _serve(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -444,6 +450,10 @@ class EdgeNode:
         self.metrics.batch(len(prepared))
         for pending in prepared:
             self.metrics.observe("queue", started - pending.enqueued)
+            self.metrics.frame(pending.camera, "served")
+        # Counted before the features go out: whoever sees an answer sees it counted.
+        self.counters["frames_served"] += len(prepared)
+        self.counters["batches"] += 1
         for submodel_id, vectors in features.items():
             for pending, vector in zip(prepared, vectors, strict=True):
                 vector = vector.astype(np.float32, copy=False)
@@ -468,7 +478,3 @@ class EdgeNode:
                 topic = self.topics.features(pending.camera, submodel_id, self.node_id)
                 self.client.publish(topic, encode(msg))
         self.metrics.observe("publish", time.perf_counter() - done)
-        for pending in prepared:
-            self.metrics.frame(pending.camera, "served")
-        self.counters["frames_served"] += len(prepared)
-        self.counters["batches"] += 1

@@ -129,14 +129,21 @@ def test_adaptive_waits_while_requests_come_close_together() -> None:
 
 
 def test_a_quiet_request_is_handed_back_to_serve_at_once() -> None:
-    """put_unless_quiet: an empty queue and sparse arrivals mean the caller serves the request
-    itself; otherwise it is queued as put() would."""
+    """put_unless_quiet: an empty queue, nothing in hand and sparse arrivals mean the caller
+    serves the request itself; otherwise it is queued as put() would."""
     batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=100)
-    assert batcher.put_unless_quiet("cam0", 1, now=10.0)  # the first ever: nothing to wait for
+
+    def offer(source: str, item: int, now: float) -> bool:
+        handed_back = batcher.put_unless_quiet(source, item, now=now)
+        if handed_back:
+            batcher.finished()
+        return handed_back
+
+    assert offer("cam0", 1, now=10.0)  # the first ever: nothing to wait for
     assert len(batcher) == 0
-    assert batcher.put_unless_quiet("cam0", 2, now=11.0)  # a second later
+    assert offer("cam0", 2, now=11.0)  # a second later
     # Requests 1 ms apart: once the moving average of the gaps is under the wait, they queue.
-    served_at_once = [batcher.put_unless_quiet(f"c{i}", i, now=11.0 + i / 1000) for i in range(20)]
+    served_at_once = [offer(f"c{i}", i, now=11.0 + i / 1000) for i in range(20)]
     assert served_at_once[0] and not served_at_once[-1]
     first_queued = served_at_once.index(False)
     assert not any(served_at_once[first_queued:])
@@ -144,3 +151,15 @@ def test_a_quiet_request_is_handed_back_to_serve_at_once() -> None:
     fixed: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=100, adaptive=False)
     assert not fixed.put_unless_quiet("cam0", 1, now=10.0)
     assert len(fixed) == 1
+
+
+def test_nothing_is_handed_back_while_a_batch_is_in_hand() -> None:
+    """A request must not overtake a batch the consumer took but has not served yet."""
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=1, max_wait_ms=0)
+    batcher.put("cam0", 1, now=10.0)
+    assert batcher.take(timeout=1) == [1]
+    assert not batcher.put_unless_quiet("cam1", 2, now=20.0)  # queued behind batch [1]
+    batcher.finished()
+    assert batcher.take(timeout=1) == [2]
+    batcher.finished()
+    assert batcher.put_unless_quiet("cam2", 3, now=30.0)
