@@ -385,6 +385,41 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fleet_up(args: argparse.Namespace) -> int:
+    from edvit.fleet import boards
+
+    state = boards.up(boards.load_fleet(Path(args.boards)), Path(args.run_dir))
+    print(boards.format_status([boards.board_status(b) for b in state.boards]))
+    print(f"edvit fleet: {len(state.boards)} boards up on {state.broker} (run folder "
+          f"{args.run_dir}); `edvit fleet down` takes them down")  # fmt: skip
+    return 0
+
+
+def cmd_fleet_down(args: argparse.Namespace) -> int:
+    from edvit.fleet import boards
+
+    taken = boards.down(Path(args.run_dir))
+    print(f"edvit fleet: took down {', '.join(taken)}" if taken else "no emulated boards are up")
+    return 0
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    import json
+
+    from edvit.fleet import boards
+
+    rows = boards.status(Path(args.run_dir))
+    print(json.dumps(rows, indent=2) if args.json else boards.format_status(rows))
+    return 0
+
+
+def cmd_fleet_proxy(args: argparse.Namespace) -> int:
+    from edvit.fleet import boards
+
+    boards.serve_proxy(args.listen, args.target, args.delay_ms)
+    return 0
+
+
 def _trust_key_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trust-key", default=os.environ.get("EDVIT_TRUST_KEY") or None, metavar="FILE",
@@ -688,6 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(log_level="WARNING")  # its progress lines are the story; logs go to files
 
+    _fleet_commands(sub)
+
     p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")
     p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
     p.add_argument("--frames", type=_positive_int, default=200)
@@ -706,6 +743,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timings", action="store_true", help="show each prediction's ms per stage")
     p.set_defaults(log_level="WARNING")  # the demo's own output is the story; logs go to files
     return parser
+
+
+def _fleet_commands(sub: argparse._SubParsersAction) -> None:
+    from edvit.fleet.boards import DEFAULT_RUN_DIR, PRESETS
+
+    text = "edge nodes on emulated boards: `up BOARDS.yaml`, `status`, `down` (needs root)"
+    fleet = sub.add_parser("fleet", help=text, description=text)
+    commands = fleet.add_subparsers(dest="fleet", required=True, metavar="ACTION")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], text: str):
+        # Not _common(): the broker and prefix of the boards come from BOARDS.yaml.
+        p = commands.add_parser(name, help=text, description=text)
+        p.set_defaults(handler=handler, prefix=DEFAULT_PREFIX)
+        p.add_argument(
+            "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        )
+        p.add_argument(
+            "--run-dir", default=str(DEFAULT_RUN_DIR),
+            help="where the fleet's state and logs live (default %(default)s)",
+        )  # fmt: skip
+        return p
+
+    p = add(
+        "up", cmd_fleet_up,
+        "each board a node in its own network namespace with a CPU quota, a memory limit, "
+        f"a rate-limited link and added latency; presets: {', '.join(PRESETS)}",
+    )  # fmt: skip
+    p.add_argument("boards", metavar="BOARDS.yaml")
+    add("down", cmd_fleet_down, "stop the boards' nodes, remove namespaces, links and cgroups")
+    p = add("status", cmd_fleet_status, "each board: its shape, its node, RSS, CPU, OOM kills")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p = add("proxy", cmd_fleet_proxy, "a board's link proxy (what `up` runs, one per board)")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="the broker")
+    p.add_argument("--delay-ms", type=_non_negative_float, default=0.0, help="each way")
 
 
 def main(argv: list[str] | None = None) -> int:
