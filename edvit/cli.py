@@ -361,6 +361,31 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_boards(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench_boards import bench_boards
+    from edvit.fleet.bench_e2e import MakeMonolithic
+    from edvit.fleet.boards import board_spec
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+
+    make_monolithic: MakeMonolithic | None
+    try:
+        from edvit.models.monolithic import monolithic_bundle as make_monolithic
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnx":
+            raise
+        make_monolithic = None  # the benchmark says the monolithic row is skipped, and why
+    overrides = {
+        key: getattr(args, key) for key in ("cpu", "memory_mb", "rate_mbit", "delay_ms")
+        if getattr(args, key) is not None
+    }  # fmt: skip
+    board = board_spec({"id": "node-0", "preset": args.preset, **overrides}, "bench boards")
+    bench_boards(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, board, args.fps,
+        args.saturate_fps, args.seconds, Path(args.json) if args.json else None, make_monolithic,
+    )  # fmt: skip
+    return 0
+
+
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from edvit.fleet.bench_scale import bench_scale
     from edvit.fleet.demo import DEFAULT_BUNDLE
@@ -633,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "bench", cmd_bench_batching,
-        "benchmarks: `batching`, `slicing`, `scale`, `chaos` or `e2e` (latency against its floor)",
+        "benchmarks: `batching`, `slicing`, `scale`, `chaos`, `e2e` (latency against its floor) "
+        "or `boards` (emulated boards)",
     )  # fmt: skip
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = benches.add_parser(
@@ -705,6 +731,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive_float, default=20.0)
     p.add_argument("--hold-off-s", type=_non_negative_float, default=3.0)
     p.add_argument("--json", help="also write the results here")
+
+    p = benches.add_parser(
+        "boards", parents=[_common()], help="whole on one emulated board vs split on N",
+        description="the original served whole on one emulated board against the split bundle "
+        "on N boards of the same type (N: the bundle's sub-model count; the shipped bundle has "
+        "3, --bundle for another): latency, served fps under saturation, memory, CPU, and "
+        "whether the model fits the board (needs root; README, \"Emulated boards\")",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_boards)
+    p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
+    p.add_argument("--preset", default="rpi4", help="the board type (default %(default)s)")
+    p.add_argument("--cpu", type=float, help="override: cores of this machine")
+    p.add_argument("--memory-mb", type=int, help="override: the board's memory limit")
+    p.add_argument("--rate-mbit", type=float, help="override: link rate")
+    p.add_argument("--delay-ms", type=float, help="override: added latency, each way")
+    p.add_argument("--fps", type=float, default=5.0, help="the latency run's one camera")
+    p.add_argument(
+        "--saturate-fps", type=float, default=50.0,
+        help="per camera, 4 cameras, for the throughput run (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--seconds", type=float, default=5.0, help="camera time per run")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(log_level="WARNING")
 
     p = benches.add_parser(
         "e2e", parents=[_common()], help="pipeline latency against its floor, split and whole",

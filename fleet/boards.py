@@ -49,6 +49,16 @@ STOP_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
+class BoardOutOfMemory(EdvitError):
+    """A board's memory limit killed its node: what it serves does not fit the board."""
+
+    def __init__(self, board_id: str, memory_mb: int) -> None:
+        super().__init__(f"{board_id}: the node was killed by the board's {memory_mb} MB limit")
+        self.board_id = board_id
+        self.memory_mb = memory_mb
+
+
+@dataclass(frozen=True)
 class Preset:
     """A real board, emulated. `cpu`: its one core's speed as a share of one core of the
     machine running the emulation (a node serves on one thread, so one core is what counts)."""
@@ -380,14 +390,23 @@ def _wait_listening(state: RunState, timeout: float) -> None:
     waiting = {b.spec.id: b for b in state.boards}
     while waiting:
         for board_id, board in list(waiting.items()):
-            if not alive(board.node_pid):
-                tail = "\n".join(Path(board.log).read_text().splitlines()[-10:])
-                raise EdvitError(f"{board_id}: the node exited:\n{tail}")
+            check_board(board)
             if _connected(board):
                 del waiting[board_id]
         if waiting and time.monotonic() > deadline:
             raise EdvitError(f"not connected after {timeout:.0f} s: {sorted(waiting)}")
         time.sleep(0.2)
+
+
+def check_board(board: BoardState) -> None:
+    """BoardOutOfMemory when the memory limit killed the node, EdvitError when it died of
+    anything else; nothing while it runs."""
+    if alive(board.node_pid):
+        return
+    if emulation.oom_kills([Path(f) for f in board.cgroups]):
+        raise BoardOutOfMemory(board.spec.id, board.spec.memory_mb)
+    tail = "\n".join(Path(board.log).read_text().splitlines()[-10:])
+    raise EdvitError(f"{board.spec.id}: the node exited:\n{tail}")
 
 
 def _connected(board: BoardState) -> bool:
