@@ -484,6 +484,7 @@ def board_status(board: BoardState) -> dict[str, Any]:
         "cpu_s": _cpu_seconds(board.node_pid) if board.node_pid else None,
         "cgroup_peak_mb": peak,
         "oom_kills": emulation.oom_kills(folders) if all(f.exists() for f in folders) else None,
+        "throttled": emulation.throttled(folders) if all(f.exists() for f in folders) else None,
         "log": board.log,
     }
 

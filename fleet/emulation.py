@@ -19,7 +19,9 @@ from edvit.errors import EdvitError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "edvit-boards"  # every board's cgroup lives under this one
-CPU_PERIOD_US = 100_000
+# CFS hands out `cpu` of each period as one slice: a job shorter than the slice runs at full
+# speed. The shortest period with the kernel's smallest quota (1 ms) keeps that slice short.
+MIN_QUOTA_US = 1000
 TBF_BURST = "64kb"  # a few full-size frames: enough for the rate, small enough to shape
 TBF_LATENCY = "100ms"  # how long a packet may wait in the bucket before it is dropped
 
@@ -140,7 +142,7 @@ def _write(path: Path, value: str) -> None:
 
 def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[Path]:
     """A cgroup with `cpu` cores of quota and `memory_mb` of memory, swap included."""
-    quota = max(1000, round(cpu * CPU_PERIOD_US))
+    quota, period = cpu_quota(cpu)
     limit = str(memory_mb * 1024 * 1024)
     if version == "v2":
         parent = CGROUP_ROOT / CGROUP_PARENT
@@ -149,7 +151,7 @@ def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[P
         _write(parent / "cgroup.subtree_control", "+cpu +memory")
         (folder,) = cgroup_dirs(version, name)
         folder.mkdir()
-        _write(folder / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        _write(folder / "cpu.max", f"{quota} {period}")
         _write(folder / "memory.max", limit)
         if (folder / "memory.swap.max").exists():
             _write(folder / "memory.swap.max", "0")
@@ -157,12 +159,31 @@ def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[P
     cpu_dir, memory_dir = cgroup_dirs(version, name)
     for folder in (cpu_dir, memory_dir):
         folder.mkdir(parents=True)
-    _write(cpu_dir / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+    _write(cpu_dir / "cpu.cfs_period_us", str(period))
     _write(cpu_dir / "cpu.cfs_quota_us", str(quota))
     _write(memory_dir / "memory.limit_in_bytes", limit)
     if (memory_dir / "memory.memsw.limit_in_bytes").exists():
         _write(memory_dir / "memory.memsw.limit_in_bytes", limit)
     return [cpu_dir, memory_dir]
+
+
+def cpu_quota(cpu: float) -> tuple[int, int]:
+    """(quota, period) in µs for `cpu` cores: 1 ms of quota per period below one core."""
+    if cpu >= 1:
+        return round(cpu * MIN_QUOTA_US), MIN_QUOTA_US
+    return MIN_QUOTA_US, min(1_000_000, round(MIN_QUOTA_US / cpu))
+
+
+def throttled(folders: list[Path]) -> int:
+    """How many periods the CPU quota stopped this cgroup (cpu.stat, v1 and v2)."""
+    for folder in folders:
+        path = folder / "cpu.stat"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "nr_throttled":
+                    return int(value)
+    return 0
 
 
 def join_cgroup(folders: list[Path], pid: int) -> None:
