@@ -362,6 +362,31 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_boards(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench_boards import bench_boards
+    from edvit.fleet.bench_e2e import MakeMonolithic
+    from edvit.fleet.boards import board_spec
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+
+    make_monolithic: MakeMonolithic | None
+    try:
+        from edvit.models.monolithic import monolithic_bundle as make_monolithic
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnx":
+            raise
+        make_monolithic = None  # the benchmark says the monolithic row is skipped, and why
+    overrides = {
+        key: getattr(args, key) for key in ("cpu", "memory_mb", "rate_mbit", "delay_ms")
+        if getattr(args, key) is not None
+    }  # fmt: skip
+    board = board_spec({"id": "node-0", "preset": args.preset, **overrides}, "bench boards")
+    bench_boards(
+        Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, board, args.fps,
+        args.saturate_fps, args.seconds, Path(args.json) if args.json else None, make_monolithic,
+    )  # fmt: skip
+    return 0
+
+
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from edvit.fleet.bench_scale import bench_scale
     from edvit.fleet.demo import DEFAULT_BUNDLE
@@ -383,6 +408,41 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
         fps=args.fps, hold_off_s=args.hold_off_s, json_path=Path(args.json) if args.json else None,
         soak_s=args.soak_s,
     )  # fmt: skip
+    return 0
+
+
+def cmd_fleet_up(args: argparse.Namespace) -> int:
+    from edvit.fleet import boards
+
+    state = boards.up(boards.load_fleet(Path(args.boards)), Path(args.run_dir))
+    print(boards.format_status([boards.board_status(b) for b in state.boards]))
+    print(f"edvit fleet: {len(state.boards)} boards up on {state.broker} (run folder "
+          f"{args.run_dir}); `edvit fleet down` takes them down")  # fmt: skip
+    return 0
+
+
+def cmd_fleet_down(args: argparse.Namespace) -> int:
+    from edvit.fleet import boards
+
+    taken = boards.down(Path(args.run_dir))
+    print(f"edvit fleet: took down {', '.join(taken)}" if taken else "no emulated boards are up")
+    return 0
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    import json
+
+    from edvit.fleet import boards
+
+    rows = boards.status(Path(args.run_dir))
+    print(json.dumps(rows, indent=2) if args.json else boards.format_status(rows))
+    return 0
+
+
+def cmd_fleet_proxy(args: argparse.Namespace) -> int:
+    from edvit.fleet import boards
+
+    boards.serve_proxy(args.listen, args.target, args.delay_ms)
     return 0
 
 
@@ -599,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "bench", cmd_bench_batching,
-        "benchmarks: `batching`, `slicing`, `scale`, `chaos` or `e2e` (latency against its floor)",
+        "benchmarks: `batching`, `slicing`, `scale`, `chaos`, `e2e` (latency against its floor) "
+        "or `boards` (emulated boards)",
     )  # fmt: skip
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = benches.add_parser(
@@ -673,6 +734,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results here")
 
     p = benches.add_parser(
+        "boards", parents=[_common()], help="whole on one emulated board vs split on N",
+        description="the original served whole on one emulated board against the split bundle "
+        "on N boards of the same type (N: the bundle's sub-model count; the shipped bundle has "
+        "3, --bundle for another): latency, served fps under saturation, memory, CPU, and "
+        "whether the model fits the board (needs root; README, \"Emulated boards\")",
+    )  # fmt: skip
+    p.set_defaults(handler=cmd_bench_boards)
+    p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
+    p.add_argument("--preset", default="rpi4", help="the board type (default %(default)s)")
+    p.add_argument("--cpu", type=float, help="override: cores of this machine")
+    p.add_argument("--memory-mb", type=int, help="override: the board's memory limit")
+    p.add_argument("--rate-mbit", type=float, help="override: link rate")
+    p.add_argument("--delay-ms", type=float, help="override: added latency, each way")
+    p.add_argument("--fps", type=float, default=5.0, help="the latency run's one camera")
+    p.add_argument(
+        "--saturate-fps", type=float, default=50.0,
+        help="per camera, 4 cameras, for the throughput run (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--seconds", type=float, default=5.0, help="camera time per run")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(log_level="WARNING")
+
+    p = benches.add_parser(
         "e2e", parents=[_common()], help="pipeline latency against its floor, split and whole",
         description="the floor (each model at batch 1, one thread; the broker's one-way "
         "latency; decode), then simulated cameras through the split fleet and through the "
@@ -688,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="camera time per run")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(log_level="WARNING")  # its progress lines are the story; logs go to files
+
+    _fleet_commands(sub)
 
     p = add("demo", cmd_demo, "run broker, nodes, aggregator and a camera locally")
     p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
@@ -707,6 +793,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timings", action="store_true", help="show each prediction's ms per stage")
     p.set_defaults(log_level="WARNING")  # the demo's own output is the story; logs go to files
     return parser
+
+
+def _fleet_commands(sub: argparse._SubParsersAction) -> None:
+    from edvit.fleet.boards import DEFAULT_RUN_DIR, PRESETS
+
+    text = "edge nodes on emulated boards: `up BOARDS.yaml`, `status`, `down` (needs root)"
+    fleet = sub.add_parser("fleet", help=text, description=text)
+    commands = fleet.add_subparsers(dest="fleet", required=True, metavar="ACTION")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], text: str):
+        # Not _common(): the broker and prefix of the boards come from BOARDS.yaml.
+        p = commands.add_parser(name, help=text, description=text)
+        p.set_defaults(handler=handler, prefix=DEFAULT_PREFIX)
+        p.add_argument(
+            "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        )
+        p.add_argument(
+            "--run-dir", default=str(DEFAULT_RUN_DIR),
+            help="where the fleet's state and logs live (default %(default)s)",
+        )  # fmt: skip
+        return p
+
+    p = add(
+        "up", cmd_fleet_up,
+        "each board a node in its own network namespace with a CPU quota, a memory limit, "
+        f"a rate-limited link and added latency; presets: {', '.join(PRESETS)}",
+    )  # fmt: skip
+    p.add_argument("boards", metavar="BOARDS.yaml")
+    add("down", cmd_fleet_down, "stop the boards' nodes, remove namespaces, links and cgroups")
+    p = add("status", cmd_fleet_status, "each board: its shape, its node, RSS, CPU, OOM kills")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p = add("proxy", cmd_fleet_proxy, "a board's link proxy (what `up` runs, one per board)")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="the broker")
+    p.add_argument("--delay-ms", type=_non_negative_float, default=0.0, help="each way")
 
 
 def main(argv: list[str] | None = None) -> int:

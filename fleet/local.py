@@ -9,6 +9,7 @@ import queue
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edvit.errors import EdvitError
@@ -76,9 +77,12 @@ class LocalFleet:
                 )
 
     def wait_ready(
-        self, plan: PlanMsg, timeout: float = 60.0, include_aggregator: bool = True
-    ) -> None:
-        """Wait until every node in the plan (and the aggregator) report ready for this plan."""
+        self, plan: PlanMsg, timeout: float = 60.0, include_aggregator: bool = True,
+        check: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Wait until every node in the plan (and the aggregator) report ready for this plan.
+        `check` is called while waiting, to raise when a process started elsewhere (an
+        emulated board's node) has died."""
         statuses: queue.Queue[tuple[str, StatusMsg]] = queue.Queue()
 
         def on_status(topic: str, payload: bytes) -> None:
@@ -97,6 +101,8 @@ class LocalFleet:
         try:
             while waiting:
                 self.check_alive()
+                if check is not None:
+                    check()
                 if time.monotonic() > deadline:
                     raise EdvitError(f"not ready after {timeout:.0f} s: {sorted(waiting)}")
                 try:

@@ -1,6 +1,8 @@
 """A TCP proxy whose link can be cut: what a Wi-Fi drop looks like to the broker and the
 board (no FIN, no RST: bytes just stop), for the chaos bench and the tests. `tc netem` is
-not available everywhere, so this is done in user space."""
+not available everywhere, so this is done in user space, and so is the added latency of an
+emulated board's link (`edvit fleet up`, fleet/boards.py): each direction's bytes are held
+`delay_ms` before they are forwarded."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import logging
 import selectors
 import socket
 import threading
+import time
+from collections import deque
 
 log = logging.getLogger("edvit.proxy")
 
@@ -16,12 +20,20 @@ log = logging.getLogger("edvit.proxy")
 class CuttableProxy:
     """Listens on 127.0.0.1:port and forwards every connection to `target`. While cut,
     whatever either side sends is read and dropped, and new connections are accepted and
-    left silent."""
+    left silent. With `delay_ms`, bytes are forwarded that long after they arrived, in
+    either direction (a constant one-way delay keeps them in arrival order)."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, listen_host: str = "127.0.0.1",
+        listen_port: int = 0, delay_ms: float = 0.0,
+    ) -> None:  # fmt: skip
         self.target = (target_host, target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen_host, listen_port))
+        self.host = listen_host
         self.port = self._listener.getsockname()[1]
+        self.delay_s = delay_ms / 1000.0
+        # (due time, sink, bytes), due times non-decreasing
+        self._pending: deque[tuple[float, socket.socket, bytes]] = deque()
         self._cut = threading.Event()
         self._stop = threading.Event()
         self._selector = selectors.DefaultSelector()
@@ -30,7 +42,7 @@ class CuttableProxy:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> CuttableProxy:
         self._listener.setblocking(False)
@@ -52,13 +64,34 @@ class CuttableProxy:
                 key.fileobj.close()  # type: ignore[union-attr]
         self._selector.close()
 
+    def serve_forever(self) -> None:
+        """Run in this thread until stopped (`edvit fleet proxy`, a process per board)."""
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._run()
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for key, _ in self._selector.select(timeout=0.1):
+            timeout = 0.1
+            if self._pending:
+                timeout = min(timeout, max(0.0, self._pending[0][0] - time.monotonic()))
+            for key, _ in self._selector.select(timeout=timeout):
                 if key.data is None:
                     self._accept()
                 else:
                     self._forward(key.fileobj, key.data)  # type: ignore[arg-type]
+            now = time.monotonic()
+            while self._pending and self._pending[0][0] <= now:
+                _, sink, data = self._pending.popleft()
+                if data:
+                    self._send(sink, data)
+                else:
+                    self._close(sink)
+
+    def _close(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(sock)
+        sock.close()
 
     def _accept(self) -> None:
         client, _ = self._listener.accept()
@@ -81,13 +114,21 @@ class CuttableProxy:
         except OSError:
             data = b""
         if not data:
-            for sock in (source, sink):
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self._selector.unregister(sock)
-                sock.close()
+            self._close(source)
+            if self.delay_s > 0:  # after the bytes still held for it
+                self._pending.append((time.monotonic() + self.delay_s, sink, b""))
+            else:
+                self._close(sink)
             return
         if self._cut.is_set():
             return  # the link is down: the bytes are lost
+        if self.delay_s > 0:
+            self._pending.append((time.monotonic() + self.delay_s, sink, data))
+            return
+        self._send(sink, data)
+
+    @staticmethod
+    def _send(sink: socket.socket, data: bytes) -> None:
         try:
             sink.setblocking(True)
             sink.sendall(data)

@@ -1,0 +1,208 @@
+"""Emulated boards (`edvit fleet up|status|down`, fleet/boards.py): BOARDS.yaml and the
+presets, and, where this machine allows it (root, namespaces, cgroups, tc, mosquitto), a
+real fleet of shaped boards serving a camera."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edvit.broker.local import LocalBroker, mosquitto_path
+from edvit.bundle import Bundle
+from edvit.datasets import load_dataset
+from edvit.errors import ConfigError, EdvitError
+from edvit.fleet import boards, emulation
+from edvit.fleet.bench import _message, frame_samples
+from edvit.fleet.boards import PRESETS, load_fleet, parse_fleet
+from edvit.fleet.demo import DEFAULT_BUNDLE
+from edvit.fleet.deploy import deploy
+from edvit.fleet.local import LocalFleet
+from edvit.fleet.watch import PredictionStream
+from edvit.mqtt import MqttClient, unique_client_id
+from edvit.topics import Topics
+
+# -- BOARDS.yaml ----------------------------------------------------------------------------
+
+
+def test_presets_and_custom_boards_parse() -> None:
+    fleet = parse_fleet({
+        "broker": {"host": "127.0.0.1", "port": 1884},
+        "boards": [
+            {"id": "node-0", "preset": "rpi4"},
+            {"id": "node-1", "cpu": 0.3, "memory_mb": 512, "rate_mbit": 20, "delay_ms": 3},
+            {"id": "node-2", "preset": "rpi-zero2", "delay_ms": 10},
+        ],
+    })  # fmt: skip
+    rpi4, custom, zero = fleet.boards
+    assert (rpi4.cpu, rpi4.memory_mb, rpi4.preset) == (PRESETS["rpi4"].cpu, 2048, "rpi4")
+    assert (custom.cpu, custom.memory_mb, custom.rate_mbit, custom.delay_ms) == (0.3, 512, 20, 3)
+    assert zero.delay_ms == 10 and zero.rate_mbit == PRESETS["rpi-zero2"].rate_mbit
+    assert (fleet.broker_port, fleet.prefix) == (1884, "edvit")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([], "expected a mapping with a `boards` list"),
+        ({"boards": []}, "non-empty list"),
+        ({"boards": [{"id": "node-0", "preset": "rpi9"}]}, "unknown preset 'rpi9'"),
+        ({"boards": [{"id": "node-0", "cpu": 0.5}]}, "needs a preset or memory_mb"),
+        ({"boards": [{"preset": "rpi4"}]}, "every board needs an id"),
+        ({"boards": [{"id": "a/b", "preset": "rpi4"}]}, "boards[0]"),
+        ({"boards": [{"id": "n", "preset": "rpi4", "cpu": 0}]}, "cpu must be in (0"),
+        ({"boards": [{"id": "n", "preset": "rpi4", "cpu": "fast"}]}, "cpu must be a number"),
+        ({"boards": [{"id": "n", "preset": "rpi4", "delay_ms": -1}]}, "delay_ms must be in [0"),
+        ({"boards": [{"id": "n", "preset": "rpi4", "memory_mb": 1.5}]}, "memory_mb must be"),
+        ({"boards": [{"id": "n", "preset": "rpi4", "ram": 1}]}, "unknown keys ['ram']"),
+        ({"boards": [{"id": "n", "preset": "rpi4"}] * 2}, "ids must be unique"),
+        ({"boards": [{"id": "n", "preset": "rpi4"}], "broker": {"port": 0}}, "port 1-65535"),
+        ({"boards": [{"id": "n", "preset": "rpi4"}], "brokers": {}}, "unknown keys"),
+    ],
+)
+def test_bad_boards_yaml_is_one_clear_error(data: object, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_fleet(data)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_file_that_is_not_yaml_or_missing(tmp_path: Path) -> None:
+    bad = tmp_path / "boards.yaml"
+    bad.write_text("boards: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_fleet(bad)
+    result = subprocess.run(
+        [sys.executable, "-m", "edvit", "fleet", "up", str(tmp_path / "none.yaml"),
+         "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("edvit fleet: error: cannot read")
+
+
+def test_without_the_kernel_features_it_says_so_and_offers_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(emulation, "missing_features", lambda: ["root"])
+    fleet = parse_fleet({"boards": [{"id": "node-0", "preset": "rpi4"}]})
+    with pytest.raises(EdvitError) as caught:
+        boards.up(fleet, tmp_path)
+    assert "need root" in str(caught.value) and "`edvit demo`" in str(caught.value)
+
+
+# -- a real fleet ---------------------------------------------------------------------------
+
+FRAMES = 20
+
+
+def _edvit(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "edvit", *args], capture_output=True, text=True, timeout=90,
+        env=env,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    missing = emulation.missing_features()
+    if missing:
+        pytest.skip(f"emulated boards need {', '.join(missing)}")
+    if mosquitto_path() is None:
+        pytest.skip("needs mosquitto")
+    folder = tmp_path / "fleet"
+    yield folder
+    boards.down(folder)  # whatever the test did: no namespace, cgroup or process is left
+
+
+def _burst(broker_url: str, topics: Topics, seconds: float) -> None:
+    """Frames as fast as one client publishes them, for `seconds`."""
+    samples = frame_samples(load_dataset("fashion-mnist", "test"))
+    client = MqttClient(unique_client_id("test-burst"), broker_url)
+    client.start(required=True)
+    try:
+        deadline, seq = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            client.publish(*_message(samples[seq % len(samples)], "burst", seq, topics))
+            seq += 1
+            time.sleep(0.001)
+    finally:
+        client.stop()
+
+
+def test_fleet_up_serves_through_shaped_boards_and_down_leaves_nothing(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    topics = Topics("boards-test")
+    with LocalBroker(kind="mosquitto") as broker:
+        spec = tmp_path / "boards.yaml"
+        spec.write_text(
+            f"broker: {{host: {broker.host}, port: {broker.port}}}\n"
+            f"prefix: {topics.prefix}\n"
+            "boards:\n"
+            "  - {id: node-0, cpu: 1.0, memory_mb: 1024, rate_mbit: 100, delay_ms: 0}\n"
+            "  - {id: node-1, preset: rpi4}\n"
+            "  - {id: node-2, cpu: 0.1, memory_mb: 512, rate_mbit: 20, delay_ms: 3}\n"
+        )
+        up = _edvit("fleet", "up", str(spec), "--run-dir", str(run_dir))
+        assert up.returncode == 0, up.stderr
+        state = boards.load_state(run_dir)
+        assert state is not None
+        status = _edvit("fleet", "status", "--json", "--run-dir", str(run_dir))
+        rows = json.loads(status.stdout)
+        assert [r["id"] for r in rows] == ["node-0", "node-1", "node-2"]
+        assert all(r["node_alive"] and r["proxy_alive"] and r["netns"] for r in rows)
+
+        plan = deploy(Bundle.load(DEFAULT_BUNDLE), broker.url, topics=topics)
+        stream = PredictionStream(broker.url, topics=topics)
+        stream.start()
+        with LocalFleet(broker.url, tmp_path / "logs", topics) as fleet:
+            fleet.spawn("aggregator", "aggregator")
+
+            def check() -> None:
+                for board in state.boards:
+                    boards.check_board(board)
+
+            fleet.wait_ready(plan, timeout=60, check=check)
+            fleet.spawn(
+                "camera", "camera", "--id", "cam0", "--source", "dataset:fashion-mnist",
+                "--fps", "10", "--count", str(FRAMES),
+            )  # fmt: skip
+            seqs: set[int] = set()
+            deadline = time.monotonic() + 30
+            while len(seqs) < FRAMES and time.monotonic() < deadline:
+                try:
+                    prediction = stream.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                assert not prediction.degraded, prediction
+                seqs.add(prediction.seq)
+            stream.stop()
+            assert seqs == set(range(FRAMES))
+            # A burst: the board with a tenth of a core is held to it (a single frame is
+            # shorter than its 1 ms slice, so the quota shows under load, not per frame).
+            before = {r["id"]: r for r in boards.status(run_dir)}
+            started = time.monotonic()
+            _burst(broker.url, topics, seconds=2.0)
+            after = {r["id"]: r for r in boards.status(run_dir)}
+            elapsed = time.monotonic() - started
+        used = {b: (after[b]["cpu_s"] - before[b]["cpu_s"]) / elapsed for b in before}
+        assert after["node-2"]["throttled"] > before["node-2"]["throttled"], after
+        assert used["node-2"] < 0.2, used
+
+        down = _edvit("fleet", "down", "--run-dir", str(run_dir))
+        assert down.returncode == 0, down.stderr
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for board in state.boards:
+            assert board.link.netns not in netns
+            assert not any(Path(f).exists() for f in board.cgroups)
+            assert not boards.alive(board.node_pid) and not boards.alive(board.proxy_pid)
+        assert boards.load_state(run_dir) is None
