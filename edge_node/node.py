@@ -116,17 +116,22 @@ class Share:
     runner: Runner | None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Pending:
     camera: str
     seq: int
     ts: float
     label: int | None
-    request: Request
+    # A frame's image is decoded when the frame is served (`frame` until then, `request`
+    # after): under overload most frames are replaced by newer ones before that, and
+    # decoding them on the network thread is what made it fall behind.
+    request: Request | None
     plan: PlanMsg  # the plan it was prepared under
     received_ts: float  # wall clock, when the message came off the wire
     decode_ms: float
     enqueued: float  # monotonic
+    topic: str = ""
+    frame: FrameMsg | None = None
 
 
 def available_memory_mb() -> float | None:
@@ -317,9 +322,7 @@ class EdgeNode:
         active = self._accept(topic, message)
         if message is None or active is None:
             return
-        image = to_model_input(decode_frame(message), active.plan.preprocessing)
-        request = Request(IMAGE_ENTRY, image)
-        self._enqueue(message, request, active.plan, received_ts, started)
+        self._enqueue(message, None, active.plan, received_ts, started, topic)
 
     def _on_tokens(self, topic: str, payload: bytes) -> None:
         received_ts, started = time.time(), time.perf_counter()
@@ -328,7 +331,7 @@ class EdgeNode:
         if message is None or active is None:
             return
         request = self._tokens_request(message, active.plan)
-        self._enqueue(message, request, active.plan, received_ts, started)
+        self._enqueue(message, request, active.plan, received_ts, started, topic)
 
     def _accept(self, topic: str, message: FrameMsg | TokensMsg | None) -> Active[Share] | None:
         if message is None:
@@ -342,15 +345,17 @@ class EdgeNode:
         return active
 
     def _enqueue(
-        self, message: FrameMsg | TokensMsg, request: Request, plan: PlanMsg,
-        received_ts: float, started: float,
+        self, message: FrameMsg | TokensMsg, request: Request | None, plan: PlanMsg,
+        received_ts: float, started: float, topic: str,
     ) -> None:  # fmt: skip
         now = time.perf_counter()
-        self.metrics.observe("decode", now - started)
         self.metrics.frame(message.camera, "received")
+        if request is not None:  # tokens: decoded now; a frame's image when it is served
+            self.metrics.observe("decode", now - started)
         pending = _Pending(
             message.camera, message.seq, message.ts, message.label, request, plan,
             received_ts=received_ts, decode_ms=(now - started) * 1000.0, enqueued=now,
+            topic=topic, frame=message if request is None else None,
         )  # fmt: skip
         # An idle node serves a lone request right here, on the network thread: handing it
         # to the inference thread costs a wake-up (0.1-2 ms on a busy board) and batching has
@@ -402,7 +407,7 @@ class EdgeNode:
         means the same there."""
         if pending.plan.plan_id == plan.plan_id:
             return True
-        if pending.request.entry == IMAGE_ENTRY:
+        if pending.request is None or pending.request.entry == IMAGE_ENTRY:
             return pending.plan.preprocessing == plan.preprocessing
         return self._same_stem(pending.plan.plan_id, plan, pending.request.entry) and (
             plan.stem is not None and plan.stem.token_shape == pending.request.array.shape
@@ -432,24 +437,48 @@ class EdgeNode:
         if active is None or active.runtime.runner is None:
             self.counters["requests_not_serving"] += len(batch)
             return
+        serve_started = time.perf_counter()
         valid = [p for p in batch if self._still_valid(p, active.plan)]
         if len(valid) < len(batch):
             self.counters["requests_prepared_for_other_plan"] += len(batch) - len(valid)
-        if valid:
-            self._infer(valid, active)
+        decoded = [p for p in valid if self._decoded(p, active.plan)]
+        if decoded:
+            self._infer(decoded, active, serve_started)
 
-    def _infer(self, prepared: list[_Pending], active: Active[Share]) -> None:
+    def _decoded(self, pending: _Pending, plan: PlanMsg) -> bool:
+        """Decode a frame's image into its request; a frame that does not decode is dropped
+        and counted as a bad payload, as the network thread counts the others."""
+        if pending.request is not None:
+            return True
+        assert pending.frame is not None
+        started = time.perf_counter()
+        try:
+            image = to_model_input(decode_frame(pending.frame), plan.preprocessing)
+        except BadPayload as exc:
+            self.counters["bad_payloads"] += 1
+            log.warning(
+                "dropped message on %s: %s [bad_payloads=%d]",
+                pending.topic, exc, self.counters["bad_payloads"],
+            )  # fmt: skip
+            return False
+        pending.request, pending.frame = Request(IMAGE_ENTRY, image), None
+        took = time.perf_counter() - started
+        pending.decode_ms += took * 1000.0
+        self.metrics.observe("decode", pending.decode_ms / 1000.0)
+        return True
+
+    def _infer(self, prepared: list[_Pending], active: Active[Share], serve_started: float) -> None:
         runner = active.runtime.runner
         assert runner is not None
         started = time.perf_counter()
-        features = runner([pending.request for pending in prepared])
+        features = runner([pending.request for pending in prepared])  # type: ignore[misc]
         done = time.perf_counter()
         infer_ms = round((done - started) * 1000.0, 3)
         sent_ts = time.time()
         self.metrics.observe("infer", done - started)
         self.metrics.batch(len(prepared))
         for pending in prepared:
-            self.metrics.observe("queue", started - pending.enqueued)
+            self.metrics.observe("queue", serve_started - pending.enqueued)
             self.metrics.frame(pending.camera, "served")
         # Counted before the features go out: whoever sees an answer sees it counted.
         self.counters["frames_served"] += len(prepared)
@@ -472,7 +501,7 @@ class EdgeNode:
                     label=pending.label,
                     received_ts=pending.received_ts,
                     decode_ms=round(pending.decode_ms, 3),
-                    queue_ms=round((started - pending.enqueued) * 1000.0, 3),
+                    queue_ms=round((serve_started - pending.enqueued) * 1000.0, 3),
                     sent_ts=sent_ts,
                 )
                 topic = self.topics.features(pending.camera, submodel_id, self.node_id)
