@@ -347,6 +347,7 @@ class MqttClient:
         self._mirror_topic: str | None = None
         self._status: StatusMsg | None = None
         self._routes: dict[str, tuple[list[Handler], int]] = {}
+        self._handlers: dict[str, tuple[Handler, ...]] = {}  # see _index_handlers
         self._status_interval_s = status_interval_s
         self._stopping = threading.Event()
         self._connected = threading.Event()
@@ -426,6 +427,7 @@ class MqttClient:
             first = not any(matching_filter(f) == match for f in self._routes)
             handlers, _ = self._routes.get(topic_filter, ([], qos))
             self._routes[topic_filter] = ([*handlers, handler], qos)
+            self._index_handlers()
         if first:
             self._client.message_callback_add(match, self._dispatcher(match))
         if self._connected.is_set():
@@ -443,8 +445,10 @@ class MqttClient:
                 return
             if kept:
                 self._routes[topic_filter] = (kept, qos)
+                self._index_handlers()
                 return
             del self._routes[topic_filter]
+            self._index_handlers()
             match = matching_filter(topic_filter)
             last = not any(matching_filter(f) == match for f in self._routes)
         if last:
@@ -458,16 +462,19 @@ class MqttClient:
         groups) must not call a handler twice for one message."""
 
         def dispatch(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-            with self._lock:
-                handlers = list(
-                    dict.fromkeys(
-                        h for f, (hs, _) in self._routes.items() if matching_filter(f) == match
-                        for h in hs
-                    )
-                )  # fmt: skip
+            handlers = self._handlers.get(match, ())
             deliver(handlers, msg.topic, msg.payload, self.counters, self.log)
 
         return dispatch
+
+    def _index_handlers(self) -> None:
+        """Rebuild `_handlers` (matching filter -> its handlers, each once) from the routes;
+        called with the lock held whenever they change. Replaced whole, so dispatch reads it
+        without the lock, once per message."""
+        index: dict[str, dict[Handler, None]] = {}
+        for topic_filter, (handlers, _) in self._routes.items():
+            index.setdefault(matching_filter(topic_filter), {}).update(dict.fromkeys(handlers))
+        self._handlers = {match: tuple(handlers) for match, handlers in index.items()}
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self, wait: float | None = 10.0, required: bool = False) -> bool:
