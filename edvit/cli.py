@@ -28,6 +28,7 @@ from edvit.service import (
 from edvit.topics import DEFAULT_HA_PREFIX, DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
+    from edvit.fleet.bench_e2e import MakeMonolithic
     from edvit.signing import SigningKey, TrustKey
 
 log = logging.getLogger("edvit")
@@ -344,37 +345,35 @@ def cmd_bench_slicing(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_e2e(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench_e2e import MakeMonolithic, bench_e2e
-    from edvit.fleet.demo import DEFAULT_BUNDLE
-
-    make_monolithic: MakeMonolithic | None
+def _monolithic_maker() -> MakeMonolithic | None:
+    """models/monolithic.py's bundle maker, or None without the onnx package (the
+    benchmarks then say the monolithic rows are skipped, and why)."""
     try:
-        from edvit.models.monolithic import monolithic_bundle as make_monolithic
+        from edvit.models.monolithic import monolithic_bundle
     except ModuleNotFoundError as exc:
         if exc.name != "onnx":
             raise
-        make_monolithic = None  # the benchmark says the monolithic rows are skipped, and why
+        return None
+    return monolithic_bundle
+
+
+def cmd_bench_e2e(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench_e2e import bench_e2e
+    from edvit.fleet.demo import DEFAULT_BUNDLE
+
     bench_e2e(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, args.cameras, args.fps,
-        args.seconds, Path(args.json) if args.json else None, make_monolithic,
+        args.seconds, Path(args.json) if args.json else None, _monolithic_maker(),
     )  # fmt: skip
     return 0
 
 
 def cmd_bench_boards(args: argparse.Namespace) -> int:
     from edvit.fleet.bench_boards import bench_boards
-    from edvit.fleet.bench_e2e import MakeMonolithic
     from edvit.fleet.boards import board_spec
     from edvit.fleet.demo import DEFAULT_BUNDLE
 
-    make_monolithic: MakeMonolithic | None
-    try:
-        from edvit.models.monolithic import monolithic_bundle as make_monolithic
-    except ModuleNotFoundError as exc:
-        if exc.name != "onnx":
-            raise
-        make_monolithic = None  # the benchmark says the monolithic row is skipped, and why
+    make_monolithic = _monolithic_maker()
     overrides = {
         key: getattr(args, key) for key in ("cpu", "memory_mb", "rate_mbit", "delay_ms")
         if getattr(args, key) is not None
