@@ -307,8 +307,13 @@ class Aggregator:
         with self._lock:
             if active is None:
                 self._fusions.clear()
-            elif active.plan.plan_id not in self._fusions:
-                self._fusions[active.plan.plan_id] = (active.plan, active.runtime)
+            else:
+                known = self._fusions.get(active.plan.plan_id)
+                # A plan published again under the same id may differ (its assignments):
+                # keep the one served now, which the features' ownership is checked against.
+                if known is None or known[0] != active.plan:
+                    self._fusions[active.plan.plan_id] = (active.plan, active.runtime)
+                    self._fusions.move_to_end(active.plan.plan_id)
                 while len(self._fusions) > PLANS_KEPT:
                     self._fusions.popitem(last=False)
         self._publish_status()
