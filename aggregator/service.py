@@ -419,9 +419,10 @@ class Aggregator:
 
     def _assigned(self, plan_id: str, node: str, submodel_id: str) -> bool:
         """Whether the plan `plan_id` (loaded, or the target) has `node` serving the sub-model."""
-        known = self._fusions.get(plan_id)
-        target = self.follower.target
-        plan = known[0] if known else target if target and target.plan_id == plan_id else None
+        # The newest plan of that id first (the follower's target, loaded or refused): the
+        # nodes follow it; a kept copy under the same id may be an older publication.
+        candidates = [self.follower.target, self._fusions.get(plan_id, (None,))[0]]
+        plan = next((p for p in candidates if p is not None and p.plan_id == plan_id), None)
         return plan is not None and submodel_id in plan.assignments.get(node, ())
 
     def _plan_named(self, plan_id: str) -> PlanMsg | None:
