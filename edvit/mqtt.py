@@ -52,6 +52,7 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 5
 # Model files travel as retained messages; paho's default of unlimited in-flight bytes is
 # fine, but the broker must accept messages this large (mosquitto's default is 256 MB).
 PUBLISH_TIMEOUT_S = 30.0
+MAX_INFLIGHT = 1000
 # --mqtt-version: "auto" speaks MQTT 5 and falls back to 3.1.1 when the broker refuses 5
 # (the embedded amqtt broker, NATS).
 MQTT_VERSIONS = ("auto", "5", "3.1.1")
@@ -380,6 +381,10 @@ class MqttClient:
         )
         client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         client.max_queued_messages_set(1000)
+        # QoS 1 messages awaiting their ack (paho's default is 20): an answering aggregator
+        # publishes a QoS 1 prediction per frame, and 20 in flight capped it near 20 per
+        # broker round trip, so predictions overflowed the queue under load (bench scale).
+        client.max_inflight_messages_set(MAX_INFLIGHT)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
