@@ -33,7 +33,14 @@ import numpy as np
 
 from edvit.errors import BadPayload, ConfigError
 from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
-from edvit.mqtt import Connection, MqttClient, Transport, shared_filter, unique_client_id
+from edvit.mqtt import (
+    Connection,
+    MqttClient,
+    Transport,
+    drop_bad_payload,
+    shared_filter,
+    unique_client_id,
+)
 from edvit.preprocess import decode_frame, to_model_input
 from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
@@ -132,6 +139,7 @@ class _Pending:
     enqueued: float  # monotonic
     topic: str = ""
     frame: FrameMsg | None = None
+    size: int = 0  # the message's bytes, for the line that drops it if it turns out bad
 
 
 def available_memory_mb() -> float | None:
@@ -322,7 +330,7 @@ class EdgeNode:
         active = self._accept(topic, message)
         if message is None or active is None:
             return
-        self._enqueue(message, None, active.plan, received_ts, started, topic)
+        self._enqueue(message, None, active.plan, received_ts, started, topic, len(payload))
 
     def _on_tokens(self, topic: str, payload: bytes) -> None:
         received_ts, started = time.time(), time.perf_counter()
@@ -331,7 +339,7 @@ class EdgeNode:
         if message is None or active is None:
             return
         request = self._tokens_request(message, active.plan)
-        self._enqueue(message, request, active.plan, received_ts, started, topic)
+        self._enqueue(message, request, active.plan, received_ts, started, topic, len(payload))
 
     def _accept(self, topic: str, message: FrameMsg | TokensMsg | None) -> Active[Share] | None:
         if message is None:
@@ -346,7 +354,7 @@ class EdgeNode:
 
     def _enqueue(
         self, message: FrameMsg | TokensMsg, request: Request | None, plan: PlanMsg,
-        received_ts: float, started: float, topic: str,
+        received_ts: float, started: float, topic: str, size: int,
     ) -> None:  # fmt: skip
         now = time.perf_counter()
         self.metrics.frame(message.camera, "received")
@@ -355,7 +363,7 @@ class EdgeNode:
         pending = _Pending(
             message.camera, message.seq, message.ts, message.label, request, plan,
             received_ts=received_ts, decode_ms=(now - started) * 1000.0, enqueued=now,
-            topic=topic, frame=message if request is None else None,
+            topic=topic, frame=message if request is None else None, size=size,
         )  # fmt: skip
         # An idle node serves a lone request right here, on the network thread: handing it
         # to the inference thread costs a wake-up (0.1-2 ms on a busy board) and batching has
@@ -427,17 +435,16 @@ class EdgeNode:
     def _serve(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
-            self._serve_batch(batch)
+            self._serve_batch(batch, started)
         finally:
             took = time.perf_counter() - started
             self._serve_s += SERVE_SMOOTHING * (took - self._serve_s)
 
-    def _serve_batch(self, batch: list[_Pending]) -> None:
+    def _serve_batch(self, batch: list[_Pending], serve_started: float) -> None:
         active = self.follower.active
         if active is None or active.runtime.runner is None:
             self.counters["requests_not_serving"] += len(batch)
             return
-        serve_started = time.perf_counter()
         valid = [p for p in batch if self._still_valid(p, active.plan)]
         if len(valid) < len(batch):
             self.counters["requests_prepared_for_other_plan"] += len(batch) - len(valid)
@@ -455,11 +462,7 @@ class EdgeNode:
         try:
             image = to_model_input(decode_frame(pending.frame), plan.preprocessing)
         except BadPayload as exc:
-            self.counters["bad_payloads"] += 1
-            log.warning(
-                "dropped message on %s: %s [bad_payloads=%d]",
-                pending.topic, exc, self.counters["bad_payloads"],
-            )  # fmt: skip
+            drop_bad_payload(pending.topic, pending.size, exc, self.counters, log)
             return False
         pending.request, pending.frame = Request(IMAGE_ENTRY, image), None
         took = time.perf_counter() - started
@@ -477,14 +480,15 @@ class EdgeNode:
         sent_ts = time.time()
         self.metrics.observe("infer", done - started)
         self.metrics.batch(len(prepared))
-        for pending in prepared:
-            self.metrics.observe("queue", serve_started - pending.enqueued)
+        queued_s = [serve_started - pending.enqueued for pending in prepared]
+        for pending, queued in zip(prepared, queued_s, strict=True):
+            self.metrics.observe("queue", queued)
             self.metrics.frame(pending.camera, "served")
         # Counted before the features go out: whoever sees an answer sees it counted.
         self.counters["frames_served"] += len(prepared)
         self.counters["batches"] += 1
         for submodel_id, vectors in features.items():
-            for pending, vector in zip(prepared, vectors, strict=True):
+            for pending, queued, vector in zip(prepared, queued_s, vectors, strict=True):
                 vector = vector.astype(np.float32, copy=False)
                 msg = FeaturesMsg(
                     camera=pending.camera,
@@ -501,7 +505,7 @@ class EdgeNode:
                     label=pending.label,
                     received_ts=pending.received_ts,
                     decode_ms=round(pending.decode_ms, 3),
-                    queue_ms=round((serve_started - pending.enqueued) * 1000.0, 3),
+                    queue_ms=round(queued * 1000.0, 3),
                     sent_ts=sent_ts,
                 )
                 topic = self.topics.features(pending.camera, submodel_id, self.node_id)

@@ -251,6 +251,18 @@ def _expiry_properties() -> dict[str, Properties]:
 _EXPIRY = _expiry_properties()
 
 
+def drop_bad_payload(
+    topic: str, size: int, reason: object, counters: Counter[str], log: logging.Logger
+) -> None:
+    """The one line and the count of a message dropped as bad: in `deliver`, or later where
+    a service finds a queued message bad (a node decodes a frame's image when it serves it)."""
+    counters["bad_payloads"] += 1
+    log.warning(
+        "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
+        topic, size, reason, counters["bad_payloads"],
+    )  # fmt: skip
+
+
 def deliver(
     handlers: Sequence[Handler],
     topic: str,
@@ -264,11 +276,7 @@ def deliver(
     delivered the message."""
 
     def drop(reason: object) -> None:
-        counters["bad_payloads"] += 1
-        log.warning(
-            "dropped message on %s (%d bytes): %s [bad_payloads=%d]",
-            topic, len(payload), reason, counters["bad_payloads"],
-        )  # fmt: skip
+        drop_bad_payload(topic, len(payload), reason, counters, log)
 
     counters["messages_in"] += 1
     limit = payload_limit(topic)
