@@ -188,3 +188,25 @@ def collect_predictions(stream: Any, count: int, timeout: float) -> list:
         except queue.Empty:
             continue
     return got
+
+
+def planner_with_ready_nodes(
+    plan: PlanMsg, name: str = "planner", **keys: Any
+) -> tuple[Any, Any, Any]:
+    """A Planner on an in-memory broker (no hold-off, no rate limit), started, with `plan`
+    retained and every node it names ready: (planner, broker, the planner's transport)."""
+    from memory_transport import MemoryBroker, MemoryTransport
+
+    from edvit.fleet.planner import Planner
+    from edvit.schemas import Capacity, StatusMsg, encode
+    from edvit.topics import Topics
+
+    broker, topics = MemoryBroker(), Topics()
+    client = MemoryTransport(broker, name)
+    planner = Planner(client, topics, instance="p", hold_off_s=0.0, min_interval_s=0.0, **keys)
+    planner.start()
+    broker.publish(topics.plan(), encode(plan), retain=True)
+    for node in plan.assignments:
+        status = StatusMsg(state="ready", capacity=Capacity(memory_mb=512.0))
+        broker.publish(topics.node_status(node), encode(status), retain=True)
+    return planner, broker, client

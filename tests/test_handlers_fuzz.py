@@ -79,7 +79,7 @@ from edvit.schemas import (
 )
 from edvit.service import Worker
 from edvit.topics import Topics
-from helpers import dataset_pngs, wait_until
+from helpers import dataset_pngs, planner_with_ready_nodes, wait_until
 
 FUZZ = settings(
     max_examples=int(os.environ.get("EDVIT_FUZZ_EXAMPLES", "60")),  # more for a deeper run
@@ -828,18 +828,6 @@ def test_bug_plan_with_the_same_files_and_fewer_classes(fleet: FuzzFleet) -> Non
         _reset_errors(fleet)
 
 
-def _lone_planner(plan: PlanMsg) -> tuple[Planner, MemoryBroker, MemoryTransport]:
-    broker, topics = MemoryBroker(), Topics()
-    client = MemoryTransport(broker, PLANNER)
-    planner = Planner(client, topics, instance="p", hold_off_s=0.0, min_interval_s=0.0)
-    planner.start()
-    broker.publish(topics.plan(), encode(plan), retain=True)
-    for node in plan.assignments:
-        status = StatusMsg(state="ready", capacity=Capacity(memory_mb=512.0))
-        broker.publish(topics.node_status(node), encode(status), retain=True)
-    return planner, broker, client
-
-
 def _three_node_plan(fleet: FuzzFleet) -> PlanMsg:
     bundle = Bundle.load(Path(DEFAULT_BUNDLE))
     ids = [s.id for s in bundle.manifest.submodels]
@@ -847,7 +835,7 @@ def _three_node_plan(fleet: FuzzFleet) -> PlanMsg:
 
 
 def test_bug_planner_and_a_status_with_an_empty_node_id(fleet: FuzzFleet) -> None:
-    planner, broker, client = _lone_planner(_three_node_plan(fleet))
+    planner, broker, client = planner_with_ready_nodes(_three_node_plan(fleet), PLANNER)
     try:
         broker.publish(Topics().node_status(""), encode(StatusMsg(state="ready")))
         planner.tick()
@@ -857,7 +845,7 @@ def test_bug_planner_and_a_status_with_an_empty_node_id(fleet: FuzzFleet) -> Non
 
 
 def test_bug_planner_with_every_node_down(fleet: FuzzFleet) -> None:
-    planner, broker, client = _lone_planner(_three_node_plan(fleet))
+    planner, broker, client = planner_with_ready_nodes(_three_node_plan(fleet), PLANNER)
     try:
         for node in ("node-0", "node-1", "node-2"):
             broker.publish(Topics().node_status(node), encode(StatusMsg(state="offline")))
@@ -874,7 +862,7 @@ def test_bug_planner_and_a_plan_whose_base_names_an_unknown_sub_model(fleet: Fuz
         "plan_id": "odd", "base_plan_id": plan.plan_id,
         "base_assignments": {**plan.assignments, "node-0": ("nope",)},
     })  # fmt: skip
-    planner, broker, client = _lone_planner(odd)
+    planner, broker, client = planner_with_ready_nodes(odd, PLANNER)
     try:
         assert planner.tick() is None
         assert client.counters["bad_payloads"] == 1  # refused at decode

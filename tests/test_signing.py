@@ -21,11 +21,9 @@ from edvit.errors import ConfigError
 from edvit.fleet import secure
 from edvit.fleet.demo import DEFAULT_BUNDLE
 from edvit.fleet.deploy import deploy, make_plan, round_robin
-from edvit.fleet.planner import Planner
 from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.retained import PlanFollower
 from edvit.schemas import (
-    Capacity,
     HealthMsg,
     PlanMsg,
     PredictionMsg,
@@ -35,7 +33,7 @@ from edvit.schemas import (
 )
 from edvit.signing import PlanSignatureError, SigningKey, TrustKey, signed_bytes
 from edvit.topics import Topics
-from helpers import wait_until
+from helpers import planner_with_ready_nodes, wait_until
 
 KEY = SigningKey(ed25519.Ed25519PrivateKey.generate())
 OTHER = SigningKey(ed25519.Ed25519PrivateKey.generate())
@@ -232,18 +230,6 @@ def test_without_a_trust_key_unsigned_plans_are_served_as_before() -> None:
 # -- the planner re-places only with the sign key ----------------------------------------------
 
 
-def _planner_with(plan: PlanMsg, **keys) -> tuple[Planner, MemoryBroker, MemoryTransport]:
-    broker, topics = MemoryBroker(), Topics()
-    client = MemoryTransport(broker, "planner")
-    planner = Planner(client, topics, instance="p", hold_off_s=0.0, min_interval_s=0.0, **keys)
-    planner.start()
-    broker.publish(topics.plan(), encode(plan), retain=True)
-    for node in plan.assignments:
-        status = StatusMsg(state="ready", capacity=Capacity(memory_mb=512.0))
-        broker.publish(topics.node_status(node), encode(status), retain=True)
-    return planner, broker, client
-
-
 def _three_node_plan() -> PlanMsg:
     bundle = Bundle.load(Path(DEFAULT_BUNDLE))
     ids = [s.id for s in bundle.manifest.submodels]
@@ -252,7 +238,7 @@ def _three_node_plan() -> PlanMsg:
 
 def test_the_planner_signs_the_plans_it_heals_and_restores() -> None:
     deployed = KEY.sign(_three_node_plan())
-    planner, broker, _client = _planner_with(deployed, sign_key=KEY)
+    planner, broker, _client = planner_with_ready_nodes(deployed, sign_key=KEY)
     topics = Topics()
     try:
         broker.publish(topics.node_status("node-2"), encode(StatusMsg(state="offline")))
@@ -269,7 +255,7 @@ def test_the_planner_signs_the_plans_it_heals_and_restores() -> None:
 
 def test_the_planner_without_the_sign_key_does_not_publish_and_says_why() -> None:
     deployed = KEY.sign(_three_node_plan())
-    planner, broker, client = _planner_with(deployed, trust_key=KEY.trust)
+    planner, broker, client = planner_with_ready_nodes(deployed, trust_key=KEY.trust)
     topics = Topics()
     try:
         broker.publish(topics.node_status("node-2"), encode(StatusMsg(state="offline")))
@@ -285,7 +271,7 @@ def test_the_planner_without_the_sign_key_does_not_publish_and_says_why() -> Non
 
 def test_the_planner_ignores_a_plan_its_key_did_not_sign() -> None:
     deployed = KEY.sign(_three_node_plan())
-    planner, broker, client = _planner_with(deployed, sign_key=KEY)
+    planner, broker, client = planner_with_ready_nodes(deployed, sign_key=KEY)
     topics = Topics()
     try:
         rogue = make_plan(Bundle.load(Path(DEFAULT_BUNDLE)), {"evil": ("sub0", "sub1", "sub2")})
