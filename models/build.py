@@ -63,6 +63,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -180,6 +181,7 @@ class BuildSettings:
     latency_runs: int = 50
     seed: int = 0
     threads: int | None = None
+    jobs: int = 1  # sub-models trained at once, each in its own process
     device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
     data_dir: str | None = None
     command: tuple[str, ...] = field(default=())
@@ -329,6 +331,8 @@ def validate(settings: BuildSettings) -> None:
         raise ConfigError("--fusion-hidden must be at least 1")
     if settings.threads is not None and settings.threads < 1:
         raise ConfigError("--threads must be at least 1")
+    if settings.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
     if not 0.0 <= settings.fusion_drop_prob < 1.0:
         raise ConfigError("--fusion-drop-prob must be in [0, 1)")
     if settings.embed_keep_ratio is not None and not 0.0 < settings.embed_keep_ratio <= 1.0:
@@ -797,8 +801,9 @@ def make_submodels(
     data: BuildData,
     inputs: ModelInputs,
     teacher_logits: torch.Tensor,
+    threads: int,
 ) -> SubModels:
-    """One pruned, distilled sub-model per class subset."""
+    """One pruned, distilled sub-model per class subset (``settings.jobs`` at a time)."""
     ids = [f"sub{i}" for i in range(len(data.subsets))]
     rng = np.random.default_rng(settings.seed)
     training = [
@@ -808,11 +813,59 @@ def make_submodels(
     plan = default_plan(settings, original, original_params, data.num_devices)
     plans = {sid: plan for sid in ids}
     log(f"pruning plan per sub-model: {asdict(plan)} (original {original_params} params)")
-    vits = []
-    for i, (sid, subset) in enumerate(zip(ids, training, strict=True)):
-        log(f"{sid}: classes {list(subset.subset)} + other ({len(subset.labels)} images)")
-        vits.append(make_submodel(original, subset, plans[sid], settings, i + 1, sid))
+    jobs = [
+        SubmodelJob(original, subset, plans[sid], settings, i + 1, sid)
+        for i, (sid, subset) in enumerate(zip(ids, training, strict=True))
+    ]
+    workers = min(settings.jobs, len(jobs))
+    if workers > 1:
+        vits = make_submodels_in_parallel(jobs, workers, threads)
+    else:
+        vits = [job.run() for job in jobs]
     return SubModels(ids=ids, data=training, plans=plans, vits=vits)
+
+
+@dataclass(frozen=True)
+class SubmodelJob:
+    """The arguments of one ``make_submodel`` call, picklable for a worker process."""
+
+    original: VisionTransformer
+    data: SubsetData
+    plan: PrunePlan
+    settings: BuildSettings
+    seed_offset: int
+    name: str
+
+    def run(self, threads: int | None = None) -> VisionTransformer:
+        if threads is not None:  # in a worker process: its share of the cores
+            set_threads(threads)
+        subset = list(self.data.subset)
+        log(f"{self.name}: classes {subset} + other ({len(self.data.labels)} images)")
+        vit = make_submodel(
+            self.original, self.data, self.plan, self.settings, self.seed_offset, self.name
+        )
+        if threads is not None:
+            log(f"{self.name}: done ({count_params(vit)} params)")
+        return vit
+
+
+def make_submodels_in_parallel(
+    jobs: list[SubmodelJob], workers: int, threads: int
+) -> list[VisionTransformer]:
+    """Train the sub-models ``workers`` at a time, each process with ``threads / workers``
+    threads: small sub-models use one core poorly through torch's threads but train
+    independently (``--jobs``). Spawned, not forked: a forked torch thread pool can hang."""
+    per_worker = max(1, threads // workers)
+    log(f"training {len(jobs)} sub-models {workers} at a time, {per_worker} thread(s) each")
+    context = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(job.run, per_worker) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1175,7 +1228,9 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
 
     # 2. One pruned, distilled sub-model per class subset.
     with timed(timings, "submodels"):
-        subs = make_submodels(settings, original, original_params, data, inputs, teacher_logits)
+        subs = make_submodels(
+            settings, original, original_params, data, inputs, teacher_logits, threads
+        )
 
     # 3. Export the sub-models and place them; shrink and rebuild what does not fit.
     exports = Exports(out=out, sample=inputs.x_test[:PARITY_SAMPLES])
@@ -1257,6 +1312,10 @@ def train_fusion(
     hidden = settings.fusion_hidden or fusion_hidden_for(
         dims, num_classes, int(FUSION_SHARE * largest)
     )
+    # Seeded here, not by what trained before: a build with --jobs trained its sub-models in
+    # other processes, and the fusion must start from the same weights either way.
+    config = train_config(settings, settings.fusion_epochs, settings.fusion_lr, 100)
+    torch.manual_seed(config.seed)
     fusion = FusionMLP(
         dims,
         num_classes,
@@ -1265,7 +1324,6 @@ def train_fusion(
     )
     present = torch.ones(len(features), len(submodels))
     log(f"training the fusion MLP ({count_params(fusion)} params, {settings.fusion_epochs} epochs)")
-    config = train_config(settings, settings.fusion_epochs, settings.fusion_lr, 100)
     criterion = Distillation(tuple(range(num_classes)), settings.kd_alpha, settings.kd_temperature)
     fit(fusion, fusion, [torch.from_numpy(features), present], y_train, config, "fusion",
         criterion=criterion, targets=[teacher_logits])  # fmt: skip

@@ -180,6 +180,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("--seed", "random seed (default 0)", type=int, default=0, setting="seed"),
     Option("--threads", "CPU threads (default: all available)", type=int, setting="threads"),
     Option(
+        "--jobs",
+        "sub-models trained at once, each in its own process with threads/jobs threads "
+        "(default 1; on many cores small sub-models train faster side by side)",
+        type=int,
+        setting="jobs",
+    ),
+    Option(
         "--device",
         "where torch trains: auto (a CUDA GPU if torch sees one), cpu, cuda[:N] (default auto)",
         setting="device",
