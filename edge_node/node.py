@@ -369,11 +369,13 @@ class EdgeNode:
         # to the inference thread costs a wake-up (0.1-2 ms on a busy board) and batching has
         # nothing to gain from it. Under load requests queue and are batched as before.
         if not self._serving.acquire(blocking=False):
-            self._batcher.put(message.camera, pending)  # a batch is being served: queue
+            self._batcher.put(message.camera, pending, seq=message.seq)  # being served: queue
             return
         try:
             min_gap_s = QUIET_FACTOR * self._serve_s
-            if self._batcher.put_unless_quiet(message.camera, pending, min_gap_s=min_gap_s):
+            if self._batcher.put_unless_quiet(
+                message.camera, pending, min_gap_s=min_gap_s, seq=message.seq
+            ):
                 self.counters["requests_served_inline"] += 1
                 try:
                     self._serve([pending])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edvit.edge_node.batcher import DynamicBatcher
+from edvit.edge_node.batcher import DynamicBatcher, seq_rank
 
 
 def test_batch_released_when_full() -> None:
@@ -42,6 +42,41 @@ def test_newest_frame_wins_and_keeps_its_place() -> None:
     batcher.put("cam0", "cam0#2", now=10.2)
     assert batcher.dropped == 1
     assert batcher.take(timeout=1) == ["cam0#2", "cam1#1"]
+
+
+def served_frames(every: int, offset: int, frames: int, aligned: bool) -> set[int]:
+    """A node that is behind: it takes one frame per `every` arrivals of one camera."""
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=1, max_wait_ms=0)
+    served = set()
+    for seq in range(1, frames + 1):
+        batcher.put("cam0", seq, now=float(seq), seq=seq if aligned else None)
+        if (seq + offset) % every == 0:
+            served.update(batcher.take(timeout=0))
+    return served
+
+
+def test_nodes_behind_at_their_own_pace_keep_the_same_frames() -> None:
+    """Three nodes of a split fleet, each behind by a different factor and out of phase: a
+    prediction is complete only for the frames all three served. Aligned drops keep the
+    frame with the highest power of two of each run, which the others keep too."""
+    paces = [(3, 0), (4, 1), (5, 2)]
+    complete = {}
+    for aligned in (False, True):
+        sets = [served_frames(every, offset, 600, aligned) for every, offset in paces]
+        complete[aligned] = len(set.intersection(*sets))
+        assert all(len(s) >= 600 // every - 1 for s, (every, _) in zip(sets, paces, strict=True))
+    assert complete[False] <= 20
+    assert complete[True] >= 3 * complete[False] and complete[True] >= 60
+
+
+def test_an_aligned_slot_keeps_the_higher_power_of_two() -> None:
+    assert [seq_rank(s) for s in (1, 2, 3, 4, 6, 8, 12, 0)] == [0, 1, 0, 2, 1, 3, 2, 64]
+    batcher: DynamicBatcher[int] = DynamicBatcher(max_batch=8, max_wait_ms=0)
+    for seq in (5, 6, 7, 8, 9, 10):
+        batcher.put("cam0", seq, seq=seq)
+    assert batcher.take(timeout=0) == [8] and batcher.dropped == 5
+    batcher.put("cam0", 11, seq=11)
+    assert batcher.take(timeout=0) == [11]  # a fresh slot takes whatever comes first
 
 
 def test_keep_all_frames_and_capacity() -> None:
