@@ -70,13 +70,17 @@ class Preset:
     about: str
 
 
-# CPU shares from Geekbench 5 single-core scores (approximate public figures, rounded):
-# Raspberry Pi 4 (Cortex-A72 1.5 GHz) ~250, Jetson Nano (Cortex-A57 1.43 GHz) ~200,
-# Raspberry Pi 3 B (Cortex-A53 1.2 GHz) ~120, Pi Zero 2 W (Cortex-A53 1.0 GHz) ~100, against
-# ~1000 for one core of a current server x86 such as this machine's AMD EPYC. That the quota
-# makes ONNX Runtime as much slower is measured in README, "Emulated boards".
+# CPU shares: a board's single-thread `sysbench cpu --threads=1 run` (primes to 10,000) over
+# this machine's. Published for the boards (leoncode.co.uk, "Raspberry Pi CPU Benchmarks",
+# sysbench 1.0.20): Pi 4 1,478 events/s, Pi 3 B+ (Cortex-A53 1.4 GHz) 687; measured here
+# (AMD EPYC, one core, 2026-11-30): 5,135. Pi 4: 0.29. Pi 3 B and Zero 2 W have the Pi 3 B+'s
+# core at 1.2 and 1.0 GHz: 687 scaled by the clock gives 0.115 and 0.096. The Jetson Nano
+# (Cortex-A57 1.43 GHz) has no published figure of the same test: 0.20 puts it between the
+# Pi 3 and the Pi 4, as their cores are; override `cpu` where you have measured it. sysbench
+# counts integer work; that the quota makes ONNX Runtime as much slower is measured in
+# README, "Emulated boards".
 PRESETS: dict[str, Preset] = {
-    "rpi4": Preset(0.25, 2048, 1000.0, 0.5, "Raspberry Pi 4 B 2 GB, gigabit Ethernet"),
+    "rpi4": Preset(0.29, 2048, 1000.0, 0.5, "Raspberry Pi 4 B 2 GB, gigabit Ethernet"),
     "rpi3": Preset(0.12, 1024, 100.0, 0.5, "Raspberry Pi 3 B, 100 Mbit Ethernet"),
     "rpi-zero2": Preset(0.10, 512, 20.0, 3.0, "Raspberry Pi Zero 2 W, 2.4 GHz Wi-Fi"),
     "jetson-nano": Preset(0.20, 4096, 1000.0, 0.5, "Jetson Nano 4 GB (CPU only), Ethernet"),
