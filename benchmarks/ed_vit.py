@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Give torch every core only when nothing else runs: on 2 shared cores a second process
     # with its own threads cut a build's speed from ~8 to ~3 steps/s (spinning threads).
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--jobs", type=int, default=1, help="sub-models trained at once")
     parser.add_argument("--reuse", action="store_true", help="reuse bundles already in --out")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "accuracy_vs_size.png"))
@@ -86,11 +87,20 @@ def mark(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def commands_of(rows: list[dict[str, Any]], command: str, seconds: float) -> list[str]:
+    """One line per command that made rows of the table (and the last run's wall time)."""
+    by_command: dict[str, list[str]] = {}
+    for row in rows:
+        by_command.setdefault(row.get("command", command), []).append(str(row["num_devices"]))
+    lines = [f"Command (N = {', '.join(ns)}): `{cmd}`." for cmd, ns in by_command.items()]
+    return [*lines, f"The last run took {seconds / 60:.1f} min of wall time."]
+
+
 def markdown(dataset: str, rows: list[dict[str, Any]], command: str, seconds: float) -> str:
     lines = [
         f"# ED-ViT on {dataset}",
         "",
-        f"Command: `{command}` ({seconds / 60:.1f} min wall time so far).",
+        *commands_of(rows, command, seconds),
         "Latency: ONNX Runtime, batch 1, one thread, median; size: ONNX parameters of the",
         "original over the largest sub-model.",
         "",
@@ -126,14 +136,28 @@ def markdown(dataset: str, rows: list[dict[str, Any]], command: str, seconds: fl
 
 def write_results(
     args: argparse.Namespace, rows: list[dict[str, Any]], command: str, started: float
-) -> None:
+) -> list[dict[str, Any]]:
+    """Rows of other N already in the results file stay (each row keeps its command), so a
+    run for one N adds or replaces that row only."""
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     stem = f"ed_vit_{args.dataset.replace('-', '_')}"
     seconds = time.time() - started
+    rows = [{**row, "command": row.get("command", command)} for row in rows]
+    path = results / f"{stem}.json"
+    ran = {row["num_devices"] for row in rows}
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        kept = [
+            {**row, "command": row.get("command", earlier["command"])}
+            for row in earlier["rows"]
+            if row["num_devices"] not in ran
+        ]
+        rows = sorted(kept + rows, key=lambda row: row["num_devices"])
     document = {"command": command, "wall_seconds": round(seconds, 1), "rows": rows}
-    (results / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    path.write_text(json.dumps(document, indent=2) + "\n")
     (results / f"{stem}.md").write_text(markdown(args.dataset, rows, command, seconds))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_devices=n,
                 checkpoint=checkpoint,
                 threads=args.threads,
+                jobs=args.jobs,
                 device=args.device,
                 data_dir=args.data_dir,
                 command=("python", "benchmarks/ed_vit.py", "--devices", str(n)),
@@ -160,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             report = build_bundle(settings, out, force=True)
         checkpoint = checkpoint or str(out / ORIGINAL_WEIGHTS)
         rows.append(row_of(n, report))
-        write_results(args, rows, command, started)
+        table = write_results(args, rows, command, started)
         print(f"[ed_vit] N={n}: {json.dumps(rows[-1])}", flush=True)
-    plot_accuracy_vs_size(rows, args.plot)
+    plot_accuracy_vs_size(table, args.plot)
     print(f"[ed_vit] done in {(time.time() - started) / 60:.1f} min", flush=True)
     return 0
 
