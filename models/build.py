@@ -58,8 +58,10 @@ fine-tunes with). The rest (pruning budgets, placement, fusion) is read from the
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -138,6 +140,7 @@ EVAL_BATCH = 500
 SCORE_BATCHES = 8  # batches of scoring data per Taylor importance estimate
 SCORE_BATCH_SIZE = 128
 BUDGET_SHARE = 0.95  # default budget: this share of original_params / N
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FUSION_SHARE = 0.5  # default fusion: at most this share of the largest sub-model's params
 MIN_EMBED = 8
 
@@ -849,6 +852,17 @@ class SubmodelJob:
         return vit
 
 
+def stop_with_parent() -> None:
+    """In a worker: be sent SIGTERM when the build's process dies, also when it is killed
+    rather than interrupted (Ctrl-C reaches the workers anyway), instead of training on for
+    nobody. Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def make_submodels_in_parallel(
     jobs: list[SubmodelJob], workers: int, threads: int
 ) -> list[VisionTransformer]:
@@ -858,7 +872,7 @@ def make_submodels_in_parallel(
     per_worker = max(1, threads // workers)
     log(f"training {len(jobs)} sub-models {workers} at a time, {per_worker} thread(s) each")
     context = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=stop_with_parent) as pool:
         futures = [pool.submit(job.run, per_worker) for job in jobs]
         try:
             return [future.result() for future in futures]

@@ -3,6 +3,13 @@ accuracy warning, the sub-models' data and the device choice."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -151,3 +158,63 @@ def test_sub_models_trained_side_by_side_make_the_same_bundle(tmp_path) -> None:
         assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
     with pytest.raises(ConfigError, match="--jobs"):
         build_bundle(default_settings("digits", jobs=0), tmp_path / "bad")
+
+
+def _spawned_workers(parent: int) -> list[int]:
+    """The sub-model workers of process ``parent`` (its spawned children, not the
+    multiprocessing resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and "spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killing_a_parallel_build_stops_its_workers(tmp_path) -> None:
+    """SIGKILL leaves no chance to shut the pool down: the workers must not train on."""
+    command = [
+        sys.executable, "-m", "edvit", "build", "--dataset", "digits", "--size", "test",
+        "--num-devices", "2", "--epochs", "1", "--sub-steps", "1000000", "--jobs", "2",
+        "--threads", "1", "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    log = tmp_path / "build.log"
+    with log.open("wb") as stderr:
+        build = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        training = ("sub0: classes", "sub1: classes")  # logged by the workers as they start
+        while time.monotonic() < deadline and build.poll() is None:
+            time.sleep(0.2)
+            workers = _spawned_workers(build.pid)
+            if len(workers) == 2 and all(line in log.read_text() for line in training):
+                break
+        assert len(workers) == 2, "the build never started its two workers"
+        build.kill()
+        build.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.2)
+        left = [w for w in workers if _running(w)]
+        assert not left, f"workers {left} outlived the killed build"
+    finally:
+        build.kill()
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
