@@ -57,9 +57,10 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         "# ED-ViT at N=10 on fashion-mnist",
         "",
-        f"Command: `{command}`. Latency: ONNX Runtime, batch 1, one thread, median, original",
-        "over the slowest sub-model, as each build measured it; size: ONNX parameters of the",
-        "original over the largest sub-model.",
+        f"Command: `{command}` (a variant's own build command is in its bundle's",
+        "report.json). Latency: ONNX Runtime, batch 1, one thread, median, original over the",
+        "slowest sub-model, as each build measured it; size: ONNX parameters of the original",
+        "over the largest sub-model.",
         "",
         "| variant | original | fused | delta | size cut | latency cut | sum params / orig "
         "| largest sub-model params | fusion params | worst missing-one | build min |",
