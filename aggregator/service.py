@@ -16,8 +16,13 @@ whose node is offline, or not serving the frame's plan, is not waited for: a fra
 answered as soon as the features of every sub-model being served are in. A node that says
 it serves but sends nothing (frozen, cut off before its keepalive runs out) costs each
 frame at most the adaptive deadline, a multiple of the recent feature arrival spread
-between a floor and a cap; after `SUSPECT_AFTER` such misses in a row its sub-models are
-no longer waited for either, until it sends features or a fresh status again.
+between a floor and a cap; after `SUSPECT_AFTER` such misses in a row, with nothing at
+all from that node for `SUSPECT_AFTER` times the longer of the deadline and its usual gap
+between features (the 90th percentile of its recent gaps), its sub-models are no longer
+waited for either, until it sends features or a fresh status again. The silence is what
+tells a stopped node from an overloaded one: a node that is behind skips frames (the ones
+the others skip too, edge_node/batcher.py) but keeps sending features for those it serves,
+at its own pace, and suspecting it would move its work to nodes that are as busy.
 
 Several aggregators may run: a lease (edvit/lease.py) picks the one that answers; the
 others follow the same features as a standby, drop what they see answered, and on taking
@@ -68,6 +73,7 @@ PLANS_KEPT = 2  # the plan served and the one before it, so frames in flight fin
 UNLOADED_WAIT_S = 5.0
 # Deadline misses in a row after which a serving node's sub-model is not waited for.
 SUSPECT_AFTER = 3
+FEATURE_GAPS_KEPT = 32  # per node, for its usual gap between features
 # A standby keeps frames this long past the lease ttl, to answer them if it takes over.
 STANDBY_KEEP_S = 2.0
 
@@ -271,6 +277,9 @@ class Aggregator:
         self._nodes: dict[str, StatusMsg] = {}
         self._misses: Counter[tuple[str, str]] = Counter()  # (node, sub-model) in a row
         self._suspects: dict[str, float] = {}  # node -> when it was suspected (monotonic)
+        self._last_features: dict[str, float] = {}  # node -> its newest features (monotonic)
+        self._feature_gaps: dict[str, deque[float]] = {}  # node -> its recent gaps between them
+        self._started = time.monotonic()
         self.lease = Lease(
             self.client, self.topics.aggregator_lease(str(shard) if shard else None),
             self.instance, ttl_s=lease_ttl_s,
@@ -400,21 +409,34 @@ class Aggregator:
         expected = self._expected(plan)
         return bool(expected) and expected <= set(got)
 
-    def _count_misses(self, plan: PlanMsg, got: dict[str, np.ndarray]) -> None:
+    def _note_alive(self, node: str, now: float) -> None:
+        last = self._last_features.get(node)
+        if last is not None:
+            self._feature_gaps.setdefault(node, deque(maxlen=FEATURE_GAPS_KEPT)).append(now - last)
+        self._last_features[node] = now
+
+    def _count_misses(self, plan: PlanMsg, got: dict[str, np.ndarray], deadline_s: float) -> None:
         """After a frame was answered at its deadline: which serving nodes sent nothing."""
+        now = time.monotonic()
         for node, ids in plan.assignments.items():
             if node in self._suspects or not serves(self._nodes.get(node), plan.plan_id):
                 continue
+            silent_s = now - self._last_features.get(node, self._started)
+            gaps = self._feature_gaps.get(node)
+            usual_gap_s = float(np.percentile(gaps, 90)) if gaps else 0.0
             for sid in ids:
                 if sid in got:
                     continue
                 self._misses[(node, sid)] += 1
-                if self._misses[(node, sid)] >= SUSPECT_AFTER:
+                if self._misses[(node, sid)] >= SUSPECT_AFTER and (
+                    silent_s >= SUSPECT_AFTER * max(deadline_s, usual_gap_s)
+                ):
                     self._suspects[node] = time.monotonic()
                     self.counters["nodes_suspected"] += 1
                     log.warning(
-                        "node %s says it serves %s but sent nothing for %d frames; "
-                        "not waiting for it until it answers again", node, sid, SUSPECT_AFTER,
+                        "node %s says it serves %s but sent nothing for %d frames (%.0f ms); "
+                        "not waiting for it until it answers again",
+                        node, sid, self._misses[(node, sid)], silent_s * 1000,
                     )  # fmt: skip
 
     def _assigned(self, plan_id: str, node: str, submodel_id: str) -> bool:
@@ -479,10 +501,11 @@ class Aggregator:
                     f"{msg.submodel} features have dim {msg.dim}, plan says {expected_dim}"
                 )
             key = (msg.camera, msg.seq, msg.ts)
+            now = time.monotonic()
+            self._note_alive(msg.node, now)  # late or not
             if key in self._answered:
                 self.counters["features_late"] += 1
                 return
-            now = time.monotonic()
             if msg.node in self._suspects:
                 self._clear_suspect(msg.node, "its features arrive")
             self._misses.pop((msg.node, msg.submodel), None)
@@ -542,7 +565,8 @@ class Aggregator:
                     due.append((key, frame, *chosen))
                     if expired:
                         plan = chosen[0]
-                        self._count_misses(plan, frame.by_plan.get(plan.plan_id, {}))
+                        got = frame.by_plan.get(plan.plan_id, {})
+                        self._count_misses(plan, got, deadline)
                 elif age > UNLOADED_WAIT_S:
                     self._close(key)
                     self.counters["frames_unanswerable"] += 1

@@ -26,6 +26,7 @@ from edvit.schemas import (
     PlanMsg,
     PredictionMsg,
     Preprocessing,
+    StatusMsg,
     SubmodelRef,
     decode,
     encode,
@@ -359,5 +360,56 @@ def test_aggregator_takes_features_only_from_the_node_the_plan_names(
             send(2, sid, owner[sid], None if sid == ids[0] else owner[sid])
         answers = [decode(PredictionMsg, p) for p in broker.messages(topics.all_predictions())]
         assert [(p.seq, p.degraded) for p in answers] == [(2, False)]
+    finally:
+        aggregator.stop()
+
+
+def test_a_node_that_is_behind_is_not_suspected_but_a_silent_one_is(
+    digits_bundle: Path,
+) -> None:
+    """Node `a` sends features for one frame in four (a node behind its cameras, dropping
+    the rest) and is never suspected: its work stays. Node `b` then sends nothing at all and
+    is suspected after SUSPECT_AFTER misses and as many deadlines of silence."""
+    bundle = Bundle.load(digits_bundle)
+    broker, topics = MemoryBroker(), Topics()
+    aggregator = Aggregator(
+        client=MemoryTransport(broker, "aggregator"),
+        deadline=DeadlinePolicy(floor_s=0.03, cap_s=0.03),
+    )
+    sender = MemoryTransport(broker, "sender")
+    aggregator.start()
+    try:
+        ids = [s.id for s in bundle.manifest.submodels]
+        plan = make_plan(bundle, round_robin(ids, ["a", "b"]))
+        publish_bundle(lambda t, p: sender.publish(t, p, retain=True), bundle, plan, topics)
+        for node in ("a", "b"):
+            status = StatusMsg(state="ready", plan_id=plan.plan_id, serving_plan_id=plan.plan_id)
+            sender.publish(topics.node_status(node), encode(status), retain=True)
+        wait_until(lambda: aggregator.follower.ready and aggregator.answering)
+        owner = {sid: node for node, served in plan.assignments.items() for sid in served}
+
+        def send(seq: int, sid: str) -> None:
+            dim = plan.submodel(sid).feature_dim
+            msg = FeaturesMsg(
+                camera="c", seq=seq, ts=float(seq), submodel=sid, plan_id=plan.plan_id,
+                node=owner[sid], dtype="float32", data=np.ones(dim, np.float32).tobytes(),
+                dim=dim, infer_ms=0.1,
+            )  # fmt: skip
+            sender.publish(topics.features("c", sid, owner[sid]), encode(msg))
+
+        for seq in range(24):  # a frame every 20 ms; `a` serves every fourth
+            for sid in ids:
+                if owner[sid] == "b" or seq % 4 == 0:
+                    send(seq, sid)
+            time.sleep(0.02)
+        wait_until(lambda: not aggregator._pending)
+        assert aggregator.suspect_nodes() == set()
+        for seq in range(24, 40):  # `b` falls silent
+            for sid in ids:
+                if owner[sid] == "a" and seq % 4 == 0:
+                    send(seq, sid)
+            time.sleep(0.02)
+        wait_until(lambda: "b" in aggregator.suspect_nodes())
+        assert "a" not in aggregator.suspect_nodes()
     finally:
         aggregator.stop()
