@@ -318,6 +318,21 @@ def test_aggregator_answers_a_frame_whose_features_came_under_the_previous_plan(
         aggregator.stop()
 
 
+def _aggregator_for_two_nodes(
+    digits_bundle: Path, deadline: DeadlinePolicy
+) -> tuple[MemoryBroker, Topics, Aggregator, MemoryTransport, PlanMsg]:
+    """A started aggregator following a plan that splits the digits bundle over nodes `a`
+    and `b`, and a client to send as them."""
+    bundle = Bundle.load(digits_bundle)
+    broker, topics = MemoryBroker(), Topics()
+    aggregator = Aggregator(client=MemoryTransport(broker, "aggregator"), deadline=deadline)
+    sender = MemoryTransport(broker, "sender")
+    aggregator.start()
+    plan = make_plan(bundle, round_robin([s.id for s in bundle.manifest.submodels], ["a", "b"]))
+    publish_bundle(lambda t, p: sender.publish(t, p, retain=True), bundle, plan, topics)
+    return broker, topics, aggregator, sender, plan
+
+
 def test_aggregator_takes_features_only_from_the_node_the_plan_names(
     digits_bundle: Path,
 ) -> None:
@@ -325,17 +340,11 @@ def test_aggregator_takes_features_only_from_the_node_the_plan_names(
     name must give that node the sub-model. Anything else is one bad payload, never a join,
     so no node can answer for, or get suspected for, another node's sub-model. Features on
     the older topic without the node level still join."""
-    bundle = Bundle.load(digits_bundle)
-    broker, topics = MemoryBroker(), Topics()
-    aggregator = Aggregator(
-        client=MemoryTransport(broker, "aggregator"), deadline=DeadlinePolicy(cap_s=5.0)
+    broker, topics, aggregator, sender, plan = _aggregator_for_two_nodes(
+        digits_bundle, DeadlinePolicy(cap_s=5.0)
     )
-    sender = MemoryTransport(broker, "sender")
-    aggregator.start()
     try:
-        ids = [s.id for s in bundle.manifest.submodels]
-        plan = make_plan(bundle, round_robin(ids, ["a", "b"]))
-        publish_bundle(lambda t, p: sender.publish(t, p, retain=True), bundle, plan, topics)
+        ids = [s.id for s in plan.submodels]
         wait_until(lambda: aggregator.follower.ready and aggregator.answering)
         owner = {sid: node for node, served in plan.assignments.items() for sid in served}
 
@@ -369,19 +378,13 @@ def test_a_node_that_is_behind_is_not_suspected_but_a_silent_one_is(
 ) -> None:
     """Node `a` sends features for one frame in four (a node behind its cameras, dropping
     the rest) and is never suspected: its work stays. Node `b` then sends nothing at all and
-    is suspected after SUSPECT_AFTER misses and as many deadlines of silence."""
-    bundle = Bundle.load(digits_bundle)
-    broker, topics = MemoryBroker(), Topics()
-    aggregator = Aggregator(
-        client=MemoryTransport(broker, "aggregator"),
-        deadline=DeadlinePolicy(floor_s=0.03, cap_s=0.03),
+    is suspected after SUSPECT_AFTER misses and a silence of SUSPECT_AFTER times the longer
+    of the deadline and its usual gap between features."""
+    _, topics, aggregator, sender, plan = _aggregator_for_two_nodes(
+        digits_bundle, DeadlinePolicy(floor_s=0.03, cap_s=0.03)
     )
-    sender = MemoryTransport(broker, "sender")
-    aggregator.start()
     try:
-        ids = [s.id for s in bundle.manifest.submodels]
-        plan = make_plan(bundle, round_robin(ids, ["a", "b"]))
-        publish_bundle(lambda t, p: sender.publish(t, p, retain=True), bundle, plan, topics)
+        ids = [s.id for s in plan.submodels]
         for node in ("a", "b"):
             status = StatusMsg(state="ready", plan_id=plan.plan_id, serving_plan_id=plan.plan_id)
             sender.publish(topics.node_status(node), encode(status), retain=True)
