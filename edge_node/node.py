@@ -365,16 +365,19 @@ class EdgeNode:
             received_ts=received_ts, decode_ms=(now - started) * 1000.0, enqueued=now,
             topic=topic, frame=message if request is None else None, size=size,
         )  # fmt: skip
+        # Aligned drops (batcher.py) only where another node computes the rest of the frame:
+        # a node with the whole plan keeps each camera's newest frame, the freshest answer.
+        seq = message.seq if len(plan.submodels_of(self.node_id)) < len(plan.submodels) else None
         # An idle node serves a lone request right here, on the network thread: handing it
         # to the inference thread costs a wake-up (0.1-2 ms on a busy board) and batching has
         # nothing to gain from it. Under load requests queue and are batched as before.
         if not self._serving.acquire(blocking=False):
-            self._batcher.put(message.camera, pending, seq=message.seq)  # being served: queue
+            self._batcher.put(message.camera, pending, seq=seq)  # a batch is being served: queue
             return
         try:
             min_gap_s = QUIET_FACTOR * self._serve_s
             if self._batcher.put_unless_quiet(
-                message.camera, pending, min_gap_s=min_gap_s, seq=message.seq
+                message.camera, pending, min_gap_s=min_gap_s, seq=seq
             ):
                 self.counters["requests_served_inline"] += 1
                 try:
