@@ -154,6 +154,13 @@ def available_memory_mb() -> float | None:
     return None
 
 
+def aligns_drops(plan: PlanMsg, node_id: str) -> bool:
+    """Whether the node keeps aligned frames when behind (batcher.py): only where other
+    nodes compute the rest of a frame. A node with the whole plan keeps each camera's newest
+    frame, the freshest answer."""
+    return len(plan.submodels_of(node_id)) < len(plan.submodels)
+
+
 class EdgeNode:
     def __init__(
         self,
@@ -365,9 +372,7 @@ class EdgeNode:
             received_ts=received_ts, decode_ms=(now - started) * 1000.0, enqueued=now,
             topic=topic, frame=message if request is None else None, size=size,
         )  # fmt: skip
-        # Aligned drops (batcher.py) only where another node computes the rest of the frame:
-        # a node with the whole plan keeps each camera's newest frame, the freshest answer.
-        seq = message.seq if len(plan.submodels_of(self.node_id)) < len(plan.submodels) else None
+        seq = message.seq if aligns_drops(plan, self.node_id) else None
         # An idle node serves a lone request right here, on the network thread: handing it
         # to the inference thread costs a wake-up (0.1-2 ms on a busy board) and batching has
         # nothing to gain from it. Under load requests queue and are batched as before.

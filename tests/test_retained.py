@@ -14,7 +14,7 @@ from memory_transport import MemoryBroker, MemoryTransport
 
 from edvit.aggregator.service import Aggregator, DeadlinePolicy
 from edvit.bundle import Bundle
-from edvit.edge_node.node import EdgeNode
+from edvit.edge_node.node import EdgeNode, aligns_drops
 from edvit.errors import ConfigError
 from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
 from edvit.mqtt import MqttClient
@@ -416,3 +416,12 @@ def test_a_node_that_is_behind_is_not_suspected_but_a_silent_one_is(
         assert "a" not in aggregator.suspect_nodes()
     finally:
         aggregator.stop()
+
+
+def test_only_a_node_with_a_share_of_the_plan_aligns_its_drops(digits_bundle: Path) -> None:
+    bundle = Bundle.load(digits_bundle)
+    ids = [s.id for s in bundle.manifest.submodels]
+    split = make_plan(bundle, round_robin(ids, ["a", "b"]))
+    whole = make_plan(bundle, round_robin(ids, ["a"]))
+    assert aligns_drops(split, "a") and aligns_drops(split, "b")
+    assert not aligns_drops(whole, "a")
