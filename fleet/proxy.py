@@ -2,25 +2,34 @@
 board (no FIN, no RST: bytes just stop), for the chaos bench and the tests. `tc netem` is
 not available everywhere, so this is done in user space, and so is the added latency of an
 emulated board's link (`edvit fleet up`, fleet/boards.py): each direction's bytes are held
-`delay_ms` before they are forwarded."""
+`delay_ms` before they are forwarded.
+
+Each direction of a connection has its own reader and writer thread with a bounded queue
+between them, so the link is full duplex: a board that reads its frames slowly (at its CPU
+quota) slows only the frames, as TCP would, and its features still go out. (A first version
+forwarded both directions on one thread with a blocking send: a slow board's features then
+waited behind its frames, and the aggregator took it for stopped.)"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import selectors
+import queue
 import socket
 import threading
 import time
-from collections import deque
 
 log = logging.getLogger("edvit.proxy")
 
+CHUNK = 65536
+# Chunks read ahead of a slow receiver before the reader stops reading (flow control).
+QUEUED_CHUNKS = 64
+
 
 class CuttableProxy:
-    """Listens on 127.0.0.1:port and forwards every connection to `target`. While cut,
-    whatever either side sends is read and dropped, and new connections are accepted and
-    left silent. With `delay_ms`, bytes are forwarded that long after they arrived, in
+    """Listens on `listen_host:listen_port` and forwards every connection to `target`. While
+    cut, whatever either side sends is read and dropped, and new connections are accepted
+    and left silent. With `delay_ms`, bytes are forwarded that long after they arrived, in
     either direction (a constant one-way delay keeps them in arrival order)."""
 
     def __init__(
@@ -29,24 +38,21 @@ class CuttableProxy:
     ) -> None:  # fmt: skip
         self.target = (target_host, target_port)
         self._listener = socket.create_server((listen_host, listen_port))
+        self._listener.settimeout(0.1)
         self.host = listen_host
         self.port = self._listener.getsockname()[1]
         self.delay_s = delay_ms / 1000.0
-        # (due time, sink, bytes), due times non-decreasing
-        self._pending: deque[tuple[float, socket.socket, bytes]] = deque()
         self._cut = threading.Event()
         self._stop = threading.Event()
-        self._selector = selectors.DefaultSelector()
+        self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="proxy", daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, name="proxy", daemon=True)
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> CuttableProxy:
-        self._listener.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._thread.start()
         return self
 
@@ -58,80 +64,91 @@ class CuttableProxy:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
-        for key in list(self._selector.get_map().values()):
-            with contextlib.suppress(OSError):
-                key.fileobj.close()  # type: ignore[union-attr]
-        self._selector.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            sockets, self._sockets = list(self._sockets), set()
+        for sock in sockets:
+            _close(sock)
 
     def serve_forever(self) -> None:
         """Run in this thread until stopped (`edvit fleet proxy`, a process per board)."""
-        self._listener.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
-        self._run()
+        self._accept_loop()
 
-    def _run(self) -> None:
+    def _accept_loop(self) -> None:
         while not self._stop.is_set():
-            timeout = 0.1
-            if self._pending:
-                timeout = min(timeout, max(0.0, self._pending[0][0] - time.monotonic()))
-            for key, _ in self._selector.select(timeout=timeout):
-                if key.data is None:
-                    self._accept()
-                else:
-                    self._forward(key.fileobj, key.data)  # type: ignore[arg-type]
-            now = time.monotonic()
-            while self._pending and self._pending[0][0] <= now:
-                _, sink, data = self._pending.popleft()
-                if data:
-                    self._send(sink, data)
-                else:
-                    self._close(sink)
-
-    def _close(self, sock: socket.socket) -> None:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(sock)
-        sock.close()
-
-    def _accept(self) -> None:
-        client, _ = self._listener.accept()
-        try:
-            upstream = socket.create_connection(self.target, timeout=2)
-        except OSError:
-            client.close()
-            return
-        for sock in (client, upstream):
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._selector.register(client, selectors.EVENT_READ, upstream)
-        self._selector.register(upstream, selectors.EVENT_READ, client)
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=2)
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, upstream):
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets.update((client, upstream))
+            self._forward(client, upstream)
+            self._forward(upstream, client)
 
     def _forward(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            data = source.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close(source)
-            if self.delay_s > 0:  # after the bytes still held for it
-                self._pending.append((time.monotonic() + self.delay_s, sink, b""))
-            else:
-                self._close(sink)
-            return
-        if self._cut.is_set():
-            return  # the link is down: the bytes are lost
-        if self.delay_s > 0:
-            self._pending.append((time.monotonic() + self.delay_s, sink, data))
-            return
-        self._send(sink, data)
+        """One direction: a reader that queues what arrives (dropping it while cut) and a
+        writer that sends it once it is due. When either side closes, both are closed."""
+        held: queue.Queue[tuple[float, bytes]] = queue.Queue(maxsize=QUEUED_CHUNKS)
+        done = threading.Event()  # the writer has stopped: nothing will take from `held`
 
-    @staticmethod
-    def _send(sink: socket.socket, data: bytes) -> None:
-        try:
-            sink.setblocking(True)
-            sink.sendall(data)
-            sink.setblocking(False)
-        except OSError:
-            pass
+        def read() -> None:
+            while not done.is_set():
+                try:
+                    data = source.recv(CHUNK)
+                except OSError:
+                    data = b""
+                if data and self._cut.is_set():
+                    continue  # the link is down: the bytes are lost
+                item = (time.monotonic() + self.delay_s, data)
+                while not done.is_set():
+                    try:
+                        held.put(item, timeout=0.5)  # blocks while the receiver is slow
+                        break
+                    except queue.Full:
+                        continue
+                if not data:
+                    return
+
+        def write() -> None:
+            while True:
+                due, data = held.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if not data:
+                    break  # after the bytes still held for it
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    break
+            done.set()
+            self._close_pair(source, sink)
+
+        for target, role in ((read, "read"), (write, "write")):
+            threading.Thread(target=target, name=f"proxy-{role}", daemon=True).start()
+
+    def _close_pair(self, *sockets: socket.socket) -> None:
+        with self._lock:
+            self._sockets.difference_update(sockets)
+        for sock in sockets:
+            _close(sock)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
