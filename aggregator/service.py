@@ -17,8 +17,8 @@ answered as soon as the features of every sub-model being served are in. A node 
 it serves but sends nothing (frozen, cut off before its keepalive runs out) costs each
 frame at most the adaptive deadline, a multiple of the recent feature arrival spread
 between a floor and a cap; after `SUSPECT_AFTER` such misses in a row, with nothing at
-all from that node for `SUSPECT_AFTER` times the longer of the deadline and its usual gap
-between features (the 90th percentile of its recent gaps), its sub-models are no longer
+all from that node for `SUSPECT_AFTER` times the longer of the deadline and its longest
+recent gap between features (of its last `FEATURE_GAPS_KEPT`), its sub-models are no longer
 waited for either, until it sends features or a fresh status again. The silence is what
 tells a stopped node from an overloaded one: a node that is behind skips frames (the ones
 the others skip too, edge_node/batcher.py) but keeps sending features for those it serves,
@@ -73,7 +73,7 @@ PLANS_KEPT = 2  # the plan served and the one before it, so frames in flight fin
 UNLOADED_WAIT_S = 5.0
 # Deadline misses in a row after which a serving node's sub-model is not waited for.
 SUSPECT_AFTER = 3
-FEATURE_GAPS_KEPT = 32  # per node, for its usual gap between features
+FEATURE_GAPS_KEPT = 32  # per node, for its longest recent gap between features
 # A standby keeps frames this long past the lease ttl, to answer them if it takes over.
 STANDBY_KEEP_S = 2.0
 
@@ -423,13 +423,13 @@ class Aggregator:
                 continue
             silent_s = now - self._last_features.get(node, self._started)
             gaps = self._feature_gaps.get(node)
-            usual_gap_s = float(np.percentile(gaps, 90)) if gaps else 0.0
+            longest_gap_s = max(gaps) if gaps else 0.0
             for sid in ids:
                 if sid in got:
                     continue
                 self._misses[(node, sid)] += 1
                 if self._misses[(node, sid)] >= SUSPECT_AFTER and (
-                    silent_s >= SUSPECT_AFTER * max(deadline_s, usual_gap_s)
+                    silent_s >= SUSPECT_AFTER * max(deadline_s, longest_gap_s)
                 ):
                     self._suspects[node] = time.monotonic()
                     self.counters["nodes_suspected"] += 1
