@@ -431,7 +431,7 @@ class Aggregator:
                 if self._misses[(node, sid)] >= SUSPECT_AFTER and (
                     silent_s >= SUSPECT_AFTER * max(deadline_s, longest_gap_s)
                 ):
-                    self._suspects[node] = time.monotonic()
+                    self._suspects[node] = now
                     self.counters["nodes_suspected"] += 1
                     log.warning(
                         "node %s says it serves %s but sent nothing for %d frames (%.0f ms); "

@@ -4,9 +4,9 @@ the fusion accounts for, and how much the sub-models' features (README "ED-ViT a
 
     python benchmarks/refit_fusion.py runs/ed_vit_n10/budget-9900 --hidden 12 24 64 256
 
-The fusion trains as `edvit build` trains it (distilled from the original's logits, whole
-sub-model blocks dropped at random, the dataset's fusion epochs unless --epochs), seeded
-alike for every width. Nothing in the bundle is changed.
+The fusion trains through the build's own `fit_fusion` (distilled from the original's
+logits, whole sub-model blocks dropped at random, the dataset's fusion epochs unless
+--epochs), seeded alike for every width. Nothing in the bundle is changed.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ from edvit.bundle import Bundle  # noqa: E402
 from edvit.inference import make_session  # noqa: E402
 from edvit.models.build import (  # noqa: E402
     accuracy,
+    batched,
     default_settings,
     extract_features,
+    fit_fusion,
     load_data,
     model_inputs,
-    train_config,
 )
-from edvit.models.train import Distillation, fit, set_threads  # noqa: E402
-from edvit.models.vit import FusionMLP, count_params  # noqa: E402
+from edvit.models.train import set_threads  # noqa: E402
+from edvit.models.vit import count_params  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,10 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def original_logits(bundle: Bundle, images: np.ndarray, threads: int) -> np.ndarray:
     session = make_session(bundle.path("original.onnx"), threads)
     name = session.get_inputs()[0].name
-    chunks = [
-        session.run(None, {name: images[i : i + 1000]})[0] for i in range(0, len(images), 1000)
-    ]
-    return np.concatenate(chunks)
+    return batched(lambda chunk: session.run(None, {name: chunk})[0], images)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,23 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     teacher = torch.from_numpy(original_logits(bundle, x_train, args.threads))
     train_parts = extract_features(bundle, x_train, args.threads)
     test_features = np.concatenate(extract_features(bundle, inputs.x_test, args.threads), axis=1)
-    train_features = torch.from_numpy(np.concatenate(train_parts, axis=1))
+    train_features = np.concatenate(train_parts, axis=1)
     dims = tuple(part.shape[1] for part in train_parts)
-    classes = int(teacher.shape[1])
-    labels = inputs.y_train
     print(f"{args.bundle}: {len(dims)} sub-models, features {sum(dims)} wide, {dataset}")
     print("| fusion hidden | fusion params | fused test accuracy |")
     print("|---:|---:|---:|")
     for hidden in args.hidden:
-        config = train_config(settings, settings.fusion_epochs, settings.fusion_lr, 100)
-        torch.manual_seed(config.seed)
-        fusion = FusionMLP(dims, classes, hidden, drop_prob=settings.fusion_drop_prob)
-        criterion = Distillation(tuple(range(classes)), settings.kd_alpha, settings.kd_temperature)
-        present = torch.ones(len(train_features), len(dims))
-        fit(fusion, fusion, [train_features, present], labels, config, None,
-            criterion=criterion, targets=[teacher])  # fmt: skip
+        fusion = fit_fusion(settings, train_features, dims, hidden, inputs.y_train, teacher)
         with torch.no_grad():
-            logits = fusion.eval()(
+            logits = fusion(
                 torch.from_numpy(test_features), torch.ones(len(test_features), len(dims))
             ).numpy()
         fused = accuracy(logits, data.test.labels)

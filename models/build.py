@@ -1326,6 +1326,20 @@ def train_fusion(
     hidden = settings.fusion_hidden or fusion_hidden_for(
         dims, num_classes, int(FUSION_SHARE * largest)
     )
+    return fit_fusion(settings, features, dims, hidden, y_train, teacher_logits)
+
+
+def fit_fusion(
+    settings: BuildSettings,
+    features: np.ndarray,
+    dims: tuple[int, ...],
+    hidden: int,
+    y_train: torch.Tensor,
+    teacher_logits: torch.Tensor,
+) -> FusionMLP:
+    """A ``hidden``-wide fusion MLP trained on the sub-models' concatenated ``features`` (of
+    widths ``dims``) of the training images, distilled from the original's logits."""
+    num_classes = int(teacher_logits.shape[1])
     # Seeded here, not by what trained before: a build with --jobs trained its sub-models in
     # other processes, and the fusion must start from the same weights either way.
     config = train_config(settings, settings.fusion_epochs, settings.fusion_lr, 100)
@@ -1334,9 +1348,9 @@ def train_fusion(
         dims,
         num_classes,
         hidden,
-        drop_prob=settings.fusion_drop_prob if len(submodels) > 1 else 0.0,
+        drop_prob=settings.fusion_drop_prob if len(dims) > 1 else 0.0,
     )
-    present = torch.ones(len(features), len(submodels))
+    present = torch.ones(len(features), len(dims))
     log(f"training the fusion MLP ({count_params(fusion)} params, {settings.fusion_epochs} epochs)")
     criterion = Distillation(tuple(range(num_classes)), settings.kd_alpha, settings.kd_temperature)
     fit(fusion, fusion, [torch.from_numpy(features), present], y_train, config, "fusion",
