@@ -59,6 +59,7 @@ from edvit.schemas import (
     StatusMsg,
     decode,
     encode,
+    supersedes,
 )
 from edvit.service import Worker
 from edvit.signing import TrustKey
@@ -335,7 +336,7 @@ class Aggregator:
                 plan_id=target.plan_id if target else None,
                 submodels=tuple(s.id for s in target.submodels) if target else (),
                 serving_plan_id=active.plan.plan_id if active else None,
-                error=self.follower.refused,
+                error=self.follower.problem,
             )
         )
 
@@ -375,6 +376,9 @@ class Aggregator:
         node = self.topics.node_of(topic)
         status = decode(StatusMsg, payload)
         with self._lock:
+            if not supersedes(status, self._nodes.get(node)):
+                self.counters["statuses_out_of_order"] += 1
+                return  # an older status delivered late (schemas.supersedes)
             if status is None:
                 self._nodes.pop(node, None)
             else:

@@ -163,10 +163,13 @@ class LocalBroker:
         log_path: Path | None = None,
         secure_config: Path | None = None,
         extra_config: str | None = None,
+        persistence_dir: Path | None = None,
     ) -> None:
         """`secure_config`: a config written by `edvit secure init` (TLS, logins, ACL), run
         with its listener moved to host:port; mosquitto only. `extra_config`: lines added to
-        the mosquitto config, e.g. a bridge to another broker (README, "Which broker")."""
+        the mosquitto config, e.g. a bridge to another broker. `persistence_dir`: mosquitto
+        keeps its retained messages there across restarts (written on a clean stop, and
+        every second), as a production broker does; without it a restart loses them."""
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range 0-65535")
         self._host = host
@@ -179,8 +182,11 @@ class LocalBroker:
                 "the embedded amqtt broker cannot run a secure config (TLS, passwords, ACL); "
                 "install mosquitto"
             )
+        if persistence_dir is not None and self._kind != "mosquitto":
+            raise BrokerError("persistence needs mosquitto; install mosquitto")
         self._secure_config = secure_config
         self._extra_config = extra_config
+        self._persistence_dir = persistence_dir
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
@@ -299,6 +305,14 @@ class LocalBroker:
                 except OSError as exc:
                     raise BrokerError(f"cannot read {self._secure_config}: {exc}") from None
                 text = with_listener(base, self._host, self._port)
+            if self._persistence_dir is not None:
+                self._persistence_dir.mkdir(parents=True, exist_ok=True)
+                text = text.replace("persistence false\n", "") + "\n".join((
+                    "persistence true",
+                    f"persistence_location {self._persistence_dir.resolve()}/",
+                    "autosave_interval 1",
+                    "",
+                ))  # fmt: skip
             if self._extra_config:
                 text = f"{text.rstrip()}\n{self._extra_config}\n"
             conf.write_text(text, encoding="utf-8")

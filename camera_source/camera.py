@@ -149,13 +149,29 @@ class Camera:
                 return
             shots = open_source(self.source, self.data_dir)
 
+    def _publish_head_status(self) -> None:
+        """The head slices' plan in the camera's status, and why they are not served (a
+        refused plan, slices that have not arrived): frames go out whole meanwhile."""
+        follower = self._head.follower if self._head is not None else None
+        if follower is None:
+            return
+        target, active = follower.target, follower.active
+        self.client.set_status(
+            StatusMsg(
+                state="online",
+                plan_id=target.plan_id if target else None,
+                serving_plan_id=active.plan.plan_id if active else None,
+                error=follower.problem,
+            )
+        )
+
     def run(self, stop: threading.Event) -> int:
         """Publish frames until the source ends, `count` frames are sent or `stop` is set."""
         self.client.set_status(StatusMsg(state="online"))
         self.client.start(required=True)
         self.stats.start()
         if self._head is not None:
-            self._head.follow(self.client, self.topics)
+            self._head.follow(self.client, self.topics, self._publish_head_status)
             try:
                 self._head.wait_first_plan(self.topics)
             except ConfigError:

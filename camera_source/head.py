@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,10 +53,14 @@ class HeadSlices:
         self.trust_key = trust_key
         self.follower: PlanFollower[_Sessions] | None = None
 
-    def follow(self, client: Transport, topics: Topics) -> None:
+    def follow(
+        self, client: Transport, topics: Topics, on_update: Callable[[], None] | None = None
+    ) -> None:
+        """Follow the plan; `on_update` is called whenever what is served, or why not, changes."""
         self.follower = PlanFollower(
-            client, topics, self._model_ids, self._load, logger=log, trust_key=self.trust_key
-        )
+            client, topics, self._model_ids, self._load, logger=log, trust_key=self.trust_key,
+            on_update=on_update,
+        )  # fmt: skip
         self.follower.start()
 
     def stop(self) -> None:

@@ -281,7 +281,7 @@ class EdgeNode:
             self._route_requests(active.plan if serving and active else None)
             if target is None:
                 status = StatusMsg(
-                    state="online", error=self.follower.refused, capacity=self.capacity
+                    state="online", error=self.follower.problem, capacity=self.capacity
                 )
             else:
                 received = self.follower.received()
@@ -294,7 +294,7 @@ class EdgeNode:
                         if sid in received or StemRef.tail_id(sid) in received
                     ),
                     serving_plan_id=active.plan.plan_id if serving and active else None,
-                    error=self.follower.refused,
+                    error=self.follower.problem,
                     capacity=self.capacity,
                 )  # fmt: skip
             self.client.set_status(status)

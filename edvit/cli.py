@@ -711,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=_positive_float, default=5.0, help="measured time per run")
     p.add_argument("--json", help="also write the results here")
 
+    from edvit.fleet.chaos import DEFAULT_SCENARIOS, SCENARIO_NAMES
+
     p = benches.add_parser(
         "chaos", parents=[_common()], help="kill, freeze and restart parts of a 3-node fleet",
         description="a 3-node fleet on a local mosquitto with a camera at 20 fps; kills, "
@@ -721,8 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)")
     p.add_argument(
         "--scenarios", nargs="+",
-        choices=["kill", "freeze", "cut", "failover", "broker", "hostile", "soak"],
-        default=["kill", "freeze", "cut", "failover", "broker", "hostile"],
+        choices=SCENARIO_NAMES, default=list(DEFAULT_SCENARIOS),
+        help="scenarios to run; `partitions` is the partition matrix (broker restarts and "
+        "links cut); default %(default)s",
     )  # fmt: skip
     p.add_argument(
         "--soak-s", type=_positive_float, default=600.0,

@@ -215,11 +215,17 @@ class Transport(Protocol):
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False
                 ) -> object: ...  # fmt: skip
     def set_status(self, status: StatusMsg) -> None: ...
+    def publish_now(self, topic: str, payload: bytes | str, *, retain: bool = False,
+                    epoch: int | None = None) -> bool: ...  # fmt: skip
     def mirror_status(self, topic: str | None) -> None: ...
     def start(self, wait: float | None = 10.0, required: bool = False) -> bool: ...
     def stop(self, timeout: float = 5.0) -> None: ...
     @property
     def shared_subscriptions(self) -> bool: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def connection_epoch(self) -> int: ...
 
 
 def kind_of(topic: str) -> PayloadKind | None:
@@ -363,6 +369,13 @@ class MqttClient:
         self._keepalive = keepalive
         self._lock = threading.Lock()
         self._refused: str | None = None
+        # Every connection is a session of its own: its statuses carry when it began and a
+        # sequence number, and its Will is stamped with the same session (StatusMsg.session).
+        self._session = 0.0
+        self._status_seq = 0
+        self._status_lock = threading.Lock()
+        self._epoch = 0  # connections made so far; see connection_epoch
+        self._epoch_lock = threading.Lock()  # the epoch and `_connected` change together
         self._will_topic = will_topic
         self._ever_connected = False
         self._socket_opened = False
@@ -399,18 +412,30 @@ class MqttClient:
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
         client.on_connect_fail = self._on_connect_fail
+        client.on_pre_connect = self._on_pre_connect
         if self.connection.username:
             client.username_pw_set(self.connection.username, self.connection.password())
         if self.address.tls:
             client.tls_set_context(self.connection.ssl_context())
-        will = self._will_topic or self._status_topic
-        if will:
-            client.will_set(will, encode(OFFLINE_STATUS), qos=1, retain=True)
+        self._set_will(client)
         with self._lock:
             filters = list(self._routes)
         for match in {matching_filter(f) for f in filters}:
             client.message_callback_add(match, self._dispatcher(match))
         return client
+
+    def _set_will(self, client: paho.Client) -> None:
+        will = self._will_topic or self._status_topic
+        if will:
+            offline = OFFLINE_STATUS.model_copy(update={"session": self._session or None})
+            client.will_set(will, encode(offline), qos=1, retain=True)
+
+    def _on_pre_connect(self, client: paho.Client, _userdata: object) -> None:
+        """Before every connection attempt: a new session, and a Will that names it."""
+        with self._status_lock:
+            self._session = max(time.time(), self._session + 1e-6)
+            self._status_seq = 0
+        self._set_will(client)
 
     @property
     def address(self) -> BrokerAddress:
@@ -571,6 +596,12 @@ class MqttClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def connection_epoch(self) -> int:
+        """How many connections this client has made: it changes with every reconnect, so a
+        caller can tell whether the connection it decided on is the one it publishes on."""
+        return self._epoch
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
@@ -594,6 +625,23 @@ class MqttClient:
         else:
             self.counters["publish_failed"] += 1
         return info
+
+    def publish_now(
+        self, topic: str, payload: bytes | str, *, retain: bool = False, epoch: int | None = None
+    ) -> bool:
+        """Publish at QoS 0 on the current connection, or not at all: False when this client
+        is not connected, or has reconnected since `epoch` (connection_epoch when the caller
+        decided). Nothing is queued for a later connection, so what was decided before a
+        disconnect is never published after it."""
+        with self._epoch_lock:
+            if not self._connected.is_set() or (epoch is not None and epoch != self._epoch):
+                return False
+            info = self._client.publish(topic, payload, 0, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self.counters["publish_failed"] += 1
+            return False
+        self.counters["messages_out"] += 1
+        return True
 
     def publish_and_wait(
         self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
@@ -621,9 +669,13 @@ class MqttClient:
         self._publish_status()
 
     def _stamped(self, status: StatusMsg, **update: object) -> StatusMsg:
+        with self._status_lock:
+            self._status_seq += 1
+            session, seq = self._session or None, self._status_seq
         return status.model_copy(
-            update={"ts": time.time(), "counters": dict(self.counters), **update}
-        )
+            update={"ts": time.time(), "counters": dict(self.counters), "session": session,
+                    "seq": seq, **update}
+        )  # fmt: skip
 
     def mirror_status(self, topic: str | None) -> None:
         """Also publish the status on `topic` (None: stop), e.g. the serving aggregator's
@@ -661,6 +713,8 @@ class MqttClient:
             return
         self.counters["connects"] += 1
         self._ever_connected = True
+        with self._epoch_lock:
+            self._epoch += 1
         # MQTT 5's CONNACK says whether the broker takes `$share/...` (absent: it does). Over
         # 3.1.1 nothing says so, and a broker without them (amqtt, NATS) may grant the
         # subscription and deliver nothing: shared subscriptions are used over MQTT 5 only.
@@ -804,7 +858,8 @@ class MqttClient:
             self._start_fall_back()
             return
         was_connected = self._connected.is_set()
-        self._connected.clear()
+        with self._epoch_lock:
+            self._connected.clear()
         if was_connected and reason_code != 0:
             self.counters["disconnects"] += 1
             self.log.warning("lost broker %s (%s); reconnecting", self.address, reason_code)

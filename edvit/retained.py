@@ -18,6 +18,16 @@ into sessions. The follower then
 A plan whose model files are the same as the active plan's is switched to without loading
 anything again, once the service's check says the loaded models fit it.
 
+A follower never strands itself waiting for a file:
+
+- it keeps the model files of the plans it served lately (by sha256, up to `keep_mb`), so a
+  switch to a plan without its models and back again needs no fetch;
+- while a file the newest plan needs has not arrived, it subscribes to that model topic
+  again (the broker then sends its retained file again), after 10 s, then 20, 40, ... up
+  to every 120 s, counting `model_refetches`; after `MISSING_REPORT_S` it names the missing
+  files in `problem` (the service's status `error`) until they arrive. The old plan keeps
+  serving meanwhile.
+
 Given a trust key (`--trust-key`), the follower takes only plans that key signed
 (edvit/signing.py): an unsigned or wrongly signed plan, or a cleared one (a clear cannot be
 signed), is refused like a plan whose models cannot load: counted, logged once, named in
@@ -29,6 +39,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -42,6 +54,16 @@ from edvit.signing import PlanSignatureError, TrustKey
 from edvit.topics import Topics
 
 R = TypeVar("R")
+
+# Model files kept from the plans served lately (sha256 -> bytes), by default.
+KEEP_MB = 256.0
+# A newest plan's missing model files: asked for again after REFETCH_FIRST_S, doubling up to
+# REFETCH_MAX_S; named in `problem` once missing for MISSING_REPORT_S.
+# A re-ask makes the broker send a retained file again even if a copy is on its way (a file
+# of hundreds of MB on a slow link), so the first comes late and they thin out.
+REFETCH_FIRST_S = 10.0
+REFETCH_MAX_S = 120.0
+MISSING_REPORT_S = 5.0
 
 ModelIds = Callable[[PlanMsg], dict[str, str]]
 """Model id -> sha256 of every file this service needs from a plan; ConfigError refuses it."""
@@ -75,6 +97,8 @@ class PlanFollower(Generic[R]):
         on_update: Callable[[], None] | None = None,
         logger: logging.Logger | None = None,
         trust_key: TrustKey | None = None,
+        keep_mb: float = KEEP_MB,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.topics = topics
@@ -95,6 +119,14 @@ class PlanFollower(Generic[R]):
         self._active: Active[R] | None = None
         self._refused: str | None = None
         self._failed: tuple[str, dict[str, str]] | None = None  # (plan id, models) that failed
+        # Files of the plans served lately, newest last, and their budget.
+        self._kept: OrderedDict[str, bytes] = OrderedDict()
+        self._keep_bytes = int(keep_mb * 1_000_000)
+        self._clock = clock
+        self._missing_since: float | None = None  # when the target started waiting for files
+        self._next_refetch = 0.0
+        self._refetch_delay = REFETCH_FIRST_S
+        self._waiting: str | None = None  # which files the target lacks, once reported
         self._worker = Worker("loader", self._wait_and_step, self.counters, self.log)
 
     # -- what the service reads ------------------------------------------------------------
@@ -110,6 +142,18 @@ class PlanFollower(Generic[R]):
     def refused(self) -> str | None:
         """Why the newest plan was refused (None when it was not)."""
         return self._refused
+
+    @property
+    def problem(self) -> str | None:
+        """What a service's status names as its error: why the newest plan was refused, or
+        which of its model files have not arrived."""
+        return self._refused or self._waiting
+
+    def missing(self) -> dict[str, str]:
+        """The target's model files that are not here: model id -> sha256."""
+        with self._lock:
+            return {mid: sha for mid, sha in self._wanted.items()
+                    if sha not in self._blobs.get(mid, {})}  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -169,6 +213,13 @@ class PlanFollower(Generic[R]):
                 before = set(self._wanted)
                 self._target, self._wanted, self._refused = plan, wanted, None
                 self._blobs = {mid: shas for mid, shas in self._blobs.items() if mid in wanted}
+                for mid, sha in wanted.items():  # files of a plan served lately need no fetch
+                    if sha in self._kept and sha not in self._blobs.get(mid, {}):
+                        self._blobs.setdefault(mid, {})[sha] = self._kept[sha]
+                        self.counters["models_from_kept"] += 1
+                self._missing_since = None
+                self._refetch_delay = REFETCH_FIRST_S
+                self._waiting = None
                 # Needed and subscribed, but its file is not here: subscribe again, and the
                 # broker sends the retained file again.
                 refetch = [m for m in set(wanted) & before
@@ -222,6 +273,20 @@ class PlanFollower(Generic[R]):
         self._wake.set()
         self._on_update()
 
+    def _keep(self, blobs: dict[str, bytes], wanted: dict[str, str]) -> None:
+        """Remember the served plan's files (newest last), dropping the oldest others beyond
+        the budget; the served plan's own are never dropped."""
+        for mid, sha in wanted.items():
+            self._kept[sha] = blobs[mid]
+            self._kept.move_to_end(sha)
+        serving = set(wanted.values())
+        total = sum(len(blob) for blob in self._kept.values())
+        for sha in list(self._kept):
+            if total <= self._keep_bytes:
+                break
+            if sha not in serving:
+                total -= len(self._kept.pop(sha))
+
     def _refuse(self, plan_id: str, reason: str) -> None:
         self.counters["plans_refused"] += 1
         self._refused = f"plan {plan_id}: {reason}"
@@ -234,6 +299,49 @@ class PlanFollower(Generic[R]):
         if self._wake.wait(1.0) and not self._worker.stopping.is_set():
             self._wake.clear()
             self._step()
+        if not self._worker.stopping.is_set():
+            self._chase_missing()
+
+    def _chase_missing(self) -> None:
+        """Subscribe again to the model files the newest plan still lacks, with backoff, and
+        say which they are once they have been missing for MISSING_REPORT_S."""
+        missing = self.missing()
+        now = self._clock()
+        if not missing:
+            if self._waiting is not None:
+                self._waiting = None
+                self._on_update()
+            self._missing_since = None
+            return
+        if self._missing_since is None:
+            self._missing_since, self._next_refetch = now, now + self._refetch_delay
+            return
+        waited = now - self._missing_since
+        target = self._target
+        changed = False
+        if waited >= MISSING_REPORT_S and self._waiting is None:
+            changed = True
+        if now >= self._next_refetch:
+            self.counters["model_refetches"] += 1
+            for model_id in sorted(missing):
+                self.client.unroute(self.topics.model(model_id))
+                self.client.route(self.topics.model(model_id), self._on_model, qos=1)
+            self.log.warning(
+                "plan %s: model files %s not received in %.0f s; asked the broker again "
+                "(next in %.0f s) [model_refetches=%d]",
+                target.plan_id if target else "?", ", ".join(sorted(missing)), waited,
+                min(self._refetch_delay * 2, REFETCH_MAX_S), self.counters["model_refetches"],
+            )  # fmt: skip
+            self._refetch_delay = min(self._refetch_delay * 2, REFETCH_MAX_S)
+            self._next_refetch = now + self._refetch_delay
+            changed = changed or self._waiting is not None
+        if changed:
+            self._waiting = (
+                f"plan {target.plan_id if target else '?'}: waiting for model files "
+                f"{', '.join(sorted(missing))} (not on the broker, asked "
+                f"{self.counters['model_refetches']} times)"
+            )
+            self._on_update()
 
     def _step(self) -> None:
         with self._lock:
@@ -267,5 +375,6 @@ class PlanFollower(Generic[R]):
                 self._wake.set()  # a newer plan arrived while loading
                 return
             self._active = Active(target, runtime, wanted)
+            self._keep(blobs, wanted)
         self.log.info("serving plan %s", target.plan_id)
         self._on_update()

@@ -283,6 +283,36 @@ class StatusMsg(_Message):
     capacity: Capacity | None = None  # v1 addition, nodes only
     ts: Timestamp = Field(default_factory=time.time)
     counters: dict[str, int] = Field(default_factory=dict)
+    # v1 additions, to order one service's statuses whatever order they arrive in: the
+    # connection that published it (wall clock when it began; every connection starts a new
+    # one) and its number within that connection. A Will has no `seq`: it is the last word
+    # of its connection (see `supersedes`).
+    session: Timestamp | None = None
+    seq: int | None = Field(default=None, ge=0)
+
+    @property
+    def final(self) -> bool:
+        """The last status of its connection: the Will, or the clean stop's offline status."""
+        return self.session is not None and (self.seq is None or self.state == "offline")
+
+
+def supersedes(new: StatusMsg | None, old: StatusMsg | None) -> bool:
+    """Whether `new` replaces `old` as what a service last said about itself: by connection
+    and sequence, never by arrival order alone.
+
+    - Within one connection, the higher sequence wins, and nothing follows its final status
+      (a status that connection sent before its Will, delivered late, is stale).
+    - Between connections, the newer one wins; a connection that ended (its final status)
+      gives way to any other, so a board whose clock went back on reboot is still heard.
+    - A clear (None), or statuses without a connection stamp, go by arrival order.
+    """
+    if new is None or old is None or new.session is None or old.session is None:
+        return True
+    if new.session == old.session:
+        if old.final:
+            return False
+        return new.seq is None or (old.seq is not None and new.seq > old.seq) or new.final
+    return new.session > old.session or (old.final and not new.final)
 
 
 class FeaturesMsg(_Message):

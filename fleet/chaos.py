@@ -9,7 +9,9 @@ can be checked for exactly one answer):
 - cut:      cut a node's network (a proxy drops its bytes: no Will until its keepalive
             runs out), later restore it.
 - failover: two aggregators; SIGKILL the one answering and planning, then kill a node.
-- broker:   kill and restart the broker.
+- partitions: the broker restarted with and without its store, links cut between the
+            broker and the aggregator or the nodes, during a plan switch, and a failover
+            during a broker restart (fleet/partitions.py).
 
 Every time is measured here, from the events this process causes to the messages it
 receives (predictions, statuses, plans, the aggregator lease), on one clock.
@@ -56,6 +58,8 @@ class Observer:
     statuses: list[tuple[float, str, StatusMsg]] = field(default_factory=list)
     plans: list[tuple[float, PlanMsg]] = field(default_factory=list)
     leases: list[tuple[float, str]] = field(default_factory=list)
+    # Each aggregator instance's newest status (its counters include its planner's).
+    aggregators: dict[str, StatusMsg] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def attach(self, client: MqttClient) -> None:
@@ -64,6 +68,13 @@ class Observer:
         client.route(t.all_node_statuses(), self._on_status, qos=1)
         client.route(t.plan(), self._on_plan, qos=1)
         client.route(t.aggregator_lease(), self._on_lease, qos=1)
+        client.route(t.aggregator_instance_status("+"), self._on_aggregator, qos=1)
+
+    def _on_aggregator(self, topic: str, payload: bytes) -> None:
+        s = decode(StatusMsg, payload)
+        if s is not None:
+            with self.lock:
+                self.aggregators[self.topics.parts(topic)[1]] = s
 
     def _on_prediction(self, _topic: str, payload: bytes) -> None:
         p = decode(PredictionMsg, payload)
@@ -122,9 +133,16 @@ def exactly_once(predictions: list[tuple[float, PredictionMsg]], count: int) -> 
 class ChaosFleet:
     """Broker, nodes, aggregators and cameras for the scenarios, with an observer."""
 
-    def __init__(self, bundle: Bundle, log_dir: Path, fps: float, hold_off_s: float) -> None:
+    def __init__(
+        self, bundle: Bundle, log_dir: Path, fps: float, hold_off_s: float,
+        persistence: bool = False,
+    ) -> None:  # fmt: skip
+        """`persistence`: the broker keeps its retained messages across restarts."""
         self.bundle, self.fps, self.hold_off_s = bundle, fps, hold_off_s
-        self.broker = LocalBroker(kind="mosquitto", log_path=log_dir / "broker.log")
+        self.broker = LocalBroker(
+            kind="mosquitto", log_path=log_dir / "broker.log",
+            persistence_dir=log_dir / "broker-store" if persistence else None,
+        )  # fmt: skip
         self.log_dir = log_dir
         self.topics = Topics(f"chaos{os.getpid()}")
         self.observer = Observer(self.topics)
@@ -150,8 +168,8 @@ class ChaosFleet:
     def start(
         self, aggregators: tuple[str, ...] = ("agg-a",), proxied: tuple[str, ...] = ()
     ) -> PlanMsg:
-        """Deploy, start the nodes (those in `proxied` behind a cuttable proxy) and the
-        aggregators; wait until the first aggregator and every node serve."""
+        """Deploy, start the nodes and the aggregators (those in `proxied` behind a cuttable
+        proxy); wait until the first aggregator and every node serve."""
         plan = deploy(self.bundle, self.broker.url, list(NODES), self.topics)
         if proxied:
             self.proxy = CuttableProxy(self.broker.host, self.broker.port).start()
@@ -159,7 +177,11 @@ class ChaosFleet:
             via = self.proxy.url if self.proxy is not None and node in proxied else None
             self.fleet.spawn(node, "node", "--id", node, broker_url=via)
         for i, agg in enumerate(aggregators):
-            self.fleet.spawn(agg, "aggregator", "--id", agg, "--hold-off-s", str(self.hold_off_s))
+            via = self.proxy.url if self.proxy is not None and agg in proxied else None
+            self.fleet.spawn(
+                agg, "aggregator", "--id", agg, "--hold-off-s", str(self.hold_off_s),
+                broker_url=via,
+            )  # fmt: skip
             if i == 0:
                 self.fleet.wait_ready(plan, timeout=60)
         return plan
@@ -309,25 +331,6 @@ def scenario_failover(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
     }
 
 
-def scenario_broker(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
-    frames = int(cf.fps * 12)
-    cf.camera("cam-broker", frames)
-    time.sleep(4.0)
-    cf.broker.restart(hard=True)
-    back = time.time()
-    cf.wait_answers("cam-broker", frames, 30)
-    answers = cf.observer.of_camera("cam-broker")
-    return {
-        "scenario": "kill and restart the broker",
-        "answers_again_after_broker_back_s": _since(
-            cf.observer.first(answers, lambda t, p: t > back), back
-        ),
-        "frames": frames,
-        "answered": len({p.seq for _, p in answers}),
-        "answered_twice": len(answers) - len({p.seq for _, p in answers}),
-    }
-
-
 def rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -387,11 +390,15 @@ SCENARIOS = {
     "freeze": scenario_freeze,
     "cut": scenario_cut,
     "failover": scenario_failover,
-    "broker": scenario_broker,
 }
 
-
-DEFAULT_SCENARIOS = ("kill", "freeze", "cut", "failover", "broker", "hostile")
+PARTITIONS = (
+    "broker-restart", "broker-crash", "aggregator-cut", "nodes-cut", "switch-cut",
+    "failover-broker",
+)  # fmt: skip
+# `--scenarios partitions` runs all of PARTITIONS (fleet/partitions.py).
+DEFAULT_SCENARIOS = ("kill", "freeze", "cut", "failover", "partitions", "hostile")
+SCENARIO_NAMES = (*SCENARIOS, *PARTITIONS, "partitions", "hostile", "soak")
 
 
 def run_chaos(
@@ -405,22 +412,32 @@ def run_chaos(
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     from edvit.fleet.fuzz import scenario_hostile
+    from edvit.fleet.partitions import PARTITION_SCENARIOS, SETUPS, Setup, expectations
 
     runners = {
         **SCENARIOS,
+        **PARTITION_SCENARIOS,
         "hostile": scenario_hostile,
         "soak": functools.partial(scenario_soak, seconds=soak_s),
     }
+    setups = {
+        "failover": Setup(aggregators=("agg-a", "agg-b")),
+        "cut": Setup(proxied=(CUT_NODE,)),
+        **SETUPS,
+    }
+    names = [n for name in scenarios for n in (PARTITIONS if name == "partitions" else (name,))]
     bundle = Bundle.load(bundle_dir)
     results = []
-    for name in scenarios:
+    for name in names:
         log_dir = Path(tempfile.mkdtemp(prefix=f"edvit-chaos-{name}-"))
-        aggregators = ("agg-a", "agg-b") if name == "failover" else ("agg-a",)
-        with ChaosFleet(bundle, log_dir, fps, hold_off_s) as cf:
-            base = cf.start(aggregators, proxied=(CUT_NODE,) if name == "cut" else ())
-            if len(aggregators) > 1:
+        setup = setups.get(name, Setup())
+        with ChaosFleet(bundle, log_dir, fps, hold_off_s, persistence=setup.persistence) as cf:
+            base = cf.start(setup.aggregators, proxied=setup.proxied)
+            if len(setup.aggregators) > 1:
                 time.sleep(1.0)  # the standby follows the plan and the lease
             result = {"name": name, **runners[name](cf, base), "logs": str(log_dir)}
+        if name in PARTITION_SCENARIOS:
+            result["broken"] = expectations(result)
         results.append(result)
         say(_render(result))
     if json_path is not None:

@@ -18,8 +18,20 @@ asks the aggregator which nodes say they serve but send nothing (frozen, cut off
   lack it (degraded), and the fleet health message says so.
 - A new plan goes out (retained) only when the placement changes, at most every
   `min_interval_s`; it has the same bundle, so every model file is already on the broker.
-- `{prefix}/fleet/health` (retained) says what the planner sees: live, down, suspect and
-  holding nodes, moved and unplaced sub-models.
+- `{prefix}/fleet/health` (retained) says what the planner sees: live, down, unknown,
+  suspect and holding nodes, moved and unplaced sub-models.
+- The planner acts only on what it knows. While its own connection is down it plans
+  nothing, and a plan is published only on the connection it was decided on (QoS 0,
+  `MqttClient.publish_now`): nothing decided before a disconnect goes out after it.
+  After a reconnect, for `reconnect_grace_s`, no node is judged down: a node not heard
+  from on the new connection (its retained status may have gone with the broker's store)
+  is `unknown` and keeps its current work. After the grace, a node that has not
+  announced itself again is down. A node whose status turns offline is down once it has
+  stayed so for `down_confirm_s` (a broker shutting down delivers every Will just before
+  it drops the planner). Statuses are ordered by connection and sequence
+  (`schemas.supersedes`), so a late stale status never undoes a Will.
+- When the broker comes back without the retained plan, the planner publishes the plan
+  the fleet follows again, unchanged (same id and signature).
 - Signed plans (edvit/signing.py): given a trust key, the planner follows only plans that
   key signed, so an unsigned plan never becomes the base it heals from (and never gets
   signed by it). A healed plan is signed with the sign key. Without one, in a fleet that
@@ -38,7 +50,7 @@ from edvit.errors import ConfigError
 from edvit.fleet.assignment import Item, assign
 from edvit.fleet.devices import Device, Inventory
 from edvit.mqtt import Transport
-from edvit.schemas import HealthMsg, PlanMsg, StatusMsg, decode, encode, plan_id_for
+from edvit.schemas import HealthMsg, PlanMsg, StatusMsg, decode, encode, plan_id_for, supersedes
 from edvit.service import Worker
 from edvit.signing import PlanSignatureError, SigningKey, TrustKey
 from edvit.topics import Topics
@@ -46,6 +58,15 @@ from edvit.topics import Topics
 log = logging.getLogger("edvit.planner")
 
 Assignments = dict[str, tuple[str, ...]]
+# After a reconnect no node is judged down for this long: every client republishes its
+# status when it reconnects, and reconnects are retried every 1-5 s (edvit/mqtt.py).
+RECONNECT_GRACE_S = 6.0
+# On the first connection, time for the retained statuses to arrive after the plan.
+STARTUP_SETTLE_S = 1.0
+# A node whose status says offline is acted on once it has said so this long with the
+# planner connected throughout: a broker shutting down delivers every client's Will just
+# before it closes the planner's own connection.
+DOWN_CONFIRM_S = 0.5
 BYTES_PER_MB = 1_000_000
 UNKNOWN_SIZE_MB = 1.0  # a sub-model whose plan does not give its size
 
@@ -55,11 +76,15 @@ def heal(
     current: Assignments,
     live: dict[str, Device],
     sizes_mb: dict[str, float],
+    unknown: frozenset[str] = frozenset(),
 ) -> tuple[Assignments, tuple[str, ...]]:
     """The base placement with every sub-model of a node that is not live moved to a live
-    node with room. Returns the placement and the sub-models that fit nowhere (left on
-    their base node)."""
+    node with room. A node in `unknown` (not heard from yet, or not down for long enough to
+    be sure) keeps what the current placement gives it and takes nothing new. Returns the
+    placement and the sub-models that fit nowhere (left on their base node)."""
     placed: dict[str, list[str]] = {node: list(base.get(node, ())) for node in live}
+    for node in unknown - set(live):
+        placed[node] = list(current.get(node, ()))
     # A sub-model that a live replica (a node with the same share) still runs needs no move.
     served = {sid for ids in placed.values() for sid in ids}
     orphans = list(
@@ -122,12 +147,14 @@ class Planner:
         hold_off_s: float = 5.0,
         min_interval_s: float = 0.5,
         tick_s: float = 0.2,
+        reconnect_grace_s: float = RECONNECT_GRACE_S,
+        down_confirm_s: float = DOWN_CONFIRM_S,
         clock: Callable[[], float] = time.monotonic,
         trust_key: TrustKey | None = None,
         sign_key: SigningKey | None = None,
     ) -> None:
-        if hold_off_s < 0 or min_interval_s < 0 or tick_s <= 0:
-            raise ConfigError("planner: hold-off and intervals must not be negative")
+        if min(hold_off_s, min_interval_s, reconnect_grace_s, down_confirm_s) < 0 or tick_s <= 0:
+            raise ConfigError("planner: hold-off, grace and intervals must not be negative")
         if sign_key is not None and trust_key is not None and sign_key.key_id != trust_key.key_id:
             raise ConfigError(
                 f"the sign key ({sign_key.key_id}) is not the trusted key ({trust_key.key_id}): "
@@ -141,11 +168,20 @@ class Planner:
         self.counters = client.counters
         self._is_active, self._suspects = is_active, suspects
         self.hold_off_s, self.min_interval_s, self.tick_s = hold_off_s, min_interval_s, tick_s
+        self.reconnect_grace_s, self.down_confirm_s = reconnect_grace_s, down_confirm_s
         self._clock = clock
         self._lock = threading.Lock()
         self._plan: PlanMsg | None = None
         self._nodes: dict[str, StatusMsg] = {}
         self._up_since: dict[str, float] = {}  # node -> since when it is not offline
+        # What was heard on which connection (MqttClient.connection_epoch): after a reconnect,
+        # a status or plan heard before it may be gone from the broker, or stale.
+        self._heard_on: dict[str, int] = {}  # node -> connection its newest status came on
+        self._plan_heard_on: int | None = None
+        self._epoch: int | None = None  # the connection the planner last planned on
+        self._grace_until = -float("inf")
+        self._republished_on: int | None = None
+        self._down_since: dict[str, float] = {}  # node -> when it was first seen down
         self._last_publish = -float("inf")
         self._last_health: HealthMsg | None = None
         self._worker = Worker("planner", self.tick, self.counters, log, interval_s=tick_s)
@@ -172,12 +208,18 @@ class Planner:
                 return
         with self._lock:
             self._plan = plan
+            self._plan_heard_on = self.client.connection_epoch
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         node = self.topics.node_of(topic)
         status = decode(StatusMsg, payload)
         now = self._clock()
         with self._lock:
+            if not supersedes(status, self._nodes.get(node)):
+                self.counters["statuses_out_of_order"] += 1
+                log.info("ignoring a status of %s older than the one it replaces", node)
+                return
+            self._heard_on[node] = self.client.connection_epoch
             if status is None:
                 self._nodes.pop(node, None)
             else:
@@ -192,11 +234,29 @@ class Planner:
         """One planning step; returns the plan it published, if any."""
         if not self._is_active():
             return None
+        if not self.client.connected:
+            return None  # what it knows may be gone from the broker: plan nothing
         now = self._clock()
+        epoch = self.client.connection_epoch
+        if epoch != self._epoch:
+            if self._epoch is None:  # the first connection: the retained statuses are coming
+                self._grace_until = now + STARTUP_SETTLE_S
+            else:
+                self._grace_until = now + self.reconnect_grace_s
+                self.counters["planner_reconnects"] += 1
+                log.warning(
+                    "reconnected to the broker: no node is judged down for %.1f s while "
+                    "nodes announce themselves again", self.reconnect_grace_s,
+                )  # fmt: skip
+            self._epoch = epoch
+        in_grace = now < self._grace_until
         with self._lock:
             plan, nodes, up_since = self._plan, dict(self._nodes), dict(self._up_since)
+            heard_on, plan_heard_on = dict(self._heard_on), self._plan_heard_on
         if plan is None:
             return None
+        if not in_grace and plan_heard_on != epoch and self._republished_on != epoch:
+            return self._republish(plan, epoch)
         base = plan.base_assignments if plan.base_assignments is not None else plan.assignments
         base_id = plan.base_plan_id or plan.plan_id
         suspects = self._suspects()
@@ -205,9 +265,16 @@ class Planner:
         live: dict[str, Device] = {}
         for node in sorted(set(base) | set(nodes)):
             status = nodes.get(node)
-            if status is None or status.state == "offline" or node not in up_since:
-                states[node] = "down"
-            elif node in suspects:
+            heard = heard_on.get(node) == epoch
+            if status is None or status.state == "offline" or node not in up_since or not heard:
+                down_since = self._down_since.setdefault(node, now)
+                if in_grace or (heard and now - down_since < self.down_confirm_s):
+                    states[node] = "unknown"  # not heard since the reconnect, or just gone
+                else:
+                    states[node] = "down"
+                continue
+            self._down_since.pop(node, None)
+            if node in suspects:
                 states[node] = "suspect"
                 with self._lock:  # once it answers again, it waits out the hold-off too
                     self._up_since[node] = up_since[node] = now
@@ -222,7 +289,8 @@ class Planner:
             s.id: (s.bytes / BYTES_PER_MB if s.bytes is not None else UNKNOWN_SIZE_MB)
             for s in plan.submodels
         }
-        desired, unplaced = heal(base, plan.assignments, live, sizes)
+        unknown = frozenset(n for n, state in states.items() if state == "unknown")
+        desired, unplaced = heal(base, plan.assignments, live, sizes, unknown)
         moved = {
             sid: node
             for node, ids in desired.items()
@@ -275,20 +343,41 @@ class Planner:
         new_plan = new_plan.model_copy(update={"key_id": None, "signature": None})
         if self._sign is not None:
             new_plan = self._sign.sign(new_plan)
+        if not self.client.publish_now(
+            self.topics.plan(), encode(new_plan), retain=True, epoch=epoch
+        ):
+            # The connection it was decided on is gone: decide again on the next one.
+            self.counters["plans_withheld"] += 1
+            log.warning("plan %s not published: the broker connection was lost", new_plan.plan_id)
+            return None
         self._last_publish = now
         self.counters["plans_published"] += 1
-        self.client.publish(self.topics.plan(), encode(new_plan), qos=1, retain=True)
         with self._lock:
             self._plan = new_plan
         return new_plan
+
+    def _republish(self, plan: PlanMsg, epoch: int) -> PlanMsg | None:
+        """The broker came back without the retained plan (its store was lost): publish the
+        plan the fleet follows again, as it is (its id and signature unchanged), so that a
+        service starting now finds it. Model files the broker lost stay lost: services that
+        need one report it in their status (`error`) until `edvit deploy` runs again."""
+        self._republished_on = epoch
+        if not self.client.publish_now(self.topics.plan(), encode(plan), retain=True, epoch=epoch):
+            return None
+        self.counters["plans_republished"] += 1
+        log.warning(
+            "the broker had no retained plan after the reconnect (its store was lost); "
+            "published plan %s again", plan.plan_id,
+        )  # fmt: skip
+        return plan
 
     def _publish_health(self, health: HealthMsg) -> None:
         last = self._last_health
         comparable = health.model_copy(update={"ts": 0.0})
         if last is not None and last.model_copy(update={"ts": 0.0}) == comparable:
             return
-        self._last_health = health
-        self.client.publish(self.topics.fleet_health(), encode(health), qos=1, retain=True)
+        if self.client.publish_now(self.topics.fleet_health(), encode(health), retain=True):
+            self._last_health = health
 
 
 def _nonempty(assignments: Assignments) -> Assignments:

@@ -46,6 +46,8 @@ class MemoryTransport:
         self.statuses: list[StatusMsg] = []
         self.mirrored: str | None = None
         self.log = logging.getLogger(f"memory.{name}")
+        self.connected = True  # a test sets False to model a lost broker
+        self.connection_epoch = 1  # a test adds 1 to model a reconnect
         broker.clients.append(self)
 
     def route(self, topic_filter: str, handler: Handler, qos: int = 0) -> None:
@@ -67,6 +69,14 @@ class MemoryTransport:
         data = payload.encode() if isinstance(payload, str) else payload
         self.broker.publish(topic, data, retain)
         self.counters["messages_out"] += 1
+
+    def publish_now(
+        self, topic: str, payload: bytes | str, *, retain: bool = False, epoch: int | None = None
+    ) -> bool:
+        if not self.connected or (epoch is not None and epoch != self.connection_epoch):
+            return False
+        self.publish(topic, payload, 0, retain)
+        return True
 
     def receive(self, topic: str, payload: bytes) -> None:
         for topic_filter, handlers in list(self.routes.items()):

@@ -1,0 +1,246 @@
+"""The partition matrix of `edvit bench chaos`: faults that separate services from the
+broker, or take the broker's memory with it, each on a fresh fleet (3 nodes, one
+aggregator unless said, a camera at the bench's rate, local mosquitto).
+
+- broker-restart:  the broker stops cleanly (its store on disk; it delivers every Will as
+                   it goes) and starts again 2 s later.
+- broker-crash:    the broker is killed without a store (every retained plan, model file
+                   and status is gone) and starts again 2 s later.
+- aggregator-cut:  the aggregator's link to the broker is cut for 8 s; the nodes' is not.
+- nodes-cut:       every node's link is cut for 8 s; the aggregator's is not.
+- switch-cut:      a new placement is deployed and one node is cut 0.2 s later, for 6 s.
+- failover-broker: the broker stops, the answering aggregator is killed while it is
+                   down, and the broker starts again; the standby takes over.
+
+For each: when answers are whole again (every frame from then on answered, none
+degraded), degraded, unanswered and duplicate answers, the plans published, and the plan
+the fleet ends on. `expectations` checks them against the fleet's promises: whole within
+10 s of the fault's end, on the deployed plan, 0 duplicates, every service still running.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from edvit.fleet.chaos import NODES, ChaosFleet
+from edvit.fleet.deploy import deploy
+from edvit.schemas import PlanMsg, PredictionMsg
+
+WARM_S = 4.0  # camera running before the fault
+AFTER_S = 14.0  # camera running after the fault ends
+WHOLE_WITHIN_S = 10.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How a scenario's fleet starts."""
+
+    aggregators: tuple[str, ...] = ("agg-a",)
+    proxied: tuple[str, ...] = ()  # services behind the cuttable proxy
+    persistence: bool = False  # the broker keeps retained messages across restarts
+
+
+@dataclass(frozen=True)
+class Fault:
+    start: float
+    end: float
+
+
+def whole_again(
+    answers: list[tuple[float, PredictionMsg]], frames: int, fault: Fault
+) -> dict[str, Any]:
+    """Figures of one camera's answers around a fault.
+
+    `whole_again_s`: from the fault's end to the capture of the first frame from which on
+    every frame was answered, and none degraded (0 when answers never stopped being whole;
+    None when they never became whole again). `answers_resumed_s`: to the first answer
+    received after the fault's end."""
+    first: dict[int, PredictionMsg] = {}
+    for _, p in answers:
+        first.setdefault(p.seq, p)
+    seqs = [p.seq for _, p in answers]
+    clean_from = frames  # the first seq of the run of whole answers that ends the stream
+    for seq in range(frames - 1, -1, -1):
+        p = first.get(seq)
+        if p is None or p.degraded:
+            break
+        clean_from = seq
+    whole = None
+    if clean_from < frames:
+        whole = round(max(0.0, first[clean_from].ts - fault.end), 3)
+    resumed = next((t for t, _ in sorted(answers) if t > fault.end), None)
+    return {
+        "frames": frames,
+        "whole_again_s": whole,
+        "answers_resumed_s": None if resumed is None else round(resumed - fault.end, 3),
+        "degraded": sum(1 for p in first.values() if p.degraded),
+        "unanswered": frames - len(first),
+        "duplicates": len(seqs) - len(first),
+    }
+
+
+def plans_published(plans: list[tuple[float, PlanMsg]], since: float) -> list[str]:
+    """The plan publications seen after `since`: a plan received again unchanged (the
+    retained copy delivered on a reconnect) is not a new publication."""
+    published, last = [], None
+    for t, plan in plans:
+        key = (plan.plan_id, plan.created)
+        if t > since and key != last:
+            published.append(plan.plan_id)
+        last = key
+    return published
+
+
+def _run(
+    cf: ChaosFleet, deployed: PlanMsg, camera: str, fault_s: float, what: str,
+    begin: Any, end: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Camera on; after WARM_S `begin()` the fault, `fault_s` later `end()` it; figures."""
+    frames = int(cf.fps * (WARM_S + fault_s + AFTER_S))
+    cf.camera(camera, frames)
+    time.sleep(WARM_S)
+    start = time.time()
+    deployed = begin() or deployed
+    time.sleep(max(0.0, start + fault_s - time.time()))
+    end()
+    fault = Fault(start, time.time())
+    cf.wait_answers(camera, frames, AFTER_S + 20)
+    time.sleep(1.0)
+    obs = cf.observer
+    with obs.lock:
+        plans = list(obs.plans)
+        statuses = list(obs.statuses)
+        aggregators = dict(obs.aggregators)
+    final_plan = plans[-1][1].plan_id if plans else None
+    newest: dict[str, Any] = {}
+    for _, node, status in statuses:
+        newest[node] = status
+    counters: dict[str, int] = {}
+    for status in [*newest.values(), *aggregators.values()]:
+        for key in ("plans_published", "plans_withheld", "plans_republished",
+                    "statuses_out_of_order", "model_refetches", "models_from_kept"):  # fmt: skip
+            counters[key] = counters.get(key, 0) + status.counters.get(key, 0)
+    alive = {name: process.poll() is None for name, process in cf.fleet.processes.items()}
+    return {
+        "scenario": what,
+        "fault_s": round(fault.end - fault.start, 2),
+        **whole_again(obs.of_camera(camera), frames, fault),
+        "deployed_plan": deployed.plan_id,
+        "final_plan": final_plan,
+        "nodes_on_deployed_plan": sorted(
+            n
+            for n, s in newest.items()
+            if n in NODES and s.state == "ready" and s.serving_plan_id == deployed.plan_id
+        ),  # fmt: skip
+        "plans_published_after_fault": plans_published(plans, fault.start),
+        "counters": counters,
+        "services_running": all(alive.values()),
+        "stopped": sorted(name for name, up in alive.items() if not up),
+    }
+
+
+def scenario_broker_restart(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    return _run(
+        cf, base, "cam-restart", 2.0,
+        "broker stops cleanly (store kept), starts again 2 s later",
+        begin=cf.broker.stop, end=cf.broker.start,
+    )  # fmt: skip
+
+
+def scenario_broker_crash(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    return _run(
+        cf, base, "cam-crash", 2.0,
+        "broker killed, no store (retained plan and models lost), starts again 2 s later",
+        begin=cf.broker.kill, end=cf.broker.start,
+    )  # fmt: skip
+
+
+def _proxy(cf: ChaosFleet) -> Any:
+    if cf.proxy is None:
+        raise RuntimeError("this scenario needs services behind the proxy")
+    return cf.proxy
+
+
+def scenario_aggregator_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    proxy = _proxy(cf)
+    return _run(
+        cf, base, "cam-aggcut", 8.0, "the aggregator's link cut for 8 s, the nodes' not",
+        begin=proxy.cut, end=proxy.restore,
+    )  # fmt: skip
+
+
+def scenario_nodes_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    proxy = _proxy(cf)
+    return _run(
+        cf, base, "cam-nodescut", 8.0, "every node's link cut for 8 s, the aggregator's not",
+        begin=proxy.cut, end=proxy.restore,
+    )  # fmt: skip
+
+
+def scenario_switch_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    proxy = _proxy(cf)
+
+    def switch_and_cut() -> PlanMsg:
+        # Every sub-model moves one node on: each node needs a file it did not have.
+        rotated = deploy(cf.bundle, cf.broker.url, [*NODES[1:], NODES[0]], cf.topics)
+        time.sleep(0.2)
+        proxy.cut()
+        return rotated
+
+    return _run(
+        cf, base, "cam-switchcut", 6.0,
+        "a new placement deployed, node-2's link cut 0.2 s later for 6 s",
+        begin=switch_and_cut, end=proxy.restore,
+    )  # fmt: skip
+
+
+def scenario_failover_broker(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    def stop_broker_and_aggregator() -> None:
+        with cf.observer.lock:
+            holder = cf.observer.leases[-1][1] if cf.observer.leases else "agg-a"
+        cf.broker.stop()
+        cf.kill(holder, signal.SIGKILL)
+
+    return _run(
+        cf, base, "cam-failover-broker", 2.0,
+        "broker stops (store kept); the answering aggregator is killed meanwhile; broker back",
+        begin=stop_broker_and_aggregator, end=cf.broker.start,
+    )  # fmt: skip
+
+
+PARTITION_SCENARIOS = {
+    "broker-restart": scenario_broker_restart,
+    "broker-crash": scenario_broker_crash,
+    "aggregator-cut": scenario_aggregator_cut,
+    "nodes-cut": scenario_nodes_cut,
+    "switch-cut": scenario_switch_cut,
+    "failover-broker": scenario_failover_broker,
+}
+
+SETUPS = {
+    "broker-restart": Setup(persistence=True),
+    "aggregator-cut": Setup(proxied=("agg-a",)),
+    "nodes-cut": Setup(proxied=NODES),
+    "switch-cut": Setup(proxied=(NODES[2],)),
+    "failover-broker": Setup(aggregators=("agg-a", "agg-b"), persistence=True),
+}
+
+
+def expectations(result: dict[str, Any]) -> list[str]:
+    """What a partition scenario's result breaks of the fleet's promises (empty: none)."""
+    broken = []
+    whole = result["whole_again_s"]
+    if whole is None or whole > WHOLE_WITHIN_S:
+        broken.append(f"answers whole again after {whole} s (at most {WHOLE_WITHIN_S:g})")
+    if result["final_plan"] != result["deployed_plan"]:
+        broken.append(f"ends on plan {result['final_plan']}, not {result['deployed_plan']}")
+    if len(result["nodes_on_deployed_plan"]) != len(NODES):
+        broken.append(f"only {result['nodes_on_deployed_plan']} serve the deployed plan")
+    if result["duplicates"]:
+        broken.append(f"{result['duplicates']} frames answered twice")
+    if not result["services_running"]:
+        broken.append(f"stopped: {result['stopped']}")
+    return broken
