@@ -7,6 +7,7 @@ port, which is what the fault-tolerance tests need.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -307,7 +308,11 @@ class LocalBroker:
                 text = with_listener(base, self._host, self._port)
             if self._persistence_dir is not None:
                 self._persistence_dir.mkdir(parents=True, exist_ok=True)
+                # Started as root, mosquitto drops to its own user, which may not write
+                # here: it stays root instead (a broker for tests and benches).
+                stay_root = ("user root",) if os.geteuid() == 0 else ()
                 text = text.replace("persistence false\n", "") + "\n".join((
+                    *stay_root,
                     "persistence true",
                     f"persistence_location {self._persistence_dir.resolve()}/",
                     "autosave_interval 1",

@@ -304,9 +304,10 @@ def supersedes(new: StatusMsg | None, old: StatusMsg | None) -> bool:
       (a status that connection sent before its Will, delivered late, is stale).
     - Between connections, the newer one wins; a connection that ended (its final status)
       gives way to any other, so a board whose clock went back on reboot is still heard.
-    - A clear (None), or statuses without a connection stamp, go by arrival order.
+    - A clear (None), or statuses without a connection stamp, go by arrival order; the same
+      status delivered again (the broker's retained copy, on a new subscription) stands.
     """
-    if new is None or old is None or new.session is None or old.session is None:
+    if new is None or old is None or new.session is None or old.session is None or new == old:
         return True
     if new.session == old.session:
         if old.final:

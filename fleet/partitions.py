@@ -56,8 +56,9 @@ def whole_again(
 
     `whole_again_s`: from the fault's end to the capture of the first frame from which on
     every frame was answered, and none degraded (0 when answers never stopped being whole;
-    None when they never became whole again). `answers_resumed_s`: to the first answer
-    received after the fault's end."""
+    None when they never became whole again); `whole_answer_received_s`: to when that
+    frame's answer arrived (later, when a standby answers what it held). `answers_resumed_s`:
+    to the first answer received after the fault's end."""
     first: dict[int, PredictionMsg] = {}
     for _, p in answers:
         first.setdefault(p.seq, p)
@@ -68,13 +69,16 @@ def whole_again(
         if p is None or p.degraded:
             break
         clean_from = seq
-    whole = None
+    whole = whole_received = None
     if clean_from < frames:
         whole = round(max(0.0, first[clean_from].ts - fault.end), 3)
+        received = next(t for t, p in answers if p.seq == clean_from)
+        whole_received = round(max(0.0, received - fault.end), 3)
     resumed = next((t for t, _ in sorted(answers) if t > fault.end), None)
     return {
         "frames": frames,
         "whole_again_s": whole,
+        "whole_answer_received_s": whole_received,
         "answers_resumed_s": None if resumed is None else round(resumed - fault.end, 3),
         "degraded": sum(1 for p in first.values() if p.degraded),
         "unanswered": frames - len(first),
@@ -123,7 +127,11 @@ def _run(
         for key in ("plans_published", "plans_withheld", "plans_republished",
                     "statuses_out_of_order", "model_refetches", "models_from_kept"):  # fmt: skip
             counters[key] = counters.get(key, 0) + status.counters.get(key, 0)
-    alive = {name: process.poll() is None for name, process in cf.fleet.processes.items()}
+    # A camera that sent its frames has ended; every other service must still run.
+    alive = {
+        name: process.poll() is None or (name == camera and process.returncode == 0)
+        for name, process in cf.fleet.processes.items()
+    }
     return {
         "scenario": what,
         "fault_s": round(fault.end - fault.start, 2),

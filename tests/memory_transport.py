@@ -78,6 +78,12 @@ class MemoryTransport:
         self.publish(topic, payload, 0, retain)
         return True
 
+    def reconnect(self) -> None:
+        """A new connection: subscribed again, the broker sends what it retains again."""
+        self.connected, self.connection_epoch = True, self.connection_epoch + 1
+        for topic, payload in list(self.broker.retained.items()):
+            self.receive(topic, payload)
+
     def receive(self, topic: str, payload: bytes) -> None:
         for topic_filter, handlers in list(self.routes.items()):
             if topic_matches_sub(topic_filter, topic):
