@@ -226,6 +226,7 @@ class Transport(Protocol):
     def connected(self) -> bool: ...
     @property
     def connection_epoch(self) -> int: ...
+    def subscribed(self, topic_filter: str) -> bool: ...
 
 
 def kind_of(topic: str) -> PayloadKind | None:
@@ -376,6 +377,7 @@ class MqttClient:
         self._status_lock = threading.Lock()
         self._epoch = 0  # connections made so far; see connection_epoch
         self._epoch_lock = threading.Lock()  # the epoch and `_connected` change together
+        self._granted: set[str] = set()  # filters the broker granted on this connection
         self._will_topic = will_topic
         self._ever_connected = False
         self._socket_opened = False
@@ -626,6 +628,11 @@ class MqttClient:
             self.counters["publish_failed"] += 1
         return info
 
+    def subscribed(self, topic_filter: str) -> bool:
+        """Whether the broker granted the subscription to `topic_filter` on this connection:
+        only then does the absence of a retained message mean the broker has none."""
+        return self._connected.is_set() and topic_filter in self._granted
+
     def publish_now(
         self, topic: str, payload: bytes | str, *, retain: bool = False, epoch: int | None = None
     ) -> bool:
@@ -729,6 +736,7 @@ class MqttClient:
             )  # fmt: skip
         self._last_connected = self.address
         self._subscribe_retries.clear()
+        self._granted = set()
         with self._lock:
             routes = list(self._routes.items())
         for topic_filter, (_handler, qos) in routes:
@@ -752,6 +760,7 @@ class MqttClient:
             topic_filter = self._pending_subscribes.pop(mid, "?")
         if not any(reason.is_failure for reason in reason_codes):
             self._subscribe_retries.pop(topic_filter, None)
+            self._granted = self._granted | {topic_filter}
         for reason in reason_codes:
             if reason.is_failure:
                 self.counters["subscriptions_refused"] += 1

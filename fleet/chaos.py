@@ -394,7 +394,7 @@ SCENARIOS = {
 
 PARTITIONS = (
     "broker-restart", "broker-crash", "aggregator-cut", "nodes-cut", "switch-cut",
-    "failover-broker",
+    "failover-broker", "cluster-switch",
 )  # fmt: skip
 # `--scenarios partitions` runs all of PARTITIONS (fleet/partitions.py).
 DEFAULT_SCENARIOS = ("kill", "freeze", "cut", "failover", "partitions", "hostile")
@@ -412,7 +412,13 @@ def run_chaos(
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     from edvit.fleet.fuzz import scenario_hostile
-    from edvit.fleet.partitions import PARTITION_SCENARIOS, SETUPS, Setup, expectations
+    from edvit.fleet.partitions import (
+        PARTITION_SCENARIOS,
+        SETUPS,
+        ClusterChaosFleet,
+        Setup,
+        expectations,
+    )
 
     runners = {
         **SCENARIOS,
@@ -431,7 +437,11 @@ def run_chaos(
     for name in names:
         log_dir = Path(tempfile.mkdtemp(prefix=f"edvit-chaos-{name}-"))
         setup = setups.get(name, Setup())
-        with ChaosFleet(bundle, log_dir, fps, hold_off_s, persistence=setup.persistence) as cf:
+        if name == "cluster-switch":
+            fleet: ChaosFleet = ClusterChaosFleet(bundle, log_dir, fps, hold_off_s)
+        else:
+            fleet = ChaosFleet(bundle, log_dir, fps, hold_off_s, persistence=setup.persistence)
+        with fleet as cf:
             base = cf.start(setup.aggregators, proxied=setup.proxied)
             if len(setup.aggregators) > 1:
                 time.sleep(1.0)  # the standby follows the plan and the lease

@@ -11,6 +11,9 @@ aggregator unless said, a camera at the bench's rate, local mosquitto).
 - switch-cut:      a new placement is deployed and one node is cut 0.2 s later, for 6 s.
 - failover-broker: the broker stops, the answering aggregator is killed while it is
                    down, and the broker starts again; the standby takes over.
+- cluster-switch:  on a 3-node NATS cluster (each service lists every node, starting at
+                   its own), a new placement is deployed and the cluster node the
+                   aggregator and node-2 are connected to is killed 0.2 s later.
 
 For each: when answers are whole again (every frame from then on answered, none
 degraded), degraded, unanswered and duplicate answers, the plans published, and the plan
@@ -23,10 +26,16 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from edvit.broker.nats_cluster import NatsCluster, nats_server_path
+from edvit.bundle import Bundle
+from edvit.errors import ConfigError
 from edvit.fleet.chaos import NODES, ChaosFleet
 from edvit.fleet.deploy import deploy
+from edvit.fleet.local import LocalFleet
+from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import PlanMsg, PredictionMsg
 
 WARM_S = 4.0  # camera running before the fault
@@ -219,6 +228,73 @@ def scenario_failover_broker(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
     )  # fmt: skip
 
 
+class ClusterChaosFleet(ChaosFleet):
+    """The chaos fleet on a 3-node NATS cluster instead of one mosquitto: every service gets
+    every cluster node, starting at its own (`first`), and fails over along the list."""
+
+    FIRST = {"agg-a": 0, "node-0": 1, "node-1": 2, "node-2": 0}
+
+    def __init__(self, bundle: Bundle, log_dir: Path, fps: float, hold_off_s: float) -> None:
+        super().__init__(bundle, log_dir, fps, hold_off_s)
+        binary, why_not = nats_server_path()
+        if binary is None:
+            raise ConfigError(f"the cluster scenario needs nats-server: {why_not}")
+        self.cluster = NatsCluster(binary, log_dir / "nats")
+
+    def __enter__(self) -> ClusterChaosFleet:
+        self.cluster.start()
+        self.fleet = LocalFleet(self.cluster.urls(), self.log_dir, self.topics)
+        self.probe = MqttClient(unique_client_id("chaos"), self.cluster.urls(1))
+        self.observer.attach(self.probe)
+        self.probe.start(required=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fleet.stop()
+        self.probe.stop()
+        self.cluster.stop()
+
+    def start(
+        self, aggregators: tuple[str, ...] = ("agg-a",), proxied: tuple[str, ...] = ()
+    ) -> PlanMsg:
+        plan = deploy(self.bundle, self.cluster.urls(), list(NODES), self.topics)
+        for node in NODES:
+            self.fleet.spawn(node, "node", "--id", node,
+                             broker_url=self.cluster.urls(self.FIRST[node]))  # fmt: skip
+        self.fleet.spawn(
+            "agg-a", "aggregator", "--id", "agg-a", "--hold-off-s", str(self.hold_off_s),
+            broker_url=self.cluster.urls(self.FIRST["agg-a"]),
+        )  # fmt: skip
+        self.fleet.wait_ready(plan, timeout=90)
+        return plan
+
+    def camera(self, name: str, frames: int) -> None:
+        self.fleet.spawn(
+            name, "camera", "--id", name, "--source", f"dataset:{self.bundle.manifest.dataset}",
+            "--loop", "--count", str(frames), "--fps", str(self.fps),
+            broker_url=self.cluster.urls(1),
+        )  # fmt: skip
+
+
+def scenario_cluster_switch(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    if not isinstance(cf, ClusterChaosFleet):
+        raise RuntimeError("the cluster scenario runs on a ClusterChaosFleet")
+    cluster = cf.cluster
+
+    def switch_and_kill() -> PlanMsg:
+        rotated = deploy(cf.bundle, cluster.urls(1), [*NODES[1:], NODES[0]], cf.topics)
+        time.sleep(0.2)
+        cluster.kill(cluster.nodes[0])
+        return rotated
+
+    return _run(
+        cf, base, "cam-cluster", 0.0,
+        "NATS cluster: a new placement deployed, the aggregator's cluster node killed 0.2 s "
+        "later",
+        begin=switch_and_kill, end=lambda: None,
+    )  # fmt: skip
+
+
 PARTITION_SCENARIOS = {
     "broker-restart": scenario_broker_restart,
     "broker-crash": scenario_broker_crash,
@@ -226,6 +302,7 @@ PARTITION_SCENARIOS = {
     "nodes-cut": scenario_nodes_cut,
     "switch-cut": scenario_switch_cut,
     "failover-broker": scenario_failover_broker,
+    "cluster-switch": scenario_cluster_switch,
 }
 
 SETUPS = {

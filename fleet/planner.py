@@ -255,7 +255,10 @@ class Planner:
             heard_on, plan_heard_on = dict(self._heard_on), self._plan_heard_on
         if plan is None:
             return None
-        if not in_grace and plan_heard_on != epoch and self._republished_on != epoch:
+        if (
+            not in_grace and plan_heard_on != epoch and self._republished_on != epoch
+            and self.client.subscribed(self.topics.plan())
+        ):  # fmt: skip
             return self._republish(plan, epoch)
         base = plan.base_assignments if plan.base_assignments is not None else plan.assignments
         base_id = plan.base_plan_id or plan.plan_id

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from edvit.broker.local import LocalBroker, mosquitto_path
+from edvit.broker.nats_cluster import NatsCluster, nats_server_path
 from helpers import MqttProbe
-from nats_cluster import NatsCluster, nats_server_path
 
 __all__ = ["MqttProbe"]
 

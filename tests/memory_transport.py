@@ -78,6 +78,9 @@ class MemoryTransport:
         self.publish(topic, payload, 0, retain)
         return True
 
+    def subscribed(self, topic_filter: str) -> bool:
+        return self.connected and topic_filter in self.routes
+
     def reconnect(self) -> None:
         """A new connection: subscribed again, the broker sends what it retains again."""
         self.connected, self.connection_epoch = True, self.connection_epoch + 1

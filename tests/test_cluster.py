@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edvit.broker.local import LocalBroker, mosquitto_path
+from edvit.broker.nats_cluster import NatsCluster
 from edvit.bundle import Bundle
 from edvit.fleet.demo import DEFAULT_BUNDLE
 from edvit.fleet.deploy import deploy
@@ -23,7 +24,6 @@ from edvit.fleet.watch import PredictionStream
 from edvit.schemas import PredictionMsg
 from edvit.topics import Topics
 from helpers import assert_exit_codes
-from nats_cluster import NatsCluster
 
 FPS = 10
 

@@ -1,4 +1,5 @@
-"""A 3-node NATS cluster with MQTT (3.1.1) on every node, for the clustered-broker tests.
+"""A 3-node NATS cluster with MQTT (3.1.1) on every node, in child processes: the clustered
+broker of the tests and of the chaos bench's cluster scenario.
 
 NATS keeps MQTT sessions and retained messages in JetStream, so every node runs JetStream
 (with its own store) and has a server_name; the nodes route to one another. The server must
@@ -8,20 +9,18 @@ be 2.10 or newer: older ones refuse dots in MQTT topic names (Debian's 2.9 does)
 
 from __future__ import annotations
 
-import queue
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
 from edvit.broker.local import find_free_port
+from edvit.errors import EdvitError
+from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.process import stop_process
 
 MIN_VERSION = (2, 10)
@@ -156,22 +155,15 @@ class NatsCluster:
 
 
 def _mqtt_connects(port: int, timeout: float = 2.0) -> bool:
-    answers: queue.Queue[bool] = queue.Queue()
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"probe-{uuid.uuid4().hex[:8]}",
-        protocol=MQTTProtocolVersion.MQTTv311,
+    client = MqttClient(
+        unique_client_id("nats-probe"),
+        Connection(f"mqtt://127.0.0.1:{port}", mqtt_version="3.1.1"),
+        keepalive=5,
     )
-    client.on_connect = lambda _c, _u, _f, reason, _p: answers.put(not reason.is_failure)
     try:
-        client.connect("127.0.0.1", port, keepalive=5)
-    except OSError:
-        return False
-    client.loop_start()
-    try:
-        return answers.get(timeout=timeout)
-    except queue.Empty:
+        return client.start(wait=timeout, required=True)
+    except EdvitError:
         return False
     finally:
-        client.disconnect()
-        client.loop_stop()
+        with contextlib.suppress(Exception):
+            client.stop(timeout=1.0)
