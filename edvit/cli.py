@@ -28,7 +28,7 @@ from edvit.service import (
 from edvit.topics import DEFAULT_HA_PREFIX, DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:
-    from edvit.fleet.bench_e2e import MakeMonolithic
+    from edvit.fleet.bench.e2e import MakeMonolithic
     from edvit.signing import SigningKey, TrustKey
 
 log = logging.getLogger("edvit")
@@ -188,7 +188,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     services: list[object] = []
     # One planner for the fleet: shard 0's (each shard holds a lease of its own).
     if not args.no_planner and (aggregator.shard is None or aggregator.shard.index == 0):
-        from edvit.fleet.planner import Planner
+        from edvit.aggregator.planner import Planner
 
         # The planner shares the aggregator's connection and lease: only the aggregator
         # that answers plans, so exactly one plans and its standby takes over both.
@@ -221,7 +221,7 @@ def cmd_camera(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from edvit.bundle import Bundle
-    from edvit.fleet.deploy import clear, deploy
+    from edvit.fleet.ops.deploy import clear, deploy
 
     bundle = Bundle.load(args.bundle)
     topics = Topics(args.prefix)
@@ -243,7 +243,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from edvit.fleet.watch import watch
+    from edvit.fleet.ops.watch import watch
 
     watch(
         connection(args), camera=args.camera, count=args.count, as_json=args.json,
@@ -253,7 +253,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from edvit.fleet.dashboard import Dashboard, listen, require_web, serve
+    from edvit.fleet.dashboard.app import Dashboard, listen, require_web, serve
 
     require_web()
     sock = listen(args.host, args.port)
@@ -268,7 +268,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edvit.fleet.demo import DEFAULT_BUNDLE, compare, run_demo
+    from edvit.fleet.ops.demo import DEFAULT_BUNDLE, compare, run_demo
 
     if args.compare_plain and not args.secure:
         raise ConfigError("--compare-plain compares a --secure run with a plain one: add --secure")
@@ -301,7 +301,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_secure(args: argparse.Namespace) -> int:
-    from edvit.fleet import secure
+    from edvit.fleet.ops import secure
 
     return secure.run(args)
 
@@ -313,7 +313,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from edvit.fleet import plan
+    from edvit.placement import plan
 
     return plan.run(args)
 
@@ -325,8 +325,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_batching(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench import bench_batching
-    from edvit.fleet.demo import DEFAULT_BUNDLE
+    from edvit.fleet.bench.batching import bench_batching
+    from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 
     bench_batching(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, args.cameras, args.fps,
@@ -336,7 +336,7 @@ def cmd_bench_batching(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_slicing(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench import bench_slicing
+    from edvit.fleet.bench.batching import bench_slicing
 
     bench_slicing(
         Path(args.bundle), args.cameras, args.fps, args.seconds,
@@ -358,8 +358,8 @@ def _monolithic_maker() -> MakeMonolithic | None:
 
 
 def cmd_bench_e2e(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench_e2e import bench_e2e
-    from edvit.fleet.demo import DEFAULT_BUNDLE
+    from edvit.fleet.bench.e2e import bench_e2e
+    from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 
     bench_e2e(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, args.cameras, args.fps,
@@ -369,9 +369,9 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_boards(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench_boards import bench_boards
-    from edvit.fleet.boards import board_spec
-    from edvit.fleet.demo import DEFAULT_BUNDLE
+    from edvit.fleet.bench.boards import bench_boards
+    from edvit.fleet.boards.boards import board_spec
+    from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 
     make_monolithic = _monolithic_maker()
     overrides = {
@@ -387,8 +387,8 @@ def cmd_bench_boards(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench_scale import bench_scale
-    from edvit.fleet.demo import DEFAULT_BUNDLE
+    from edvit.fleet.bench.scale import bench_scale
+    from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 
     bench_scale(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE,
@@ -399,8 +399,8 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_chaos(args: argparse.Namespace) -> int:
-    from edvit.fleet.chaos import run_chaos
-    from edvit.fleet.demo import DEFAULT_BUNDLE
+    from edvit.fleet.chaos.scenarios import run_chaos
+    from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 
     run_chaos(
         Path(args.bundle) if args.bundle else DEFAULT_BUNDLE, scenarios=tuple(args.scenarios),
@@ -411,7 +411,7 @@ def cmd_bench_chaos(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet_up(args: argparse.Namespace) -> int:
-    from edvit.fleet import boards
+    from edvit.fleet.boards import boards
 
     state = boards.up(boards.load_fleet(Path(args.boards)), Path(args.run_dir))
     print(boards.format_status([boards.board_status(b) for b in state.boards]))
@@ -421,7 +421,7 @@ def cmd_fleet_up(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet_down(args: argparse.Namespace) -> int:
-    from edvit.fleet import boards
+    from edvit.fleet.boards import boards
 
     taken = boards.down(Path(args.run_dir))
     print(f"edvit fleet: took down {', '.join(taken)}" if taken else "no emulated boards are up")
@@ -431,7 +431,7 @@ def cmd_fleet_down(args: argparse.Namespace) -> int:
 def cmd_fleet_status(args: argparse.Namespace) -> int:
     import json
 
-    from edvit.fleet import boards
+    from edvit.fleet.boards import boards
 
     rows = boards.status(Path(args.run_dir))
     print(json.dumps(rows, indent=2) if args.json else boards.format_status(rows))
@@ -439,7 +439,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet_proxy(args: argparse.Namespace) -> int:
-    from edvit.fleet import boards
+    from edvit.fleet.boards import boards
 
     boards.serve_proxy(args.listen, args.target, args.delay_ms)
     return 0
@@ -463,9 +463,10 @@ def _sign_key_option(p: argparse.ArgumentParser, text: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from edvit.broker import cli as broker_cli
-    from edvit.fleet import plan, secure
+    from edvit.fleet.ops import secure
     from edvit.models import cli as build_cli
     from edvit.models import evaluate
+    from edvit.placement import plan
 
     parser = argparse.ArgumentParser(
         prog="edvit", description="Vision Transformers split across IoT boards over MQTT."
@@ -795,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fleet_commands(sub: argparse._SubParsersAction) -> None:
-    from edvit.fleet.boards import DEFAULT_RUN_DIR, PRESETS
+    from edvit.fleet.boards.boards import DEFAULT_RUN_DIR, PRESETS
 
     text = "edge nodes on emulated boards: `up BOARDS.yaml`, `status`, `down` (needs root)"
     fleet = sub.add_parser("fleet", help=text, description=text)

@@ -87,10 +87,10 @@ from edvit.bundle import (
 )
 from edvit.datasets import Dataset, load_dataset
 from edvit.errors import ConfigError
-from edvit.fleet.assignment import Infeasible, Item, assign, shrink_budgets
-from edvit.fleet.devices import Inventory, identical_devices, load_inventory
-from edvit.fleet.plan import write_assignment
 from edvit.inference import FeatureExtractor
+from edvit.placement.assignment import Infeasible, Item, assign, shrink_budgets
+from edvit.placement.devices import Inventory, identical_devices, load_inventory
+from edvit.placement.plan import write_assignment
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import Preprocessing
 

@@ -19,13 +19,13 @@ from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError, EdvitError
-from edvit.fleet import boards, emulation
-from edvit.fleet.bench import _message, frame_samples
-from edvit.fleet.boards import PRESETS, load_fleet, parse_fleet
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.bench.batching import _message, frame_samples
+from edvit.fleet.boards import boards, emulation
+from edvit.fleet.boards.boards import PRESETS, load_fleet, parse_fleet
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.topics import Topics
 

@@ -17,7 +17,7 @@ After every payload:
   it is answered, so everything before it was served.
 
 At the end of each test a good frame gets exactly one prediction. The last test runs the
-in-process fuzzer of `edvit.fleet.fuzz` against real processes and a real mosquitto.
+in-process fuzzer of `edvit.fleet.chaos.fuzz` against real processes and a real mosquitto.
 
 The bugs these tests found each keep a test of their own (test_bug_*), now that they are
 fixed.
@@ -41,14 +41,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from memory_transport import MemoryBroker, MemoryTransport
 
+from edvit.aggregator.planner import Planner, heal
 from edvit.aggregator.service import Aggregator, DeadlinePolicy
 from edvit.bundle import Bundle, sha256_bytes
 from edvit.edge_node.node import EdgeNode
 from edvit.errors import BadPayload
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
-from edvit.fleet.devices import Device
-from edvit.fleet.fuzz import (
+from edvit.fleet.chaos.fuzz import (
     INF,
     LONG,
     NAN,
@@ -60,10 +58,12 @@ from edvit.fleet.fuzz import (
     png_bytes,
     png_header,
 )
-from edvit.fleet.planner import Planner, heal
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import make_plan, publish_bundle, round_robin
 from edvit.lease import LeaseMsg
 from edvit.limits import MAX_PAYLOAD_BYTES, PayloadKind
 from edvit.mqtt import payload_limit
+from edvit.placement.devices import Device
 from edvit.schemas import (
     Capacity,
     FeaturesMsg,
@@ -888,8 +888,8 @@ def test_hostile_scenario_on_a_real_broker() -> None:
 
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed")
-    from edvit.fleet.chaos import ChaosFleet
-    from edvit.fleet.fuzz import OVERSIZED, scenario_hostile
+    from edvit.fleet.chaos.fuzz import OVERSIZED, scenario_hostile
+    from edvit.fleet.chaos.scenarios import ChaosFleet
 
     log_dir = Path(tempfile.mkdtemp(prefix="edvit-fuzz-"))
     with ChaosFleet(Bundle.load(Path(DEFAULT_BUNDLE)), log_dir, 20.0, 3.0) as cf:

@@ -81,7 +81,7 @@ def test_the_tree_keeps_its_layers() -> None:
 def test_the_check_finds_each_kind_of_violation(tmp_path: Path) -> None:
     for folder in PACKAGES:
         (tmp_path / folder).mkdir()
-    (tmp_path / "edvit" / "topics.py").write_text("from edvit.fleet.deploy import deploy\n")
+    (tmp_path / "edvit" / "topics.py").write_text("from edvit.fleet.ops.deploy import deploy\n")
     (tmp_path / "edvit" / "cli.py").write_text("from edvit.fleet import deploy\n")  # allowed
     (tmp_path / "edge_node" / "node.py").write_text("def f():\n    import edvit.models.vit\n")
     (tmp_path / "aggregator" / "service.py").write_text("from edvit.fleet import watch\n")

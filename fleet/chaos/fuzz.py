@@ -63,7 +63,7 @@ import numpy as np
 
 from edvit.bundle import sha256_bytes
 from edvit.errors import BadPayload
-from edvit.fleet.chaos import NODES, ChaosFleet, rss_mb
+from edvit.fleet.chaos.scenarios import NODES, ChaosFleet, rss_mb
 from edvit.lease import LeaseMsg
 from edvit.limits import MAX_PAYLOAD_BYTES, PayloadKind
 from edvit.mqtt import MqttClient, payload_limit, unique_client_id

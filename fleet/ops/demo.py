@@ -19,16 +19,16 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import REPORT_NAME, Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
-from edvit.fleet import secure
-from edvit.fleet.deploy import bundle_assignments, deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream, format_prediction
+from edvit.fleet.ops import secure
+from edvit.fleet.ops.deploy import bundle_assignments, deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream, format_prediction
 from edvit.mqtt import Connection
 from edvit.schemas import STAGES, PredictionMsg
 
-log = logging.getLogger("edvit.fleet.demo")
+log = logging.getLogger("edvit.fleet.ops.demo")
 
-DEFAULT_BUNDLE = Path(__file__).parent / "bundles" / "fashion-mnist-3"
+DEFAULT_BUNDLE = Path(__file__).parents[1] / "bundles" / "fashion-mnist-3"
 CAMERA_ID = "cam0"
 
 

@@ -34,9 +34,9 @@ import numpy as np
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.errors import BadPayload
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.proxy import CuttableProxy
+from edvit.fleet.boards.proxy import CuttableProxy
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
 from edvit.lease import LeaseMsg
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import PlanMsg, PredictionMsg, StatusMsg, decode
@@ -404,7 +404,7 @@ def run_chaos(
     soak_s: float = 600.0,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    from edvit.fleet.fuzz import scenario_hostile
+    from edvit.fleet.chaos.fuzz import scenario_hostile
 
     runners = {
         **SCENARIOS,

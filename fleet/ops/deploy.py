@@ -29,7 +29,7 @@ from edvit.schemas import (
 from edvit.signing import SigningKey
 from edvit.topics import Topics, validate_id
 
-log = logging.getLogger("edvit.fleet.deploy")
+log = logging.getLogger("edvit.fleet.ops.deploy")
 
 
 def default_nodes(bundle: Bundle) -> list[str]:
@@ -131,7 +131,7 @@ def bundle_assignments(bundle: Bundle, nodes: list[str] | None) -> dict[str, tup
     ids = [s.id for s in bundle.manifest.submodels]
     if nodes:
         return round_robin(ids, nodes)
-    from edvit.fleet.plan import read_assignment  # torch-free
+    from edvit.placement.plan import read_assignment  # torch-free
 
     placed = read_assignment(bundle)
     if placed is not None:

@@ -20,7 +20,7 @@ from tempfile import mkdtemp
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
-from edvit.fleet.bench import (
+from edvit.fleet.bench.batching import (
     WARMUP_S,
     _generate,
     _percentile,
@@ -29,8 +29,8 @@ from edvit.fleet.bench import (
     format_table,
     frame_samples,
 )
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import PredictionMsg, decode
 from edvit.topics import Topics

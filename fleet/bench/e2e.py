@@ -36,10 +36,10 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import BrokerError, ConfigError, EdvitError
-from edvit.fleet.bench import Sample, _generate, _message, frame_samples
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.bench.batching import Sample, _generate, _message, frame_samples
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.inference import measure_latency_ms
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.preprocess import decode_frame, to_model_input

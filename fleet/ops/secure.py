@@ -45,7 +45,7 @@ from edvit.errors import ConfigError
 from edvit.mqtt import Connection
 from edvit.topics import DEFAULT_HA_PREFIX, Topics
 
-log = logging.getLogger("edvit.fleet.secure")
+log = logging.getLogger("edvit.fleet.ops.secure")
 
 FIXED_IDENTITIES = ("deploy", "aggregator", "dashboard")
 DEFAULT_TLS_PORT = 8883

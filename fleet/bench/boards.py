@@ -28,13 +28,13 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError, EdvitError
-from edvit.fleet import boards, emulation
-from edvit.fleet.bench import Sample, _generate, frame_samples
-from edvit.fleet.bench_e2e import ONNX_MISSING, MakeMonolithic, _collect, _percentile, _warm_up
-from edvit.fleet.boards import BoardOutOfMemory, BoardSpec, FleetSpec, RunState
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.bench.batching import Sample, _generate, frame_samples
+from edvit.fleet.bench.e2e import ONNX_MISSING, MakeMonolithic, _collect, _percentile, _warm_up
+from edvit.fleet.boards import boards, emulation
+from edvit.fleet.boards.boards import BoardOutOfMemory, BoardSpec, FleetSpec, RunState
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.schemas import PredictionMsg
 from edvit.topics import Topics
 

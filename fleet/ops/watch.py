@@ -10,7 +10,7 @@ from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.schemas import STAGES, PredictionMsg, decode
 from edvit.topics import Topics
 
-log = logging.getLogger("edvit.fleet.watch")
+log = logging.getLogger("edvit.fleet.ops.watch")
 
 
 def format_timings(p: PredictionMsg) -> str:

@@ -38,8 +38,8 @@ import yaml
 
 from edvit.broker.local import find_free_port, wait_for_port
 from edvit.errors import ConfigError, EdvitError
-from edvit.fleet import emulation
-from edvit.fleet.emulation import Link
+from edvit.fleet.boards import emulation
+from edvit.fleet.boards.emulation import Link
 from edvit.topics import Topics, validate_id
 
 DEFAULT_RUN_DIR = Path("/tmp/edvit-fleet")
@@ -524,7 +524,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
 
 def serve_proxy(listen: str, target: str, delay_ms: float) -> None:
     """`edvit fleet proxy`: a board's link proxy, in the foreground until interrupted."""
-    from edvit.fleet.proxy import CuttableProxy
+    from edvit.fleet.boards.proxy import CuttableProxy
 
     listen_host, listen_port = listen.rsplit(":", 1)
     target_host, target_port = target.rsplit(":", 1)

@@ -44,8 +44,8 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
 from edvit.datasets import Dataset, load_dataset
 from edvit.errors import ConfigError
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
 from edvit.inference import make_session
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.preprocess import dataset_to_model_input, decode_frame, to_model_input
