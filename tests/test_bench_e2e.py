@@ -18,7 +18,7 @@ from edvit.cli import main
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
 from edvit.fleet.bench import e2e as bench_e2e
-from edvit.fleet.bench.batching import frame_samples
+from edvit.fleet.bench.common import frame_samples
 from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 from edvit.inference import Classifier, OfflinePredictor
 from edvit.preprocess import dataset_to_model_input

@@ -19,7 +19,7 @@ from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError, EdvitError
-from edvit.fleet.bench.batching import _message, frame_samples
+from edvit.fleet.bench.common import camera_message, frame_samples
 from edvit.fleet.boards import boards, emulation
 from edvit.fleet.boards.boards import PRESETS, load_fleet, parse_fleet
 from edvit.fleet.ops.demo import DEFAULT_BUNDLE
@@ -131,7 +131,7 @@ def _burst(broker_url: str, topics: Topics, seconds: float) -> None:
     try:
         deadline, seq = time.monotonic() + seconds, 0
         while time.monotonic() < deadline:
-            client.publish(*_message(samples[seq % len(samples)], "burst", seq, topics))
+            client.publish(*camera_message(samples[seq % len(samples)], "burst", seq, topics))
             seq += 1
             time.sleep(0.001)
     finally:

@@ -40,6 +40,7 @@ from edvit.broker.local import find_free_port, wait_for_port
 from edvit.errors import ConfigError, EdvitError
 from edvit.fleet.boards import emulation
 from edvit.fleet.boards.emulation import Link
+from edvit.process import cpu_seconds, rss_mb
 from edvit.topics import Topics, validate_id
 
 DEFAULT_RUN_DIR = Path("/tmp/edvit-fleet")
@@ -446,28 +447,6 @@ def down(run_dir: Path = DEFAULT_RUN_DIR) -> list[str]:
     return [b.spec.id for b in state.boards]
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int | None, key: str = "VmRSS") -> float | None:
-    """A process's resident memory now (VmRSS) or at its peak (VmHWM), MB."""
-    if pid is None:
-        return None
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024.0
-    return None
-
-
 def board_status(board: BoardState) -> dict[str, Any]:
     folders = [Path(f) for f in board.cgroups]
     peak = emulation.memory_peak_mb(folders) if all(f.exists() for f in folders) else None
@@ -485,7 +464,7 @@ def board_status(board: BoardState) -> dict[str, Any]:
         "node_alive": alive(board.node_pid),
         "proxy_alive": alive(board.proxy_pid),
         "rss_mb": rss_mb(board.node_pid),
-        "cpu_s": _cpu_seconds(board.node_pid) if board.node_pid else None,
+        "cpu_s": cpu_seconds(board.node_pid),
         "cgroup_peak_mb": peak,
         "oom_kills": emulation.oom_kills(folders) if all(f.exists() for f in folders) else None,
         "throttled": emulation.throttled(folders) if all(f.exists() for f in folders) else None,
