@@ -888,8 +888,8 @@ def test_hostile_scenario_on_a_real_broker() -> None:
 
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed")
-    from edvit.fleet.chaos.fuzz import OVERSIZED, scenario_hostile
-    from edvit.fleet.chaos.scenarios import ChaosFleet
+    from edvit.fleet.chaos.fuzz import OVERSIZED
+    from edvit.fleet.chaos.scenarios import ChaosFleet, scenario_hostile
 
     log_dir = Path(tempfile.mkdtemp(prefix="edvit-fuzz-"))
     with ChaosFleet(Bundle.load(Path(DEFAULT_BUNDLE)), log_dir, 20.0, 3.0) as cf:

@@ -35,10 +35,21 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.errors import BadPayload
 from edvit.fleet.boards.proxy import CuttableProxy
+from edvit.fleet.chaos.fuzz import (
+    GOOD_CAMERA,
+    CounterWatch,
+    HostileGenerator,
+    HostileRun,
+    RssSampler,
+    figures,
+    publish_spread,
+)
 from edvit.fleet.ops.deploy import deploy
 from edvit.fleet.ops.local import LocalFleet
 from edvit.lease import LeaseMsg
+from edvit.limits import PayloadKind
 from edvit.mqtt import MqttClient, unique_client_id
+from edvit.process import rss_mb
 from edvit.schemas import PlanMsg, PredictionMsg, StatusMsg, decode
 from edvit.topics import Topics
 
@@ -328,17 +339,6 @@ def scenario_broker(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
     }
 
 
-def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def scenario_soak(
     cf: ChaosFleet, base: PlanMsg, *, seconds: float = 600.0, cameras: int = 4,
     fps: float = 200.0, window_s: float = 10.0,
@@ -382,6 +382,72 @@ def scenario_soak(
     }
 
 
+def scenario_hostile(
+    cf: ChaosFleet,
+    base: PlanMsg,
+    *,
+    payloads: int = 10_000,
+    seconds: float = 10.0,
+    seed: int = 0,
+    oversized: dict[PayloadKind, int] | None = None,
+) -> dict[str, Any]:
+    """`payloads` hostile payloads over `seconds` on every topic while a good camera
+    streams; then the fleet is stopped to read its final counters (the payloads, and who
+    must count each: edvit.fleet.chaos.fuzz)."""
+    nodes = [n for n in NODES if n in cf.fleet.processes]
+    aggregators = [n for n in cf.fleet.processes if n.startswith("agg")]
+    services = [*nodes, *aggregators]
+    generator = HostileGenerator(
+        cf.topics, base, aggregator=aggregators[0], seed=seed,
+        oversized=oversized,
+    )  # fmt: skip
+    hostiles = generator.make(payloads)
+    watch = CounterWatch(cf.topics, cf.broker.url)
+    fuzzer = MqttClient(unique_client_id("fuzz"), cf.broker.url)
+    fuzzer.start(required=True)
+    try:
+        time.sleep(0.5)  # the retained statuses arrive
+        baseline = {name: watch.counters(name) for name in services}
+        frames = int(cf.fps * (seconds + 4.0))
+        camera_start = time.time()
+        cf.camera(GOOD_CAMERA, frames)
+        deadline = time.monotonic() + 30
+        while not cf.observer.of_camera(GOOD_CAMERA) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rss = RssSampler({n: cf.fleet.processes[n].pid for n in services})
+        started = time.monotonic()
+        sent, failed = publish_spread(fuzzer, hostiles, seconds, cf.topics.prefix)
+        streamed_s = time.monotonic() - started
+        cf.wait_answers(GOOD_CAMERA, frames, 30)
+        rss.stop()
+        run_end = time.time()
+        alive = {n: cf.fleet.processes[n].poll() is None for n in services}
+        camera_exit = cf.fleet.processes[GOOD_CAMERA].poll()
+        with cf.observer.lock:
+            plans = [(t - camera_start, p) for t, p in cf.observer.plans if t >= camera_start]
+        # Only the good camera's own frames: its seqs, captured during this run (hostile
+        # frames on its topic are all refused, so this only guards the count).
+        answers = [
+            p for _, p in cf.observer.of_camera(GOOD_CAMERA)
+            if 0 <= p.seq < frames and camera_start - 1.0 <= p.ts <= run_end
+        ]  # fmt: skip
+        stopped_at = time.time() - 1.0
+        exit_codes = cf.fleet.stop()  # a clean stop publishes every service's counters
+        wait_until = time.monotonic() + 10
+        while time.monotonic() < wait_until and not all(
+            watch.offline_since(n, stopped_at) for n in services
+        ):
+            time.sleep(0.1)
+        final = {name: watch.counters(name) - baseline[name] for name in services}
+        final_read = {n: watch.offline_since(n, stopped_at) for n in services}
+    finally:
+        fuzzer.stop()
+        watch.stop()
+    run = HostileRun(services, nodes, sent, failed, streamed_s, frames, answers, rss, alive,
+                     camera_exit, exit_codes, final, final_read, plans, cf.log_dir)  # fmt: skip
+    return figures(run)
+
+
 SCENARIOS = {
     "kill": scenario_kill,
     "freeze": scenario_freeze,
@@ -404,8 +470,6 @@ def run_chaos(
     soak_s: float = 600.0,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    from edvit.fleet.chaos.fuzz import scenario_hostile
-
     runners = {
         **SCENARIOS,
         "hostile": scenario_hostile,
