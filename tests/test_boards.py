@@ -1,4 +1,4 @@
-"""Emulated boards (`edvit fleet up|status|down`, fleet/boards.py): BOARDS.yaml and the
+"""Emulated boards (`edvit fleet up|status|down`, fleet/boards/boards.py): BOARDS.yaml and the
 presets, and, where this machine allows it (root, namespaces, cgroups, tc, mosquitto), a
 real fleet of shaped boards serving a camera."""
 

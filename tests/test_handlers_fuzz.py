@@ -1,4 +1,4 @@
-"""Property tests of every topic handler, through the injectable client (issue 10, item 6).
+"""Property tests of every topic handler, through the injectable client.
 
 A node serving all three sub-models of the shipped bundle, two aggregators (one answering,
 one standby) and a planner (as `edvit aggregator` runs it; its plans are recorded, not
@@ -19,8 +19,7 @@ After every payload:
 At the end of each test a good frame gets exactly one prediction. The last test runs the
 in-process fuzzer of `edvit.fleet.chaos.fuzz` against real processes and a real mosquitto.
 
-The bugs these tests found each keep a test of their own (test_bug_*), now that they are
-fixed.
+Each bug these tests found has a test of its own (test_bug_*).
 """
 
 from __future__ import annotations
@@ -101,7 +100,6 @@ DEADLINE_S = 0.3
 MSGPACK_INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 
 
-# -- known bugs: reported, not fixed here (see the module docstring) --------------------------
 # -- waiting ---------------------------------------------------------------------------------
 
 
@@ -352,7 +350,7 @@ def mutated(draw: st.DrawFn, base: dict[str, Any], json_text: bool) -> dict[str,
             else:
                 target[path[-1]] = value
         except (KeyError, IndexError, TypeError):
-            continue  # an earlier change removed the field
+            continue  # an earlier edit of this message removed the field
     return message
 
 
@@ -595,7 +593,7 @@ def test_plan(fleet: FuzzFleet, data: st.DataObject) -> None:
                   hostile(renamed, json_text=True, min_size=1)),
         label="payload",
     )  # fmt: skip
-    assume(payload)  # an empty plan is the legitimate clear (ACL: a later issue)
+    assume(payload)  # an empty plan is the legitimate clear (only an ACL can refuse it)
     assume(not _same_files_other_fit(payload, fuzz.plan))  # counted elsewhere: see there
     before = fuzz.bad()
     fuzz.publish(fuzz.topics.plan(), payload)
@@ -764,7 +762,7 @@ def test_oversized_payloads_are_dropped_before_decoding(fuzz: FuzzFleet, kind: P
     assert_counted(fuzz, bad, KIND_READERS[kind])
 
 
-# -- the bugs these tests found, fixed --------------------------------------------------
+# -- the bugs these tests found ---------------------------------------------------------
 def _bug_fleet_errors(fleet: FuzzFleet) -> int:
     return sum(
         v for client in fleet.transports.values() for k, v in client.counters.items()

@@ -336,7 +336,7 @@ def cpu_saved_against_work_moved(results: list[Result], slice_ms: dict[str, floa
     Proportional means saved = c * moved with one factor c per strategy for every J (c > 1
     when the loaded node runs each step slower than a process alone on the machine): c is
     fitted by least squares through the origin, `proportional_ms` = c * moved, and
-    `deviation` = saved / proportional - 1 (the bar: within +-0.2 for every J)."""
+    `deviation` = saved / proportional - 1 (proportional: within +-0.2 for every J)."""
     at_zero = {r.config: r.node_cpu_ms_per_frame for r in results if r.head_slices == 0}
     points: dict[str, list[tuple[int, float, float]]] = {}
     for r in results:

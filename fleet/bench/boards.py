@@ -3,7 +3,7 @@
 The original model served whole on ONE emulated board (the monolithic bundle, as in
 `bench e2e`) against the split bundle on N emulated boards of the same type, one sub-model
 each (N = the bundle's sub-model count), every board made by `edvit fleet up`'s code
-(fleet/boards.py): its own network namespace, CPU quota, memory limit, rate-limited and
+(fleet/boards/boards.py): its own network namespace, CPU quota, memory limit, rate-limited and
 delayed link. The broker, the aggregator and the cameras run on the host, unshaped.
 
 Per pipeline: latency (p50/p95, capture to prediction) with one camera at a rate every

@@ -10,7 +10,7 @@ Then simulated cameras (at several counts, a fixed rate each) go through two rea
 that broker, each a process per service: the split fleet (one node per sub-model and the
 aggregator, as `edvit demo` runs it) and the monolithic baseline (the original served whole
 by one node, through the same aggregator, from a bundle made in a temp folder by
-edvit.models.monolithic, which cli.py passes in: onnx is imported in models/ only). Per
+edvit.models.monolithic, which edvit/cli.py passes in: onnx is imported in models/ only). Per
 run: frames sent and answered, p50/p95 latency (capture to prediction), the floor, and the
 median of every stage of the predictions' `timings` next to that stage's part of the floor.
 """

@@ -4,7 +4,7 @@ Each board is a node process in its own network namespace, joined to the host (w
 broker runs) by a veth pair in a private /30, with a `tc tbf` rate limit on both ends of
 the link, a CPU quota and a memory limit (a cgroup), and a one-way delay each way added by
 a user-space proxy in front of the broker (`tc netem` is not in every kernel): the node
-talks to `mqtt://HOST_SIDE_IP:PROXY_PORT`, the proxy forwards to the broker. fleet/emulation.py
+talks to `mqtt://HOST_SIDE_IP:PROXY_PORT`, the proxy forwards to the broker. emulation.py
 makes the kernel parts.
 
 BOARDS.yaml::
