@@ -19,14 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ed_vit import row_of
+
+from edvit.bundle import REPORT_NAME
+from edvit.models.build import build_bundle, default_settings
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from ed_vit import row_of  # noqa: E402
-
-from edvit.bundle import REPORT_NAME  # noqa: E402
-from edvit.models.build import build_bundle, default_settings  # noqa: E402
 
 CHECKPOINT = REPO / "benchmarks" / "checkpoints" / "fashion-mnist-small.pt"
 # name -> (what it changes, build settings on top of the defaults)

@@ -15,28 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from edvit.inference import measure_latency_ms  # noqa: E402
-from edvit.models.build import branch_spec, feature_params  # noqa: E402
-from edvit.models.export import export_image_model  # noqa: E402
-from edvit.models.prune import (  # noqa: E402
+from edvit.inference import measure_latency_ms
+from edvit.models.build import branch_spec, feature_params
+from edvit.models.export import export_image_model
+from edvit.models.prune import (
     Importance,
     _mlp_width,
     _num_heads,
     prune_vit,
     select_units,
 )
-from edvit.models.train import set_threads  # noqa: E402
-from edvit.models.vit import SubModel, count_params, make_vit  # noqa: E402
+from edvit.models.train import set_threads
+from edvit.models.vit import SubModel, count_params, make_vit
 
 # (budget as a share of the original, embedding kept, branches kept): the N=10 default
 # (0.95 / 10, half the embedding, two branches), then budgets for a 20x and a 34x size cut.

@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from edvit.models.build import (  # noqa: E402
+from edvit.models.build import (
     default_settings,
     load_data,
     log,
     model_inputs,
     train_original,
 )
-from edvit.models.cli import yes_no  # noqa: E402
-from edvit.models.train import predict, resolve_device, set_threads  # noqa: E402
+from edvit.models.cli import yes_no
+from edvit.models.train import predict, resolve_device, set_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,19 +12,14 @@ logits, whole sub-model blocks dropped at random, the dataset's fusion epochs un
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from edvit.bundle import Bundle  # noqa: E402
-from edvit.inference import make_session  # noqa: E402
-from edvit.models.build import (  # noqa: E402
+from edvit.bundle import Bundle
+from edvit.inference import make_session
+from edvit.models.build import (
     accuracy,
     batched,
     default_settings,
@@ -33,8 +28,8 @@ from edvit.models.build import (  # noqa: E402
     load_data,
     model_inputs,
 )
-from edvit.models.train import set_threads  # noqa: E402
-from edvit.models.vit import count_params  # noqa: E402
+from edvit.models.train import set_threads
+from edvit.models.vit import count_params
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

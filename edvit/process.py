@@ -1,4 +1,5 @@
-"""Stopping child processes: the one SIGINT -> SIGTERM -> SIGKILL escalation every caller uses.
+"""Child processes: the one SIGINT -> SIGTERM -> SIGKILL escalation every caller uses to stop
+them, and what a running process uses (its memory and CPU time, read from /proc).
 
 SIGINT first, because every edvit service (and mosquitto) treats it as a clean stop: it
 publishes its offline status and exits 0. A child still running `grace_s` seconds later gets
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +68,29 @@ def stop_process(
     """Stop one process (SIGINT, then SIGTERM, then SIGKILL) and return its exit code."""
     label = name or "child"
     return stop_processes({label: proc}, grace_s=grace_s, logger=logger)[label]
+
+
+def rss_mb(pid: int | None, key: str = "VmRSS") -> float | None:
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB; None without a
+    pid or once the process is gone."""
+    if pid is None:
+        return None
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far; None without a pid or once it is gone."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -160,7 +160,7 @@ class PlanMsg(_Message):
     submodels: tuple[SubmodelRef, ...]
     assignments: dict[str, tuple[str, ...]]
     fusion_sha256: str
-    # Not in the minimal list but needed so nodes need only a broker and an id.
+    # The classes and preprocessing travel with the plan, so a node needs only a broker and an id.
     preprocessing: Preprocessing
     stem: StemRef | None = None  # only for sliced bundles
     created: float = Field(default_factory=time.time)

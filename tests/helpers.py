@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edvit.schemas import PlanMsg, Preprocessing, SubmodelRef, plan_id_for
 
 if TYPE_CHECKING:
-    from edvit.fleet.local import LocalFleet
+    from edvit.fleet.ops.local import LocalFleet
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -197,7 +197,7 @@ def planner_with_ready_nodes(
     retained and every node it names ready: (planner, broker, the planner's transport)."""
     from memory_transport import MemoryBroker, MemoryTransport
 
-    from edvit.fleet.planner import Planner
+    from edvit.aggregator.planner import Planner
     from edvit.schemas import Capacity, StatusMsg, encode
     from edvit.topics import Topics
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edvit.errors import ConfigError
-from edvit.fleet.assignment import (
+from edvit.placement.assignment import (
     Assignment,
     Infeasible,
     Item,
@@ -25,7 +25,7 @@ from edvit.fleet.assignment import (
     greedy_assign,
     shrink_budgets,
 )
-from edvit.fleet.devices import Device, Inventory, identical_devices, load_inventory
+from edvit.placement.devices import Device, Inventory, identical_devices, load_inventory
 
 INSTANCES_PER_SCENARIO = 60
 EPSILON = 1e-9

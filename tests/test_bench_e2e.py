@@ -17,9 +17,9 @@ from edvit.bundle import Bundle
 from edvit.cli import main
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError
-from edvit.fleet import bench_e2e
-from edvit.fleet.bench import frame_samples
-from edvit.fleet.demo import DEFAULT_BUNDLE
+from edvit.fleet.bench import e2e as bench_e2e
+from edvit.fleet.bench.common import frame_samples
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 from edvit.inference import Classifier, OfflinePredictor
 from edvit.preprocess import dataset_to_model_input
 from edvit.schemas import STAGES

@@ -1,4 +1,4 @@
-"""Emulated boards (`edvit fleet up|status|down`, fleet/boards.py): BOARDS.yaml and the
+"""Emulated boards (`edvit fleet up|status|down`, fleet/boards/boards.py): BOARDS.yaml and the
 presets, and, where this machine allows it (root, namespaces, cgroups, tc, mosquitto), a
 real fleet of shaped boards serving a camera."""
 
@@ -19,13 +19,13 @@ from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError, EdvitError
-from edvit.fleet import boards, emulation
-from edvit.fleet.bench import _message, frame_samples
-from edvit.fleet.boards import PRESETS, load_fleet, parse_fleet
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.bench.common import camera_message, frame_samples
+from edvit.fleet.boards import boards, emulation
+from edvit.fleet.boards.boards import PRESETS, load_fleet, parse_fleet
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.topics import Topics
 
@@ -131,7 +131,7 @@ def _burst(broker_url: str, topics: Topics, seconds: float) -> None:
     try:
         deadline, seq = time.monotonic() + seconds, 0
         while time.monotonic() < deadline:
-            client.publish(*_message(samples[seq % len(samples)], "burst", seq, topics))
+            client.publish(*camera_message(samples[seq % len(samples)], "burst", seq, topics))
             seq += 1
             time.sleep(0.001)
     finally:

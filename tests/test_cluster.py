@@ -17,10 +17,10 @@ import pytest
 from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.broker.nats_cluster import NatsCluster
 from edvit.bundle import Bundle
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.schemas import PredictionMsg
 from edvit.topics import Topics
 from helpers import assert_exit_codes

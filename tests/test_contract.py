@@ -176,7 +176,8 @@ def test_runtime_services_import_neither_torch_nor_timm() -> None:
     code = (
         "import sys, edvit.cli; edvit.cli.build_parser();"
         "import edvit.edge_node.node, edvit.aggregator.service, edvit.camera_source.camera,"
-        " edvit.fleet.deploy, edvit.fleet.demo, edvit.fleet.watch, edvit.fleet.plan,"
+        " edvit.fleet.ops.deploy, edvit.fleet.ops.demo, edvit.fleet.ops.watch,"
+        " edvit.placement.plan,"
         " edvit.models.evaluate;"
         "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
     )

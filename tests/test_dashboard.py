@@ -27,7 +27,7 @@ from edvit.topics import Topics
 from helpers import small_plan
 
 if TYPE_CHECKING:
-    from edvit.fleet.dashboard import Dashboard
+    from edvit.fleet.dashboard.app import Dashboard
 
 CHROMIUM = Path("/usr/bin/chromium")
 NODES = ("node-0", "node-1", "node-2")
@@ -71,7 +71,7 @@ def serving(dashboard: Dashboard) -> Iterator[str]:
     """The dashboard subscribed to its broker and served by uvicorn in a thread."""
     import uvicorn
 
-    from edvit.fleet.dashboard import create_app
+    from edvit.fleet.dashboard.app import create_app
 
     dashboard.start()
     listener = socket.socket()
@@ -99,7 +99,7 @@ def serving(dashboard: Dashboard) -> Iterator[str]:
 @pytest.fixture
 def dashboard_url(mosquitto_broker: LocalBroker, fleet_topics: Topics) -> Iterator[str]:
     _need_browser()
-    from edvit.fleet.dashboard import Dashboard
+    from edvit.fleet.dashboard.app import Dashboard
 
     with serving(Dashboard(mosquitto_broker.url, topics=fleet_topics)) as url:
         yield url
@@ -227,8 +227,8 @@ def test_the_dashboard_identity_over_tls_sees_the_fleet_but_no_frames(tmp_path: 
     statuses and predictions through the ACL, and a frame never reaches it even with
     --frames (mosquitto's acl_file filters the delivery)."""
     from edvit.broker.local import mosquitto_path
-    from edvit.fleet import secure
-    from edvit.fleet.dashboard import Dashboard
+    from edvit.fleet.dashboard.app import Dashboard
+    from edvit.fleet.ops import secure
     from helpers import wait_until
 
     if mosquitto_path() is None:
@@ -288,7 +288,7 @@ def test_frames_are_served_only_with_frames_on(
 ) -> None:
     pytest.importorskip("starlette", reason="starlette is missing (pip install edvit[dashboard])")
     pytest.importorskip("uvicorn", reason="uvicorn is missing (pip install edvit[dashboard])")
-    from edvit.fleet.dashboard import Dashboard
+    from edvit.fleet.dashboard.app import Dashboard
 
     pixels = bytes(range(256)) * 3
     frame = FrameMsg(camera="cam0", seq=9, ts=1.0, enc="raw", data=pixels, shape=(24, 32),

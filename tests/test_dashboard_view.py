@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edvit.fleet.dashboard import FleetView, histogram, node_state, stage_timings
+from edvit.fleet.dashboard.app import FleetView, histogram, node_state, stage_timings
 from edvit.schemas import FrameMsg, PlanMsg, PredictionMsg, StatusMsg, decode, encode
 from helpers import small_plan
 
@@ -214,7 +214,7 @@ def test_a_port_in_use_is_one_clear_line() -> None:
     import socket
 
     from edvit.errors import ConfigError
-    from edvit.fleet.dashboard import listen
+    from edvit.fleet.dashboard.app import listen
 
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]

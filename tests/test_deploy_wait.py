@@ -11,8 +11,8 @@ import pytest
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import deploy, make_plan, over_nodes
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import deploy, make_plan, over_nodes
 from edvit.mqtt import MqttClient
 from edvit.schemas import StatusMsg, encode
 from edvit.topics import Topics

@@ -30,7 +30,7 @@ def test_a_comma_separated_broker_list_round_trips_through_str() -> None:
     text = str(connection)
     assert text == "mqtt://10.0.0.1:1884,mqtt://10.0.0.2:1883,mqtt://10.0.0.3:1885"
     assert Connection(text).addresses == connection.addresses
-    assert str(Connection("broker")) == "mqtt://broker:1883"  # one broker: as before
+    assert str(Connection("broker")) == "mqtt://broker:1883"  # one broker: a plain address
 
 
 def test_a_broker_list_mixing_tls_and_plain_is_refused() -> None:

@@ -35,8 +35,8 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.cli import main
 from edvit.errors import ConfigError
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import make_plan, publish_bundle, round_robin
 from edvit.mqtt import MqttClient
 from edvit.schemas import FeaturesMsg, PlanMsg, PredictionMsg, StatusMsg, encode
 from edvit.topics import Topics

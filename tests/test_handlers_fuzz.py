@@ -1,4 +1,4 @@
-"""Property tests of every topic handler, through the injectable client (issue 10, item 6).
+"""Property tests of every topic handler, through the injectable client.
 
 A node serving all three sub-models of the shipped bundle, two aggregators (one answering,
 one standby) and a planner (as `edvit aggregator` runs it; its plans are recorded, not
@@ -17,10 +17,9 @@ After every payload:
   it is answered, so everything before it was served.
 
 At the end of each test a good frame gets exactly one prediction. The last test runs the
-in-process fuzzer of `edvit.fleet.fuzz` against real processes and a real mosquitto.
+in-process fuzzer of `edvit.fleet.chaos.fuzz` against real processes and a real mosquitto.
 
-The bugs these tests found each keep a test of their own (test_bug_*), now that they are
-fixed.
+Each bug these tests found has a test of its own (test_bug_*).
 """
 
 from __future__ import annotations
@@ -41,14 +40,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from memory_transport import MemoryBroker, MemoryTransport
 
+from edvit.aggregator.planner import Planner, heal
 from edvit.aggregator.service import Aggregator, DeadlinePolicy
 from edvit.bundle import Bundle, sha256_bytes
 from edvit.edge_node.node import EdgeNode
 from edvit.errors import BadPayload
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
-from edvit.fleet.devices import Device
-from edvit.fleet.fuzz import (
+from edvit.fleet.chaos.fuzz import (
     INF,
     LONG,
     NAN,
@@ -60,10 +57,12 @@ from edvit.fleet.fuzz import (
     png_bytes,
     png_header,
 )
-from edvit.fleet.planner import Planner, heal
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import make_plan, publish_bundle, round_robin
 from edvit.lease import LeaseMsg
 from edvit.limits import MAX_PAYLOAD_BYTES, PayloadKind
 from edvit.mqtt import payload_limit
+from edvit.placement.devices import Device
 from edvit.schemas import (
     Capacity,
     FeaturesMsg,
@@ -101,7 +100,6 @@ DEADLINE_S = 0.3
 MSGPACK_INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)
 
 
-# -- known bugs: reported, not fixed here (see the module docstring) --------------------------
 # -- waiting ---------------------------------------------------------------------------------
 
 
@@ -352,7 +350,7 @@ def mutated(draw: st.DrawFn, base: dict[str, Any], json_text: bool) -> dict[str,
             else:
                 target[path[-1]] = value
         except (KeyError, IndexError, TypeError):
-            continue  # an earlier change removed the field
+            continue  # an earlier edit of this message removed the field
     return message
 
 
@@ -595,7 +593,7 @@ def test_plan(fleet: FuzzFleet, data: st.DataObject) -> None:
                   hostile(renamed, json_text=True, min_size=1)),
         label="payload",
     )  # fmt: skip
-    assume(payload)  # an empty plan is the legitimate clear (ACL: a later issue)
+    assume(payload)  # an empty plan is the legitimate clear (only an ACL can refuse it)
     assume(not _same_files_other_fit(payload, fuzz.plan))  # counted elsewhere: see there
     before = fuzz.bad()
     fuzz.publish(fuzz.topics.plan(), payload)
@@ -764,7 +762,7 @@ def test_oversized_payloads_are_dropped_before_decoding(fuzz: FuzzFleet, kind: P
     assert_counted(fuzz, bad, KIND_READERS[kind])
 
 
-# -- the bugs these tests found, fixed --------------------------------------------------
+# -- the bugs these tests found ---------------------------------------------------------
 def _bug_fleet_errors(fleet: FuzzFleet) -> int:
     return sum(
         v for client in fleet.transports.values() for k, v in client.counters.items()
@@ -888,8 +886,8 @@ def test_hostile_scenario_on_a_real_broker() -> None:
 
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed")
-    from edvit.fleet.chaos import ChaosFleet
-    from edvit.fleet.fuzz import OVERSIZED, scenario_hostile
+    from edvit.fleet.chaos.fuzz import OVERSIZED
+    from edvit.fleet.chaos.scenarios import ChaosFleet, scenario_hostile
 
     log_dir = Path(tempfile.mkdtemp(prefix="edvit-fuzz-"))
     with ChaosFleet(Bundle.load(Path(DEFAULT_BUNDLE)), log_dir, 20.0, 3.0) as cf:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from edvit.broker.local import mosquitto_path
-from edvit.fleet.chaos import run_chaos
-from edvit.fleet.demo import DEFAULT_BUNDLE
+from edvit.fleet.chaos.scenarios import run_chaos
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
 

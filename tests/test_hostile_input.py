@@ -2,8 +2,8 @@
 
 Every payload either decodes to a valid message or raises BadPayload (nothing else), every
 frame either decodes to a bounded uint8 image or raises BadPayload, and no NaN, infinity or
-oversized number gets through. The exact cases measured in issue 10 are explicit tests;
-hypothesis covers the rest.
+oversized number gets through. The known hostile frames are explicit tests; hypothesis
+covers the rest.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _unchecked_frame(**fields: Any) -> FrameMsg:
 
 
 def _reference_decode(frame: FrameMsg) -> np.ndarray:
-    """decode_frame as it was before the limits, for frames that were and stay good."""
+    """decode_frame without its size limits: what a frame within them must decode to."""
     if frame.enc == "raw":
         image = np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.shape)
     else:
@@ -211,7 +211,7 @@ def test_the_valid_samples_decode(kind: type[schemas._Message]) -> None:
     _assert_sound(kind, decode(kind, _pack(kind, VALID[kind])))
 
 
-# -- frames: the cases measured in issue 10 ----------------------------------------------------
+# -- frames: the known hostile cases -----------------------------------------------------------
 @pytest.mark.parametrize("enc", ["png", "jpeg", "raw"])
 def test_empty_frame_data_is_bad_payload(enc: str) -> None:
     frame = decode(FrameMsg, _pack(FrameMsg, {**VALID[FrameMsg], "enc": enc, "data": b""}))
@@ -367,7 +367,7 @@ def test_frame_over_the_payload_limit_is_refused_before_parsing() -> None:
         decode(FrameMsg, payload)
 
 
-# -- frames: good ones are decoded exactly as before -------------------------------------------
+# -- frames: good ones decode exactly as without the limits -------------------------------------
 @st.composite
 def good_frames(draw: st.DrawFn) -> FrameMsg:
     height, width = draw(st.integers(1, 24)), draw(st.integers(1, 24))

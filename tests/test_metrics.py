@@ -14,9 +14,9 @@ import pytest
 from edvit.broker.local import LocalBroker, find_free_port
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
 from edvit.metrics import MAX_CAMERAS, Metrics
 from edvit.topics import Topics
 from helpers import MqttProbe, wait_until

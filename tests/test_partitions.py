@@ -11,10 +11,10 @@ import time
 import pytest
 from memory_transport import MemoryBroker, MemoryTransport
 
+from edvit.aggregator.planner import Planner
 from edvit.broker.local import LocalBroker, mosquitto_path
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.partitions import Fault, expectations, plans_published, whole_again
-from edvit.fleet.planner import Planner
+from edvit.fleet.chaos.partitions import Fault, expectations, plans_published, whole_again
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.retained import MISSING_REPORT_S, REFETCH_FIRST_S, PlanFollower
 from edvit.schemas import (
@@ -105,7 +105,7 @@ def _plans(broker: MemoryBroker, topics: Topics) -> list[PlanMsg]:
 @pytest.fixture
 def three_node_plan() -> PlanMsg:
     from edvit.bundle import Bundle
-    from edvit.fleet.deploy import make_plan
+    from edvit.fleet.ops.deploy import make_plan
 
     bundle = Bundle.load(DEFAULT_BUNDLE)
     return make_plan(bundle, {"node-0": ("sub0",), "node-1": ("sub1",), "node-2": ("sub2",)})
@@ -246,7 +246,7 @@ def _bundle_models(broker: MemoryBroker, topics: Topics, plan: PlanMsg) -> None:
 
 def test_a_flip_away_and_back_needs_no_fetch(three_node_plan: PlanMsg) -> None:
     from edvit.bundle import Bundle
-    from edvit.fleet.deploy import make_plan
+    from edvit.fleet.ops.deploy import make_plan
 
     clock = Clock()
     follower, broker, client, topics = _follower(clock)
@@ -346,7 +346,7 @@ def test_publish_now_never_reaches_a_later_connection() -> None:
 
 # -- the partition matrix, on real processes -------------------------------------------------
 def _partition(name: str) -> dict:
-    from edvit.fleet.chaos import run_chaos
+    from edvit.fleet.chaos.scenarios import run_chaos
 
     (result,) = run_chaos(DEFAULT_BUNDLE, scenarios=(name,), hold_off_s=2.0, say=print)
     assert result["broken"] == [], result

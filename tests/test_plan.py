@@ -11,8 +11,8 @@ import pytest
 
 from edvit.bundle import ASSIGNMENT_NAME, Bundle
 from edvit.errors import ConfigError
-from edvit.fleet.deploy import bundle_assignments
-from edvit.fleet.plan import read_assignment
+from edvit.fleet.ops.deploy import bundle_assignments
+from edvit.placement.plan import read_assignment
 
 SHIPPED = Path(__file__).resolve().parents[1] / "fleet" / "bundles" / "fashion-mnist-3"
 

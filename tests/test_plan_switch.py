@@ -14,9 +14,9 @@ from pathlib import Path
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.schemas import FrameMsg, PredictionMsg, TokensMsg, decode
 from edvit.topics import Topics
 from helpers import MqttProbe, assert_exit_codes

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from edvit.fleet.proxy import CuttableProxy
+from edvit.fleet.boards.proxy import CuttableProxy
 
 
 def _pair(delay_ms: float) -> tuple[CuttableProxy, socket.socket, socket.socket]:

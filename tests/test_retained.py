@@ -16,7 +16,7 @@ from edvit.aggregator.service import Aggregator, DeadlinePolicy
 from edvit.bundle import Bundle
 from edvit.edge_node.node import EdgeNode, aligns_drops
 from edvit.errors import ConfigError
-from edvit.fleet.deploy import make_plan, publish_bundle, round_robin
+from edvit.fleet.ops.deploy import make_plan, publish_bundle, round_robin
 from edvit.mqtt import MqttClient
 from edvit.retained import PlanFollower
 from edvit.schemas import (

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from edvit.aggregator.planner import heal
 from edvit.aggregator.service import Shard
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import make_plan, publish_bundle, with_replicas
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.planner import heal
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import make_plan, publish_bundle, with_replicas
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.mqtt import MqttClient, matching_filter, shared_filter, unique_client_id
 from edvit.schemas import FeaturesMsg, decode
 from edvit.topics import Topics
@@ -63,7 +63,7 @@ def test_replicas_are_nodes_with_the_same_share() -> None:
 
 
 def test_planner_does_not_move_what_a_live_replica_runs() -> None:
-    from edvit.fleet.devices import Device
+    from edvit.placement.devices import Device
 
     base = {"a": ("s0",), "a-r1": ("s0",), "b": ("s1",)}
     live = {n: Device(id=n, memory_mb=100.0) for n in ("a-r1", "b")}

@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.cli import main
 from edvit.errors import BrokerError, ConfigError
-from edvit.fleet import secure
+from edvit.fleet.ops import secure
 from edvit.limits import MESSAGE_EXPIRY_S
 from edvit.mqtt import Connection, MqttClient
 from edvit.topics import Topics
@@ -320,7 +320,7 @@ def _watch(sb: SecureBroker, capsys: pytest.CaptureFixture[str], url: str | None
 
 
 def test_a_good_login_connects(secured: SecureBroker, capsys, monkeypatch) -> None:
-    from edvit.fleet import watch as watch_module
+    from edvit.fleet.ops import watch as watch_module
 
     monkeypatch.setattr(watch_module.PredictionStream, "stop", lambda self: self.client.stop())
     seen = []
@@ -413,10 +413,10 @@ def test_a_fleet_answers_frames_over_tls(secured: SecureBroker, tmp_path: Path) 
     """deploy, one node, the aggregator and a camera, each with its own identity, and the
     dashboard watching: every frame is answered, through the ACL."""
     from edvit.bundle import Bundle
-    from edvit.fleet.demo import DEFAULT_BUNDLE
-    from edvit.fleet.deploy import deploy
-    from edvit.fleet.local import LocalFleet
-    from edvit.fleet.watch import PredictionStream
+    from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+    from edvit.fleet.ops.deploy import deploy
+    from edvit.fleet.ops.local import LocalFleet
+    from edvit.fleet.ops.watch import PredictionStream
 
     frames = 4
     plan = deploy(Bundle.load(DEFAULT_BUNDLE), _connection(secured, "deploy"), ["node-0"])

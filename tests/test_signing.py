@@ -18,9 +18,9 @@ from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.bundle import Bundle
 from edvit.cli import main
 from edvit.errors import ConfigError
-from edvit.fleet import secure
-from edvit.fleet.demo import DEFAULT_BUNDLE
-from edvit.fleet.deploy import deploy, make_plan, round_robin
+from edvit.fleet.ops import secure
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
+from edvit.fleet.ops.deploy import deploy, make_plan, round_robin
 from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.retained import PlanFollower
 from edvit.schemas import (
@@ -315,7 +315,7 @@ def _connection(directory: Path, broker: LocalBroker, identity: str) -> Connecti
 def test_a_plan_from_the_password_without_the_key_is_refused_by_the_node(
     secured: tuple[Path, LocalBroker], tmp_path: Path
 ) -> None:
-    from edvit.fleet.local import LocalFleet
+    from edvit.fleet.ops.local import LocalFleet
 
     directory, broker = secured
     topics = Topics()  # the ACL secure init wrote is for the default prefix

@@ -16,9 +16,9 @@ import pytest
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.inference import OfflinePredictor, softmax
 from edvit.mqtt import MqttClient
 from edvit.preprocess import dataset_to_model_input

@@ -1,5 +1,5 @@
-"""`hostile`: a chaos scenario that publishes thousands of hostile payloads on every topic
-of the fleet's prefix while a good camera streams (issue 10, item 6).
+"""The hostile payloads of the `hostile` chaos scenario (scenarios.scenario_hostile), which
+publishes thousands of them on every topic of the fleet's prefix while a good camera streams.
 
 An in-process publisher (a plain `MqttClient` on the chaos broker) sends a mix, spread
 over `seconds`, of:
@@ -63,11 +63,11 @@ import numpy as np
 
 from edvit.bundle import sha256_bytes
 from edvit.errors import BadPayload
-from edvit.fleet.chaos import NODES, ChaosFleet, rss_mb
 from edvit.lease import LeaseMsg
 from edvit.limits import MAX_PAYLOAD_BYTES, PayloadKind
 from edvit.mqtt import MqttClient, payload_limit, unique_client_id
 from edvit.preprocess import decode_frame
+from edvit.process import rss_mb
 from edvit.schemas import (
     FeaturesMsg,
     FrameMsg,
@@ -590,11 +590,11 @@ class RssSampler:
 class CounterWatch:
     """The newest status (with counters) of each node and aggregator instance."""
 
-    def __init__(self, cf: ChaosFleet) -> None:
-        self.topics = cf.topics
+    def __init__(self, topics: Topics, broker_url: str) -> None:
+        self.topics = topics
         self.latest: dict[str, tuple[float, StatusMsg]] = {}
         self.lock = threading.Lock()
-        self.client = MqttClient(unique_client_id("fuzz-watch"), cf.broker.url)
+        self.client = MqttClient(unique_client_id("fuzz-watch"), broker_url)
         self.client.route(self.topics.all_node_statuses(), self._on_status, qos=1)
         self.client.route(self.topics.aggregator_instance_status("+"), self._on_status, qos=1)
         self.client.start(required=True)
@@ -642,7 +642,7 @@ def publish_spread(
 
 
 @dataclass
-class _Run:
+class HostileRun:
     """What one run measured, turned into figures by `figures`."""
 
     services: list[str]
@@ -662,72 +662,7 @@ class _Run:
     log_dir: Path
 
 
-def scenario_hostile(
-    cf: ChaosFleet,
-    base: PlanMsg,
-    *,
-    payloads: int = 10_000,
-    seconds: float = 10.0,
-    seed: int = 0,
-    oversized: dict[PayloadKind, int] | None = None,
-) -> dict[str, Any]:
-    """`payloads` hostile payloads over `seconds` on every topic while a good camera
-    streams; then the fleet is stopped to read its final counters (see the module doc)."""
-    nodes = [n for n in NODES if n in cf.fleet.processes]
-    aggregators = [n for n in cf.fleet.processes if n.startswith("agg")]
-    services = [*nodes, *aggregators]
-    generator = HostileGenerator(
-        cf.topics, base, aggregator=aggregators[0], seed=seed,
-        oversized=oversized,
-    )  # fmt: skip
-    hostiles = generator.make(payloads)
-    watch = CounterWatch(cf)
-    fuzzer = MqttClient(unique_client_id("fuzz"), cf.broker.url)
-    fuzzer.start(required=True)
-    try:
-        time.sleep(0.5)  # the retained statuses arrive
-        baseline = {name: watch.counters(name) for name in services}
-        frames = int(cf.fps * (seconds + 4.0))
-        camera_start = time.time()
-        cf.camera(GOOD_CAMERA, frames)
-        deadline = time.monotonic() + 30
-        while not cf.observer.of_camera(GOOD_CAMERA) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        rss = RssSampler({n: cf.fleet.processes[n].pid for n in services})
-        started = time.monotonic()
-        sent, failed = publish_spread(fuzzer, hostiles, seconds, cf.topics.prefix)
-        streamed_s = time.monotonic() - started
-        cf.wait_answers(GOOD_CAMERA, frames, 30)
-        rss.stop()
-        run_end = time.time()
-        alive = {n: cf.fleet.processes[n].poll() is None for n in services}
-        camera_exit = cf.fleet.processes[GOOD_CAMERA].poll()
-        with cf.observer.lock:
-            plans = [(t - camera_start, p) for t, p in cf.observer.plans if t >= camera_start]
-        # Only the good camera's own frames: its seqs, captured during this run (hostile
-        # frames on its topic are all refused, so this only guards the count).
-        answers = [
-            p for _, p in cf.observer.of_camera(GOOD_CAMERA)
-            if 0 <= p.seq < frames and camera_start - 1.0 <= p.ts <= run_end
-        ]  # fmt: skip
-        stopped_at = time.time() - 1.0
-        exit_codes = cf.fleet.stop()  # a clean stop publishes every service's counters
-        wait_until = time.monotonic() + 10
-        while time.monotonic() < wait_until and not all(
-            watch.offline_since(n, stopped_at) for n in services
-        ):
-            time.sleep(0.1)
-        final = {name: watch.counters(name) - baseline[name] for name in services}
-        final_read = {n: watch.offline_since(n, stopped_at) for n in services}
-    finally:
-        fuzzer.stop()
-        watch.stop()
-    run = _Run(services, nodes, sent, failed, streamed_s, frames, answers, rss, alive,
-               camera_exit, exit_codes, final, final_read, plans, cf.log_dir)  # fmt: skip
-    return figures(run)
-
-
-def figures(run: _Run) -> dict[str, Any]:
+def figures(run: HostileRun) -> dict[str, Any]:
     sent, services, final, rss = run.sent, run.services, run.final, run.rss
     expected = Counter(name for h in sent for name in h.counted_by)
     expected_large = Counter(name for h in sent for name in h.counted_by if h.too_large)

@@ -11,7 +11,7 @@ can be checked for exactly one answer):
 - failover: two aggregators; SIGKILL the one answering and planning, then kill a node.
 - partitions: the broker restarted with and without its store, links cut between the
             broker and the aggregator or the nodes, during a plan switch, and a failover
-            during a broker restart (fleet/partitions.py).
+            during a broker restart (partitions.py).
 
 Every time is measured here, from the events this process causes to the messages it
 receives (predictions, statuses, plans, the aggregator lease), on one clock.
@@ -21,194 +21,44 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
-from edvit.errors import BadPayload
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.proxy import CuttableProxy
-from edvit.lease import LeaseMsg
+from edvit.fleet.chaos.catalog import DEFAULT_SCENARIO_NAMES, PARTITIONS
+from edvit.fleet.chaos.fuzz import (
+    GOOD_CAMERA,
+    CounterWatch,
+    HostileGenerator,
+    HostileRun,
+    RssSampler,
+    figures,
+    publish_spread,
+)
+from edvit.fleet.chaos.harness import (
+    CUT_NODE,
+    NODES,
+    VICTIM,
+    ChaosFleet,
+    exactly_once,
+    p95_ms,
+    seconds_since,
+)
+from edvit.fleet.chaos.partitions import (
+    PARTITION_SCENARIOS,
+    SETUPS,
+    ClusterChaosFleet,
+    Setup,
+    expectations,
+)
+from edvit.limits import PayloadKind
 from edvit.mqtt import MqttClient, unique_client_id
-from edvit.schemas import PlanMsg, PredictionMsg, StatusMsg, decode
-from edvit.topics import Topics
-
-NODES = ("node-0", "node-1", "node-2")
-VICTIM = "node-1"
-CUT_NODE = "node-2"
-
-
-@dataclass
-class Observer:
-    """Everything the fleet says, with this process's receive time."""
-
-    topics: Topics
-    predictions: list[tuple[float, PredictionMsg]] = field(default_factory=list)
-    statuses: list[tuple[float, str, StatusMsg]] = field(default_factory=list)
-    plans: list[tuple[float, PlanMsg]] = field(default_factory=list)
-    leases: list[tuple[float, str]] = field(default_factory=list)
-    # Each aggregator instance's newest status (its counters include its planner's).
-    aggregators: dict[str, StatusMsg] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def attach(self, client: MqttClient) -> None:
-        t = self.topics
-        client.route(t.all_predictions(), self._on_prediction, qos=1)
-        client.route(t.all_node_statuses(), self._on_status, qos=1)
-        client.route(t.plan(), self._on_plan, qos=1)
-        client.route(t.aggregator_lease(), self._on_lease, qos=1)
-        client.route(t.aggregator_instance_status("+"), self._on_aggregator, qos=1)
-
-    def _on_aggregator(self, topic: str, payload: bytes) -> None:
-        s = decode(StatusMsg, payload)
-        if s is not None:
-            with self.lock:
-                self.aggregators[self.topics.parts(topic)[1]] = s
-
-    def _on_prediction(self, _topic: str, payload: bytes) -> None:
-        p = decode(PredictionMsg, payload)
-        if p is not None:
-            with self.lock:
-                self.predictions.append((time.time(), p))
-
-    def _on_status(self, topic: str, payload: bytes) -> None:
-        s = decode(StatusMsg, payload)
-        if s is not None:
-            with self.lock:
-                self.statuses.append((time.time(), self.topics.parts(topic)[1], s))
-
-    def _on_plan(self, _topic: str, payload: bytes) -> None:
-        p = decode(PlanMsg, payload)
-        if p is not None:
-            with self.lock:
-                self.plans.append((time.time(), p))
-
-    def _on_lease(self, _topic: str, payload: bytes) -> None:
-        if payload:
-            try:
-                holder = LeaseMsg.model_validate_json(payload).holder
-            except ValueError:
-                raise BadPayload("not a lease") from None
-            with self.lock:
-                if not self.leases or self.leases[-1][1] != holder:
-                    self.leases.append((time.time(), holder))
-
-    def of_camera(self, camera: str) -> list[tuple[float, PredictionMsg]]:
-        with self.lock:
-            return [(t, p) for t, p in self.predictions if p.camera == camera]
-
-    def first(self, items: list, predicate: Callable[..., bool]) -> float | None:
-        with self.lock:
-            return next((item[0] for item in items if predicate(*item)), None)
-
-
-def _p95(values: list[float]) -> float | None:
-    return round(float(np.percentile(values, 95)), 1) if values else None
-
-
-def _since(t: float | None, origin: float) -> float | None:
-    return None if t is None else round(t - origin, 3)
-
-
-def exactly_once(predictions: list[tuple[float, PredictionMsg]], count: int) -> dict[str, int]:
-    seqs = [p.seq for _, p in predictions]
-    return {
-        "frames": count,
-        "unanswered": len(set(range(count)) - set(seqs)),
-        "answered_twice": len(seqs) - len(set(seqs)),
-    }
-
-
-class ChaosFleet:
-    """Broker, nodes, aggregators and cameras for the scenarios, with an observer."""
-
-    def __init__(
-        self, bundle: Bundle, log_dir: Path, fps: float, hold_off_s: float,
-        persistence: bool = False,
-    ) -> None:  # fmt: skip
-        """`persistence`: the broker keeps its retained messages across restarts."""
-        self.bundle, self.fps, self.hold_off_s = bundle, fps, hold_off_s
-        self.broker = LocalBroker(
-            kind="mosquitto", log_path=log_dir / "broker.log",
-            persistence_dir=log_dir / "broker-store" if persistence else None,
-        )  # fmt: skip
-        self.log_dir = log_dir
-        self.topics = Topics(f"chaos{os.getpid()}")
-        self.observer = Observer(self.topics)
-        self.proxy: CuttableProxy | None = None
-
-    def __enter__(self) -> ChaosFleet:
-        self.broker.start()
-        self.fleet = LocalFleet(self.broker.url, self.log_dir, self.topics)
-        self.probe = MqttClient(unique_client_id("chaos"), self.broker.url)
-        self.observer.attach(self.probe)
-        self.probe.start(required=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proxy is not None:
-            self.proxy.restore()
-        self.fleet.stop()
-        self.probe.stop()
-        if self.proxy is not None:
-            self.proxy.stop()
-        self.broker.stop()
-
-    def start(
-        self, aggregators: tuple[str, ...] = ("agg-a",), proxied: tuple[str, ...] = ()
-    ) -> PlanMsg:
-        """Deploy, start the nodes and the aggregators (those in `proxied` behind a cuttable
-        proxy); wait until the first aggregator and every node serve."""
-        plan = deploy(self.bundle, self.broker.url, list(NODES), self.topics)
-        if proxied:
-            self.proxy = CuttableProxy(self.broker.host, self.broker.port).start()
-        for node in NODES:
-            via = self.proxy.url if self.proxy is not None and node in proxied else None
-            self.fleet.spawn(node, "node", "--id", node, broker_url=via)
-        for i, agg in enumerate(aggregators):
-            via = self.proxy.url if self.proxy is not None and agg in proxied else None
-            self.fleet.spawn(
-                agg, "aggregator", "--id", agg, "--hold-off-s", str(self.hold_off_s),
-                broker_url=via,
-            )  # fmt: skip
-            if i == 0:
-                self.fleet.wait_ready(plan, timeout=60)
-        return plan
-
-    def camera(self, name: str, frames: int) -> None:
-        self.fleet.spawn(
-            name, "camera", "--id", name, "--source", f"dataset:{self.bundle.manifest.dataset}",
-            "--loop", "--count", str(frames), "--fps", str(self.fps),
-        )  # fmt: skip
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> float:
-        process = self.fleet.processes[name]
-        at = time.time()
-        os.kill(process.pid, sig)
-        if sig == signal.SIGKILL:
-            process.wait(10)
-            del self.fleet.processes[name]  # killed on purpose: not a failure of the fleet
-        return at
-
-    def wait_answers(self, camera: str, frames: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = {p.seq for _, p in self.observer.of_camera(camera)}
-            if len(got) >= frames:
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)  # anything answered twice comes now
+from edvit.process import rss_mb
+from edvit.schemas import PlanMsg
 
 
 def scenario_kill(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
@@ -230,19 +80,19 @@ def scenario_kill(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
     restored = obs.first(obs.plans, lambda t, p: t > restarted and p.plan_id == base.plan_id)
     return {
         "scenario": "kill a node (SIGKILL), then start it again",
-        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < killed - 0.5]),
-        "offline_status_s": _since(offline, killed),
-        "first_degraded_answer_s": _since(
+        "pre_fault_p95_ms": p95_ms([p.latency_ms for _, p in answers if p.ts < killed - 0.5]),
+        "offline_status_s": seconds_since(offline, killed),
+        "first_degraded_answer_s": seconds_since(
             obs.first(answers, lambda t, p: t > killed and p.degraded), killed
         ),
-        "degraded_p95_after_offline_ms": _p95(
+        "degraded_p95_after_offline_ms": p95_ms(
             [p.latency_ms for _, p in answers if offline and p.ts > offline and p.degraded]
         ),
-        "full_answers_again_s": _since(
+        "full_answers_again_s": seconds_since(
             obs.first(answers, lambda t, p: p.ts > killed + 0.05 and not p.degraded), killed
         ),
-        "node_up_again_s": _since(up_again, restarted),
-        "placement_restored_after_up_s": _since(restored, up_again) if up_again else None,
+        "node_up_again_s": seconds_since(up_again, restarted),
+        "placement_restored_after_up_s": seconds_since(restored, up_again) if up_again else None,
         **exactly_once(answers, frames),
     }
 
@@ -269,9 +119,9 @@ def _silenced(
     restored = obs.first(obs.plans, lambda t, p: t > restored_at and p.plan_id == base.plan_id)
     return {
         "scenario": what,
-        "pre_fault_p95_ms": _p95([p.latency_ms for _, p in answers if p.ts < silenced - 0.5]),
+        "pre_fault_p95_ms": p95_ms([p.latency_ms for _, p in answers if p.ts < silenced - 0.5]),
         "max_latency_while_silent_ms": round(max(during), 1) if during else None,
-        "full_answers_again_s": _since(
+        "full_answers_again_s": seconds_since(
             obs.first(
                 answers,
                 lambda t, p: (
@@ -280,8 +130,8 @@ def _silenced(
             ),
             silenced,
         ),  # fmt: skip
-        "will_offline_s": _since(offline, silenced),
-        "placement_restored_after_recovery_s": _since(restored, restored_at),
+        "will_offline_s": seconds_since(offline, silenced),
+        "placement_restored_after_recovery_s": seconds_since(restored, restored_at),
         **exactly_once(answers, frames),
     }
 
@@ -322,24 +172,13 @@ def scenario_failover(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
     answers = obs.of_camera("cam-failover")
     return {
         "scenario": "kill the answering aggregator and planner, then a node",
-        "standby_took_over_s": _since(taken, killed),
-        "full_answers_again_after_node_kill_s": _since(
+        "standby_took_over_s": seconds_since(taken, killed),
+        "full_answers_again_after_node_kill_s": seconds_since(
             obs.first(answers, lambda t, p: p.ts > node_killed + 0.05 and not p.degraded),
             node_killed,
         ),
         **exactly_once(answers, frames),
     }
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def scenario_soak(
@@ -365,7 +204,7 @@ def scenario_soak(
         samples.append({
             "t_s": round(now - started),
             "served_fps": round(len(recent) / window_s, 1),
-            "p95_ms": _p95([p.latency_ms for p in recent]),
+            "p95_ms": p95_ms([p.latency_ms for p in recent]),
             "rss_mb": {n: rss_mb(cf.fleet.processes[n].pid) for n in services},
         })  # fmt: skip
     for name in names:
@@ -385,6 +224,72 @@ def scenario_soak(
     }
 
 
+def scenario_hostile(
+    cf: ChaosFleet,
+    base: PlanMsg,
+    *,
+    payloads: int = 10_000,
+    seconds: float = 10.0,
+    seed: int = 0,
+    oversized: dict[PayloadKind, int] | None = None,
+) -> dict[str, Any]:
+    """`payloads` hostile payloads over `seconds` on every topic while a good camera
+    streams; then the fleet is stopped to read its final counters (the payloads, and who
+    must count each: edvit.fleet.chaos.fuzz)."""
+    nodes = [n for n in NODES if n in cf.fleet.processes]
+    aggregators = [n for n in cf.fleet.processes if n.startswith("agg")]
+    services = [*nodes, *aggregators]
+    generator = HostileGenerator(
+        cf.topics, base, aggregator=aggregators[0], seed=seed,
+        oversized=oversized,
+    )  # fmt: skip
+    hostiles = generator.make(payloads)
+    watch = CounterWatch(cf.topics, cf.broker.url)
+    fuzzer = MqttClient(unique_client_id("fuzz"), cf.broker.url)
+    fuzzer.start(required=True)
+    try:
+        time.sleep(0.5)  # the retained statuses arrive
+        baseline = {name: watch.counters(name) for name in services}
+        frames = int(cf.fps * (seconds + 4.0))
+        camera_start = time.time()
+        cf.camera(GOOD_CAMERA, frames)
+        deadline = time.monotonic() + 30
+        while not cf.observer.of_camera(GOOD_CAMERA) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rss = RssSampler({n: cf.fleet.processes[n].pid for n in services})
+        started = time.monotonic()
+        sent, failed = publish_spread(fuzzer, hostiles, seconds, cf.topics.prefix)
+        streamed_s = time.monotonic() - started
+        cf.wait_answers(GOOD_CAMERA, frames, 30)
+        rss.stop()
+        run_end = time.time()
+        alive = {n: cf.fleet.processes[n].poll() is None for n in services}
+        camera_exit = cf.fleet.processes[GOOD_CAMERA].poll()
+        with cf.observer.lock:
+            plans = [(t - camera_start, p) for t, p in cf.observer.plans if t >= camera_start]
+        # Only the good camera's own frames: its seqs, captured during this run (hostile
+        # frames on its topic are all refused, so this only guards the count).
+        answers = [
+            p for _, p in cf.observer.of_camera(GOOD_CAMERA)
+            if 0 <= p.seq < frames and camera_start - 1.0 <= p.ts <= run_end
+        ]  # fmt: skip
+        stopped_at = time.time() - 1.0
+        exit_codes = cf.fleet.stop()  # a clean stop publishes every service's counters
+        wait_until = time.monotonic() + 10
+        while time.monotonic() < wait_until and not all(
+            watch.offline_since(n, stopped_at) for n in services
+        ):
+            time.sleep(0.1)
+        final = {name: watch.counters(name) - baseline[name] for name in services}
+        final_read = {n: watch.offline_since(n, stopped_at) for n in services}
+    finally:
+        fuzzer.stop()
+        watch.stop()
+    run = HostileRun(services, nodes, sent, failed, streamed_s, frames, answers, rss, alive,
+                     camera_exit, exit_codes, final, final_read, plans, cf.log_dir)  # fmt: skip
+    return figures(run)
+
+
 SCENARIOS = {
     "kill": scenario_kill,
     "freeze": scenario_freeze,
@@ -392,13 +297,7 @@ SCENARIOS = {
     "failover": scenario_failover,
 }
 
-PARTITIONS = (
-    "broker-restart", "broker-crash", "aggregator-cut", "nodes-cut", "switch-cut",
-    "failover-broker", "cluster-switch",
-)  # fmt: skip
-# `--scenarios partitions` runs all of PARTITIONS (fleet/partitions.py).
-DEFAULT_SCENARIOS = ("kill", "freeze", "cut", "failover", "partitions", "hostile")
-SCENARIO_NAMES = (*SCENARIOS, *PARTITIONS, "partitions", "hostile", "soak")
+DEFAULT_SCENARIOS = tuple(DEFAULT_SCENARIO_NAMES)
 
 
 def run_chaos(
@@ -411,15 +310,6 @@ def run_chaos(
     soak_s: float = 600.0,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    from edvit.fleet.fuzz import scenario_hostile
-    from edvit.fleet.partitions import (
-        PARTITION_SCENARIOS,
-        SETUPS,
-        ClusterChaosFleet,
-        Setup,
-        expectations,
-    )
-
     runners = {
         **SCENARIOS,
         **PARTITION_SCENARIOS,

@@ -1,6 +1,6 @@
 """Messages per second through one `MqttClient` publisher and one subscriber on a local
 mosquitto, over MQTT 3.1.1 and MQTT 5 (frames carry their expiry property over MQTT 5):
-what the protocol costs paho. `python benchmarks/mqtt_rate.py [--messages 30000]`."""
+what the protocol costs paho. `python -m edvit.fleet.bench.mqtt_rate [--messages 30000]`."""
 
 from __future__ import annotations
 

@@ -20,17 +20,17 @@ from tempfile import mkdtemp
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
-from edvit.fleet.bench import (
+from edvit.fleet.bench.common import (
     WARMUP_S,
-    _generate,
-    _percentile,
-    _test_split,
-    _write_json,
     format_table,
     frame_samples,
+    generate_load,
+    load_test_split,
+    percentile,
+    write_json,
 )
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import PredictionMsg, decode
 from edvit.topics import Topics
@@ -81,7 +81,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, nodes: list[str], replicas: int
     topics = Topics(f"bench-scale-{replicas}r-{shards}s-{os.getpid()}")
     plan = deploy(bundle, broker.url, nodes=nodes, topics=topics, replicas=replicas)
     predictions = _Predictions()
-    samples = frame_samples(_test_split(bundle))
+    samples = frame_samples(load_test_split(bundle))
     with LocalFleet(broker.url, log_dir / topics.prefix, topics) as fleet:
         for node in plan.assignments:
             fleet.spawn(node, "node", "--id", node)
@@ -93,7 +93,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, nodes: list[str], replicas: int
         probe.start(required=True)
         stop = multiprocessing.get_context("fork").Event()
         generator = multiprocessing.get_context("fork").Process(
-            target=_generate, args=(broker.url, topics.prefix, cameras, fps, [samples], stop)
+            target=generate_load, args=(broker.url, topics.prefix, cameras, fps, [samples], stop)
         )
         try:
             fleet.wait_ready(plan, timeout=120)
@@ -121,8 +121,8 @@ def run_one(broker: LocalBroker, bundle: Bundle, nodes: list[str], replicas: int
         served_fps=round(served / elapsed, 1),
         degraded_pct=round(100.0 * (after[1] - before[1]) / max(1, served), 1),
         answered_twice=after[2],
-        p50_ms=_percentile(latencies, 50),
-        p95_ms=_percentile(latencies, 95),
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
     )
 
 
@@ -146,7 +146,7 @@ def bench_scale(bundle_dir: Path, nodes: list[str], replicas: list[int], shards:
     print(format_table([asdict(r) for r in results], COLUMNS))
     machine = f"{os.cpu_count()} CPUs; every process on this machine; logs in {log_dir}"
     print(machine)
-    _write_json(
+    write_json(
         json_out,
         {"machine": machine, "nodes": nodes, "cameras": cameras, "fps_per_camera": fps,
          "seconds": seconds, "results": [asdict(r) for r in results]},

@@ -32,9 +32,9 @@ from typing import Any
 from edvit.broker.nats_cluster import NatsCluster, nats_server_path
 from edvit.bundle import Bundle
 from edvit.errors import ConfigError
-from edvit.fleet.chaos import NODES, ChaosFleet
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
+from edvit.fleet.chaos.harness import NODES, ChaosFleet
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.schemas import PlanMsg, PredictionMsg
 

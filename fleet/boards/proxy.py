@@ -1,7 +1,7 @@
 """A TCP proxy whose link can be cut: what a Wi-Fi drop looks like to the broker and the
 board (no FIN, no RST: bytes just stop), for the chaos bench and the tests. `tc netem` is
 not available everywhere, so this is done in user space, and so is the added latency of an
-emulated board's link (`edvit fleet up`, fleet/boards.py): each direction's bytes are held
+emulated board's link (`edvit fleet up`, fleet/boards/boards.py): each direction's bytes are held
 `delay_ms` before they are forwarded.
 
 Each direction of a connection has its own reader and writer thread with a bounded queue

@@ -7,12 +7,20 @@ it names already retained on the broker. With a signing key the plan is signed
 
 from __future__ import annotations
 
+import argparse
 import logging
 import threading
 import time
 from collections.abc import Callable
 
 from edvit.bundle import Bundle
+from edvit.command import (
+    connection,
+    plan_keys,
+    positive_float,
+    positive_int,
+    sign_key_option,
+)
 from edvit.errors import ConfigError
 from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.schemas import (
@@ -29,7 +37,7 @@ from edvit.schemas import (
 from edvit.signing import SigningKey
 from edvit.topics import Topics, validate_id
 
-log = logging.getLogger("edvit.fleet.deploy")
+log = logging.getLogger("edvit.fleet.ops.deploy")
 
 
 def default_nodes(bundle: Bundle) -> list[str]:
@@ -131,7 +139,7 @@ def bundle_assignments(bundle: Bundle, nodes: list[str] | None) -> dict[str, tup
     ids = [s.id for s in bundle.manifest.submodels]
     if nodes:
         return round_robin(ids, nodes)
-    from edvit.fleet.plan import read_assignment  # torch-free
+    from edvit.placement.plan import read_assignment  # torch-free
 
     placed = read_assignment(bundle)
     if placed is not None:
@@ -274,3 +282,50 @@ def clear(bundle: Bundle, broker: str | Connection, topics: Topics | None = None
             client.publish_and_wait(topics.model(model_id), b"", qos=1, retain=True)
     finally:
         client.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle folder written by `edvit build`")
+    parser.add_argument(
+        "--nodes",
+        help="comma-separated node ids, sub-models round-robin (default: the bundle's "
+        "assignment.json, else node-0..node-N-1)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1,
+        help="nodes per share (default 1): NODE-r1, NODE-r2, ... get NODE's sub-models and "
+        "split its frames through shared subscriptions (README, \"Scale-out\")",
+    )  # fmt: skip
+    parser.add_argument(
+        "--wait-nodes", type=positive_int, metavar="N",
+        help="wait until N nodes have announced themselves (a retained status that is not "
+        "offline), then place the sub-models round-robin over every node announced by then "
+        "(nodes beyond the sub-model count become replicas); for nodes started with "
+        "`--id auto` (compose's `--scale node=N`)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--wait-timeout", type=positive_float, default=120.0, metavar="S",
+        help="give up waiting for the nodes after S seconds (default 120)",
+    )  # fmt: skip
+    parser.add_argument("--clear", action="store_true", help="remove the plan and models instead")
+    sign_key_option(parser, "sign the plan (it pins every model by sha256) with this Ed25519 key")
+
+
+def run(args: argparse.Namespace) -> int:
+    bundle = Bundle.load(args.bundle)
+    topics = Topics(args.prefix)
+    if args.clear:
+        clear(bundle, connection(args), topics)
+        print(f"cleared the plan and models of {args.bundle} from {args.broker}")
+        return 0
+    nodes = [n.strip() for n in args.nodes.split(",")] if args.nodes else None
+    sign_key = plan_keys(args)[1]
+    plan = deploy(
+        bundle, connection(args), nodes, topics, sign_key=sign_key, replicas=args.replicas,
+        wait_nodes=args.wait_nodes, wait_timeout=args.wait_timeout,
+    )  # fmt: skip
+    signed = f", signed by key {sign_key.key_id}" if sign_key is not None else ""
+    print(f"deployed plan {plan.plan_id} to {args.broker}{signed}")
+    for node, ids in plan.assignments.items():
+        print(f"  {node}: {', '.join(ids) or '(nothing)'}")
+    return 0

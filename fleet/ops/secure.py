@@ -45,7 +45,7 @@ from edvit.errors import ConfigError
 from edvit.mqtt import Connection
 from edvit.topics import DEFAULT_HA_PREFIX, Topics
 
-log = logging.getLogger("edvit.fleet.secure")
+log = logging.getLogger("edvit.fleet.ops.secure")
 
 FIXED_IDENTITIES = ("deploy", "aggregator", "dashboard")
 DEFAULT_TLS_PORT = 8883
@@ -111,7 +111,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
     # The aggregator follows the plan and fusion model, every node's status and feature, the
     # serving aggregator's status and lease, and predictions (a standby learns of answers);
     # it publishes predictions, its statuses, the lease, and - its planner - the fleet
-    # health and a re-placed plan when nodes go down (fleet/planner.py); with
+    # health and a re-placed plan when nodes go down (aggregator/planner.py); with
     # --ha-discovery, Home Assistant discovery configs (outside the prefix, write only).
     out += section(
         "aggregator",

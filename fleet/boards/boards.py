@@ -4,7 +4,7 @@ Each board is a node process in its own network namespace, joined to the host (w
 broker runs) by a veth pair in a private /30, with a `tc tbf` rate limit on both ends of
 the link, a CPU quota and a memory limit (a cgroup), and a one-way delay each way added by
 a user-space proxy in front of the broker (`tc netem` is not in every kernel): the node
-talks to `mqtt://HOST_SIDE_IP:PROXY_PORT`, the proxy forwards to the broker. fleet/emulation.py
+talks to `mqtt://HOST_SIDE_IP:PROXY_PORT`, the proxy forwards to the broker. emulation.py
 makes the kernel parts.
 
 BOARDS.yaml::
@@ -38,8 +38,9 @@ import yaml
 
 from edvit.broker.local import find_free_port, wait_for_port
 from edvit.errors import ConfigError, EdvitError
-from edvit.fleet import emulation
-from edvit.fleet.emulation import Link
+from edvit.fleet.boards import emulation
+from edvit.fleet.boards.emulation import Link
+from edvit.process import cpu_seconds, rss_mb
 from edvit.topics import Topics, validate_id
 
 DEFAULT_RUN_DIR = Path("/tmp/edvit-fleet")
@@ -446,28 +447,6 @@ def down(run_dir: Path = DEFAULT_RUN_DIR) -> list[str]:
     return [b.spec.id for b in state.boards]
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int | None, key: str = "VmRSS") -> float | None:
-    """A process's resident memory now (VmRSS) or at its peak (VmHWM), MB."""
-    if pid is None:
-        return None
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024.0
-    return None
-
-
 def board_status(board: BoardState) -> dict[str, Any]:
     folders = [Path(f) for f in board.cgroups]
     peak = emulation.memory_peak_mb(folders) if all(f.exists() for f in folders) else None
@@ -485,7 +464,7 @@ def board_status(board: BoardState) -> dict[str, Any]:
         "node_alive": alive(board.node_pid),
         "proxy_alive": alive(board.proxy_pid),
         "rss_mb": rss_mb(board.node_pid),
-        "cpu_s": _cpu_seconds(board.node_pid) if board.node_pid else None,
+        "cpu_s": cpu_seconds(board.node_pid),
         "cgroup_peak_mb": peak,
         "oom_kills": emulation.oom_kills(folders) if all(f.exists() for f in folders) else None,
         "throttled": emulation.throttled(folders) if all(f.exists() for f in folders) else None,
@@ -524,7 +503,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
 
 def serve_proxy(listen: str, target: str, delay_ms: float) -> None:
     """`edvit fleet proxy`: a board's link proxy, in the foreground until interrupted."""
-    from edvit.fleet.proxy import CuttableProxy
+    from edvit.fleet.boards.proxy import CuttableProxy
 
     listen_host, listen_port = listen.rsplit(":", 1)
     target_host, target_port = target.rsplit(":", 1)

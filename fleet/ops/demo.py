@@ -3,10 +3,12 @@ as separate processes on this machine; live predictions and a summary at the end
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import queue
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,18 +19,18 @@ import numpy as np
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import REPORT_NAME, Bundle
-from edvit.datasets import load_dataset
+from edvit.command import positive_float, positive_int
 from edvit.errors import ConfigError
-from edvit.fleet import secure
-from edvit.fleet.deploy import bundle_assignments, deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream, format_prediction
+from edvit.fleet.ops import secure
+from edvit.fleet.ops.deploy import bundle_assignments, deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream, format_prediction
 from edvit.mqtt import Connection
 from edvit.schemas import STAGES, PredictionMsg
 
-log = logging.getLogger("edvit.fleet.demo")
+log = logging.getLogger("edvit.fleet.ops.demo")
 
-DEFAULT_BUNDLE = Path(__file__).parent / "bundles" / "fashion-mnist-3"
+DEFAULT_BUNDLE = Path(__file__).parents[1] / "bundles" / "fashion-mnist-3"
 CAMERA_ID = "cam0"
 
 
@@ -151,6 +153,9 @@ def run_demo(
             f"no bundle at {bundle_dir}; build one with "
             "`edvit build --dataset fashion-mnist --num-devices 3 --out DIR` and pass --bundle DIR"
         )
+    # Imported here: the datasets bring cv2, which the CLI does not load to build its parser.
+    from edvit.datasets import load_dataset
+
     bundle = Bundle.load(bundle_dir)
     manifest = bundle.manifest
     # A missing dataset fails here, with its fix, rather than inside the camera process.
@@ -217,3 +222,61 @@ def compare(summaries: list[Summary]) -> str:
         )  # fmt: skip
         lines.append(f"{s.transport:<9}  {s.frames_sent:6d}  {s.unique_frames:8d}  {p50}  {p95}")
     return "\n".join(lines)
+
+
+def bundle_option(parser: argparse.ArgumentParser) -> None:
+    """--bundle, for the commands that default to the shipped bundle (see bundle_path)."""
+    parser.add_argument(
+        "--bundle", help="bundle folder (default: the shipped Fashion-MNIST bundle)"
+    )
+
+
+def bundle_path(bundle: str | None) -> Path:
+    """The --bundle given, else the shipped Fashion-MNIST bundle."""
+    return Path(bundle) if bundle else DEFAULT_BUNDLE
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    bundle_option(parser)
+    parser.add_argument("--frames", type=positive_int, default=200)
+    parser.add_argument("--fps", type=positive_float, default=25.0)
+    parser.add_argument("--broker-kind", choices=["auto", "mosquitto", "embedded"], default="auto")
+    parser.add_argument("--log-dir", help="where the processes' logs go (default a temp folder)")
+    parser.add_argument(
+        "--secure", action="store_true",
+        help="over TLS, each process with its own account and the ACL (a fresh `secure init` "
+        "in the log folder; needs mosquitto)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare-plain", action="store_true",
+        help="with --secure: run the same frames over plain MQTT first and compare latencies",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timings", action="store_true", help="show each prediction's ms per stage"
+    )
+    parser.set_defaults(log_level="WARNING")  # the demo's own output is the story; logs go to files
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare_plain and not args.secure:
+        raise ConfigError("--compare-plain compares a --secure run with a plain one: add --secure")
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    runs = [False, True] if args.compare_plain else [args.secure]
+    summaries = [
+        run_demo(
+            bundle_path(args.bundle),
+            frames=args.frames,
+            fps=args.fps,
+            broker_kind=args.broker_kind,
+            log_dir=log_dir / ("tls" if tls else "plain") if log_dir and len(runs) > 1 else log_dir,
+            tls=tls,
+            timings=args.timings,
+        )  # fmt: skip
+        for tls in runs
+    ]
+    if len(summaries) > 1:
+        print(compare(summaries))
+    complete = all(s.unique_frames == len(s.predictions) == s.frames_sent for s in summaries)
+    if not complete:
+        print("edvit demo: not every frame got exactly one prediction", file=sys.stderr)
+    return 0 if complete else 1

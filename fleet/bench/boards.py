@@ -3,7 +3,7 @@
 The original model served whole on ONE emulated board (the monolithic bundle, as in
 `bench e2e`) against the split bundle on N emulated boards of the same type, one sub-model
 each (N = the bundle's sub-model count), every board made by `edvit fleet up`'s code
-(fleet/boards.py): its own network namespace, CPU quota, memory limit, rate-limited and
+(fleet/boards/boards.py): its own network namespace, CPU quota, memory limit, rate-limited and
 delayed link. The broker, the aggregator and the cameras run on the host, unshaped.
 
 Per pipeline: latency (p50/p95, capture to prediction) with one camera at a rate every
@@ -15,7 +15,6 @@ fits the board: a node the memory limit kills is reported as "does not fit".
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import sys
 import tempfile
@@ -28,13 +27,23 @@ from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError, EdvitError
-from edvit.fleet import boards, emulation
-from edvit.fleet.bench import Sample, _generate, frame_samples
-from edvit.fleet.bench_e2e import ONNX_MISSING, MakeMonolithic, _collect, _percentile, _warm_up
-from edvit.fleet.boards import BoardOutOfMemory, BoardSpec, FleetSpec, RunState
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.bench.common import (
+    ONNX_MISSING,
+    MakeMonolithic,
+    Sample,
+    collect_predictions,
+    frame_samples,
+    generate_load,
+    percentile,
+    warm_up,
+    write_json,
+)
+from edvit.fleet.boards import boards, emulation
+from edvit.fleet.boards.boards import BoardOutOfMemory, BoardSpec, FleetSpec, RunState
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
+from edvit.process import rss_mb
 from edvit.schemas import PredictionMsg
 from edvit.topics import Topics
 
@@ -77,7 +86,7 @@ def _camera_run(broker_url: str, topics: Topics, cameras: int, fps: float, secon
     stop = context.Event()
     sent: Synchronized[int] = context.Value("i", 0)
     generator = context.Process(
-        target=_generate, args=(broker_url, topics.prefix, cameras, fps, [samples], stop, sent)
+        target=generate_load, args=(broker_url, topics.prefix, cameras, fps, [samples], stop, sent)
     )
     generator.start()
     try:
@@ -85,7 +94,7 @@ def _camera_run(broker_url: str, topics: Topics, cameras: int, fps: float, secon
     finally:
         stop.set()
         generator.join(timeout=10)
-    return sent.value, _collect(stream, sent.value, fleet)
+    return sent.value, collect_predictions(stream, sent.value, fleet)
 
 
 def _model_mb(bundle: Bundle, submodel_ids: tuple[str, ...]) -> float:
@@ -119,7 +128,7 @@ def run_pipeline(pipeline: str, bundle: Bundle, board: BoardSpec, broker: LocalB
                         boards.check_board(b)
 
                 fleet.wait_ready(plan, timeout=90, check=check)
-                _warm_up(broker.url, topics, samples, stream, fleet)
+                warm_up(broker.url, topics, samples, stream, fleet)
                 sent, predictions = _camera_run(
                     broker.url, topics, 1, fps, seconds, samples, stream, fleet
                 )
@@ -127,8 +136,8 @@ def run_pipeline(pipeline: str, bundle: Bundle, board: BoardSpec, broker: LocalB
                 latencies = [p.latency_ms for p in predictions]
                 result.sent, result.answered = sent, len({p.seq for p in predictions})
                 result.p50_ms, result.p95_ms = (
-                    _percentile(latencies, 50),
-                    _percentile(latencies, 95),
+                    percentile(latencies, 50),
+                    percentile(latencies, 95),
                 )
                 cpu_before = {b.spec.id: boards.board_status(b)["cpu_s"] for b in state.boards}
                 started = time.monotonic()
@@ -148,7 +157,7 @@ def run_pipeline(pipeline: str, bundle: Bundle, board: BoardSpec, broker: LocalB
                     peak = row["cgroup_peak_mb"]
                     result.per_board.append(BoardResult(
                         id=b.spec.id, model_mb=_model_mb(bundle, plan.assignments[b.spec.id]),
-                        peak_rss_mb=_round(boards.rss_mb(b.node_pid, "VmHWM")),
+                        peak_rss_mb=_round(rss_mb(b.node_pid, "VmHWM")),
                         cgroup_peak_mb=_round(peak), cpu_cores=round(used / elapsed, 3),
                         cpu_quota=b.spec.cpu,
                     ))  # fmt: skip
@@ -236,6 +245,5 @@ def bench_boards(bundle_dir: Path, board: BoardSpec, fps: float, saturate_fps: f
         "monolithic_skipped": skipped,
         "runs": [asdict(r) for r in results],
     }
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(json_out, report)
     return report

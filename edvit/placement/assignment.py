@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from edvit.errors import ConfigError
-from edvit.fleet.devices import Device, Inventory
+from edvit.placement.devices import Device, Inventory
 
 # Above these sizes exact_assign refuses: the search is exponential (devices ** items).
 MAX_EXACT_ITEMS = 10

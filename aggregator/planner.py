@@ -12,7 +12,7 @@ asks the aggregator which nodes say they serve but send nothing (frozen, cut off
   A node that was dropped must stay live for `hold_off_s` before it gets work again, so a
   flapping node does not flap the plan.
 - Sub-models of nodes that are not live are placed on live nodes with memory left, using
-  the placement code (edvit.fleet.assignment), largest first; where a moved sub-model
+  the placement code (edvit.placement.assignment), largest first; where a moved sub-model
   already runs on a live node it stays there; one that a live replica (a node the deployed
   plan gave the same sub-models) still runs is not moved. What fits nowhere stays unplaced: answers
   lack it (degraded), and the fleet health message says so.
@@ -47,9 +47,9 @@ import time
 from collections.abc import Callable
 
 from edvit.errors import ConfigError
-from edvit.fleet.assignment import Item, assign
-from edvit.fleet.devices import Device, Inventory
 from edvit.mqtt import Transport
+from edvit.placement.assignment import Item, assign
+from edvit.placement.devices import Device, Inventory
 from edvit.schemas import HealthMsg, PlanMsg, StatusMsg, decode, encode, plan_id_for, supersedes
 from edvit.service import Worker
 from edvit.signing import PlanSignatureError, SigningKey, TrustKey

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from starlette.applications import Starlette
 
-log = logging.getLogger("edvit.fleet.dashboard")
+log = logging.getLogger("edvit.fleet.dashboard.app")
 
 WEB_EXTRA_HINT = "edvit dashboard needs starlette and uvicorn: pip install edvit[dashboard]"
 DEFAULT_WINDOW = 200  # predictions the rates, histogram and stage latencies are computed over
@@ -436,7 +436,7 @@ def create_app(dashboard: Dashboard) -> Starlette:
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    static = StaticFiles(packages=[("edvit.fleet", "dashboard_static")])
+    static = StaticFiles(packages=[("edvit.fleet.dashboard", "static")])
 
     async def index(_request: Request) -> Response:
         path, _stat = static.lookup_path("index.html")

@@ -1,4 +1,4 @@
-"""The kernel side of emulated boards (`edvit fleet up`, fleet/boards.py): a network
+"""The kernel side of emulated boards (`edvit fleet up`, boards.py): a network
 namespace per board joined to the host by a veth pair, a `tc tbf` rate limit on both ends,
 and a cgroup with a CPU quota and a memory limit (v1 or v2, whichever is mounted).
 

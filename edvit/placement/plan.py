@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edvit.bundle import ASSIGNMENT_NAME, Bundle
 from edvit.errors import ConfigError
-from edvit.fleet.assignment import Assignment, Item, assign
-from edvit.fleet.devices import Device, Inventory, load_inventory
 from edvit.inference import measure_latency_ms
+from edvit.placement.assignment import Assignment, Item, assign
+from edvit.placement.devices import Device, Inventory, load_inventory
 
 BYTES_PER_MB = 1_000_000
 

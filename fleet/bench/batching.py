@@ -21,46 +21,46 @@ one thread, batch 1).
 
 from __future__ import annotations
 
-import itertools
 import json
 import multiprocessing
-import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from multiprocessing.sharedctypes import Synchronized
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
 
-import cv2
 import msgpack
 import numpy as np
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
-from edvit.datasets import Dataset, load_dataset
-from edvit.errors import ConfigError
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
+from edvit.errors import ConfigError, EdvitError
+from edvit.fleet.bench.common import (
+    SAMPLE_IMAGES,
+    WARMUP_S,
+    CameraMix,
+    Sample,
+    camera_message,
+    format_table,
+    frame_samples,
+    generate_load,
+    load_test_split,
+    percentile,
+    write_json,
+)
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
 from edvit.inference import make_session
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.preprocess import dataset_to_model_input, decode_frame, to_model_input
-from edvit.schemas import FrameMsg, TokensMsg, encode
+from edvit.process import cpu_seconds, rss_mb
+from edvit.schemas import FrameMsg
 from edvit.topics import Topics
 
 NODE_ID = "bench-node"
-WARMUP_S = 2.0
-SAMPLE_IMAGES = 64
-
-# What the generator sends: ("frame", png bytes, label) or ("tokens", tokens, block, label).
-Sample = tuple
-# What each camera sends: camera i replays mix[i % len(mix)]; one list for all cameras, or one
-# per entry block to load a node with requests that enter at different blocks.
-CameraMix = list[list[Sample]]
 
 
 @dataclass(frozen=True)
@@ -109,25 +109,12 @@ class _Collector:
                 self.infer_ms.append(msg["infer_ms"] / msg["batch"])
 
 
-def _test_split(bundle: Bundle) -> Dataset:
-    return load_dataset(bundle.manifest.dataset, "test")
-
-
-def frame_samples(test: Dataset) -> list[Sample]:
-    samples = []
-    for image, label in zip(test.images[:SAMPLE_IMAGES], test.labels[:SAMPLE_IMAGES], strict=True):
-        ok, png = cv2.imencode(".png", image if image.ndim == 2 else image[..., ::-1])
-        assert ok
-        samples.append(("frame", png.tobytes(), int(label)))
-    return samples
-
-
 def samples_by_entry(bundle: Bundle) -> CameraMix:
     """What a camera sends with J = 0..K head slices: frames, then the tokens after each stem
     block (computed here, up front, one block at a time)."""
     stem = bundle.manifest.stem
     assert stem is not None
-    test = _test_split(bundle)
+    test = load_test_split(bundle)
     labels = [int(label) for label in test.labels[:SAMPLE_IMAGES]]
     images = dataset_to_model_input(test.images[:SAMPLE_IMAGES], bundle.manifest.preprocessing)
     tokens = make_session(bundle.path(stem.embed)).run([TOKENS_OUTPUT], {IMAGE_INPUT: images})[0]
@@ -141,64 +128,6 @@ def samples_by_entry(bundle: Bundle) -> CameraMix:
     return by_entry
 
 
-def _message(sample: Sample, camera: str, seq: int, topics: Topics) -> tuple[str, bytes]:
-    ts = time.time()
-    if sample[0] == "frame":
-        _, data, label = sample
-        frame = FrameMsg(camera=camera, seq=seq, ts=ts, enc="png", data=data, label=label)
-        return topics.frame(camera), encode(frame)
-    _, tokens, block, label = sample
-    message = TokensMsg(camera=camera, seq=seq, ts=ts, block=block, dtype="float32",
-                        shape=tokens.shape, data=tokens.tobytes(), label=label)  # fmt: skip
-    return topics.tokens(camera), encode(message)
-
-
-def _generate(broker_url: str, prefix: str, cameras: int, fps: float, mix: CameraMix,
-              stop: EventType, sent: Synchronized[int] | None = None) -> None:  # fmt: skip
-    """Runs in its own process; cameras are not synchronised, so their messages are spread
-    evenly over each period. `sent`, when given, counts the messages published so far."""
-    topics = Topics(prefix)
-    client = MqttClient(unique_client_id("bench-cams"), broker_url)
-    client.start(required=True)
-    step = 1.0 / (fps * cameras)
-    next_at = time.monotonic()
-    try:
-        for tick in itertools.count():
-            if stop.is_set():
-                return
-            camera, seq = tick % cameras, tick // cameras
-            samples = mix[camera % len(mix)]
-            topic, payload = _message(samples[seq % len(samples)], f"cam{camera}", seq, topics)
-            client.publish(topic, payload)
-            if sent is not None:
-                sent.value = tick + 1
-            next_at += step
-            delay = next_at - time.monotonic()
-            if delay > 0.0005:
-                stop.wait(delay)
-            elif delay < -0.1:
-                next_at = time.monotonic()  # far behind: do not burst to catch up
-    finally:
-        client.stop()
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 2) if values else float("nan")
-
-
 def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: int, fps: float,
             seconds: float, mix: CameraMix, log_dir: Path) -> Result:  # fmt: skip
     entries = {samples[0][2] if samples[0][0] == "tokens" else 0 for samples in mix}
@@ -210,7 +139,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
     collector = _Collector(len(plan.submodels))
     sent = [mix[camera % len(mix)] for camera in range(cameras)]
     payload_bytes = statistics.fmean(
-        len(_message(s, "cam0", 0, topics)[1]) for samples in sent for s in samples
+        len(camera_message(s, "cam0", 0, topics)[1]) for samples in sent for s in samples
     )  # fmt: skip
     with LocalFleet(broker.url, log_dir / topics.prefix, topics) as fleet:
         node = fleet.spawn(NODE_ID, "node", "--id", NODE_ID, *config.node_args)
@@ -219,7 +148,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
         probe.start(required=True)
         stop = multiprocessing.get_context("fork").Event()
         generator = multiprocessing.get_context("fork").Process(
-            target=_generate, args=(broker.url, topics.prefix, cameras, fps, mix, stop)
+            target=generate_load, args=(broker.url, topics.prefix, cameras, fps, mix, stop)
         )
         try:
             fleet.wait_ready(plan, timeout=60, include_aggregator=False)  # no aggregator here
@@ -227,14 +156,17 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
             time.sleep(WARMUP_S)
             with collector.lock:
                 start_count, batches_before = len(collector.done), len(collector.batches)
-            started, cpu_before = time.monotonic(), _cpu_seconds(node.pid)
+            started, cpu_before = time.monotonic(), cpu_seconds(node.pid)
             time.sleep(seconds)
             with collector.lock:
                 latencies = collector.done[start_count:]
                 infer_ms = collector.infer_ms[start_count:]
                 batches = collector.batches[batches_before:]
-            elapsed, node_cpu = time.monotonic() - started, _cpu_seconds(node.pid) - cpu_before
-            rss = _rss_mb(node.pid)
+            elapsed = time.monotonic() - started
+            cpu_after, rss = cpu_seconds(node.pid), rss_mb(node.pid)
+            if cpu_before is None or cpu_after is None or rss is None:
+                raise EdvitError(f"{NODE_ID} exited during the run: {fleet.log_path(NODE_ID)}")
+            node_cpu = cpu_after - cpu_before
         finally:
             stop.set()
             if generator.is_alive():
@@ -247,8 +179,8 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
         head_slices=head_slices,
         offered_fps=cameras * fps,
         served_fps=round(served / elapsed, 1),
-        p50_ms=_percentile(latencies, 50),
-        p95_ms=_percentile(latencies, 95),
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
         mean_batch=round(statistics.fmean(batches), 2) if batches else float("nan"),
         bytes_per_frame=round(payload_bytes, 1),
         node_cpu_ms_per_frame=round(1000.0 * node_cpu / max(1, served), 3),
@@ -286,14 +218,6 @@ COLUMNS = ("config", "cameras", "head_slices", "offered_fps", "served_fps", "p50
            "node_rss_mb", "model_mb")  # fmt: skip
 
 
-def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
-    for row in rows:
-        cells = (f"{row[c]:g}" if isinstance(row[c], float | int) else str(row[c]) for c in columns)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def format_results(results: list[Result]) -> str:
     rows = [asdict(r) | {"head_slices": "mixed" if r.head_slices is None else r.head_slices}
             for r in results]  # fmt: skip
@@ -321,18 +245,13 @@ def _least_cpu_run(runs: list[Result]) -> Result:
     return min(runs, key=lambda r: r.node_cpu_ms_per_frame)
 
 
-def _write_json(path: Path | None, report: dict) -> None:
-    if path:
-        path.write_text(json.dumps(report, indent=2) + "\n")
-
-
 def bench_batching(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
                    json_out: Path | None = None) -> list[Result]:  # fmt: skip
     bundle = Bundle.load(bundle_dir)
-    samples = frame_samples(_test_split(bundle))
+    samples = frame_samples(load_test_split(bundle))
     runs = [(config, k, fps, [samples]) for k in cameras for config in batching_configs(bundle)]
     results = _run_all(bundle, runs, seconds)
-    _write_json(json_out, {"runs": [asdict(r) for r in results]})
+    write_json(json_out, {"runs": [asdict(r) for r in results]})
     return results
 
 
@@ -363,7 +282,7 @@ def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
     print("\nnode CPU saved against J = 0, beside the work moved to the camera "
           "(proportional = factor x moved, one factor per strategy):")  # fmt: skip
     print(format_table(proportion, PROPORTION_COLUMNS))
-    _write_json(json_out, {"runs": [asdict(r) for r in results], "slice_ms": slices,
+    write_json(json_out, {"runs": [asdict(r) for r in results], "slice_ms": slices,
                            "proportion": proportion, "rounds": rounds,
                            "every_run": [asdict(r) for r in every_run]})  # fmt: skip
     return results
@@ -417,7 +336,7 @@ def cpu_saved_against_work_moved(results: list[Result], slice_ms: dict[str, floa
     Proportional means saved = c * moved with one factor c per strategy for every J (c > 1
     when the loaded node runs each step slower than a process alone on the machine): c is
     fitted by least squares through the origin, `proportional_ms` = c * moved, and
-    `deviation` = saved / proportional - 1 (the bar: within +-0.2 for every J)."""
+    `deviation` = saved / proportional - 1 (proportional: within +-0.2 for every J)."""
     at_zero = {r.config: r.node_cpu_ms_per_frame for r in results if r.head_slices == 0}
     points: dict[str, list[tuple[int, float, float]]] = {}
     for r in results:

@@ -10,36 +10,41 @@ Then simulated cameras (at several counts, a fixed rate each) go through two rea
 that broker, each a process per service: the split fleet (one node per sub-model and the
 aggregator, as `edvit demo` runs it) and the monolithic baseline (the original served whole
 by one node, through the same aggregator, from a bundle made in a temp folder by
-edvit.models.monolithic, which cli.py passes in: onnx is imported in models/ only). Per
+edvit.models.monolithic, which edvit/cli.py passes in: onnx is imported in models/ only). Per
 run: frames sent and answered, p50/p95 latency (capture to prediction), the floor, and the
 median of every stage of the predictions' `timings` next to that stage's part of the floor.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import queue
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import BrokerError, ConfigError, EdvitError
-from edvit.fleet.bench import Sample, _generate, _message, frame_samples
-from edvit.fleet.deploy import deploy
-from edvit.fleet.local import LocalFleet
-from edvit.fleet.watch import PredictionStream
+from edvit.fleet.bench.common import (
+    ONNX_MISSING,
+    MakeMonolithic,
+    Sample,
+    collect_predictions,
+    frame_samples,
+    generate_load,
+    percentile,
+    warm_up,
+    write_json,
+)
+from edvit.fleet.ops.deploy import deploy
+from edvit.fleet.ops.local import LocalFleet
+from edvit.fleet.ops.watch import PredictionStream
 from edvit.inference import measure_latency_ms
 from edvit.mqtt import MqttClient, unique_client_id
 from edvit.preprocess import decode_frame, to_model_input
@@ -50,20 +55,12 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
 PIPELINES = ("split", "monolithic")
-# Makes the monolithic bundle from a bundle, in a folder (edvit.models.monolithic: onnx lives
-# in models/, so cli.py passes it in).
-MakeMonolithic = Callable[[Bundle, Path], Bundle]
-ONNX_MISSING = "the onnx package is not installed (pip install onnx, or the build extra)"
 HOP_MESSAGES = 300
 HOP_WARMUP = 20  # messages before the subscription surely holds and the path is warm
 HOP_SPACING_S = 0.002  # apart, so no message queues behind the one before
 DECODE_REPEATS = 5  # passes over the sample frames
 MODEL_RUNS = 200
 IDLE_RUNS = 30  # runs of each part of the floor at a camera's rate
-WARMUP_FRAMES = 5  # per run, before the cameras start: first ONNX Runtime calls are slow
-WARMUP_CAMERA = "warmup"
-QUIET_S = 3.0  # after the cameras stop, give up once no prediction came for this long
-DRAIN_S = 20.0  # and in any case after this long
 
 
 @dataclass(frozen=True)
@@ -222,58 +219,6 @@ def measure_floor(
 # -- one pipeline run -----------------------------------------------------------------------
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 2) if values else float("nan")
-
-
-def _warm_up(broker_url: str, topics: Topics, samples: list[Sample], stream: PredictionStream,
-             fleet: LocalFleet) -> None:  # fmt: skip
-    """A few frames through the whole fleet before the cameras start, answered and dropped."""
-    client = MqttClient(unique_client_id("e2e-warmup"), broker_url)
-    client.start(required=True)
-    try:
-        for seq in range(WARMUP_FRAMES):
-            client.publish(*_message(samples[seq % len(samples)], WARMUP_CAMERA, seq, topics))
-            time.sleep(0.05)
-    finally:
-        client.stop()
-    answered: set[int] = set()
-    deadline = time.monotonic() + 30.0
-    while len(answered) < WARMUP_FRAMES and time.monotonic() < deadline:
-        fleet.check_alive()
-        try:
-            answered.add(stream.queue.get(timeout=0.25).seq)
-        except queue.Empty:
-            continue
-    if len(answered) < WARMUP_FRAMES:
-        raise EdvitError(f"the fleet answered {len(answered)} of {WARMUP_FRAMES} warm-up frames")
-
-
-def _collect(stream: PredictionStream, sent: int, fleet: LocalFleet) -> list[PredictionMsg]:
-    """Predictions of the cameras' frames: every one there is, or what came until the fleet
-    went quiet."""
-    predictions: list[PredictionMsg] = []
-    frames: set[tuple[str, int]] = set()
-    deadline, last = time.monotonic() + DRAIN_S, time.monotonic()
-    while len(frames) < sent and time.monotonic() < deadline and time.monotonic() - last < QUIET_S:
-        fleet.check_alive()
-        try:
-            prediction = stream.queue.get(timeout=0.25)
-        except queue.Empty:
-            continue
-        last = time.monotonic()
-        if prediction.camera != WARMUP_CAMERA:
-            predictions.append(prediction)
-            frames.add((prediction.camera, prediction.seq))
-    while True:  # whatever else already arrived
-        try:
-            prediction = stream.queue.get_nowait()
-        except queue.Empty:
-            return predictions
-        if prediction.camera != WARMUP_CAMERA:
-            predictions.append(prediction)
-
-
 def run_pipeline(broker: LocalBroker, bundle: Bundle, pipeline: str, cameras: int, fps: float,
                  seconds: float, samples: list[Sample], floor: Floor, idle_floor: Floor,
                  log_dir: Path) -> RunResult:  # fmt: skip
@@ -291,18 +236,19 @@ def run_pipeline(broker: LocalBroker, bundle: Bundle, pipeline: str, cameras: in
         stream = PredictionStream(broker.url, topics=topics)
         stream.start()
         generator = context.Process(
-            target=_generate, args=(broker.url, topics.prefix, cameras, fps, [samples], stop, sent)
+            target=generate_load,
+            args=(broker.url, topics.prefix, cameras, fps, [samples], stop, sent),
         )
         try:
             fleet.wait_ready(plan, timeout=60)
-            _warm_up(broker.url, topics, samples, stream, fleet)
+            warm_up(broker.url, topics, samples, stream, fleet)
             generator.start()
             stop.wait(seconds)
             stop.set()
             generator.join(timeout=10)
             if generator.exitcode:
                 raise EdvitError(f"the camera generator exited with code {generator.exitcode}")
-            predictions = _collect(stream, sent.value, fleet)
+            predictions = collect_predictions(stream, sent.value, fleet)
         finally:
             stop.set()
             if generator.is_alive():
@@ -315,7 +261,7 @@ def summarise(pipeline: str, cameras: int, fps: float, seconds: float, sent: int
               predictions: list[PredictionMsg], floor: Floor,
               idle_floor: Floor) -> RunResult:  # fmt: skip
     latencies = [p.latency_ms for p in predictions]
-    p50, floor_ms = _percentile(latencies, 50), floor.total(pipeline)
+    p50, floor_ms = percentile(latencies, 50), floor.total(pipeline)
     idle_ms = idle_floor.total(pipeline)
     stages = {}
     for stage, stage_floor in floor.stages(pipeline).items():
@@ -333,7 +279,7 @@ def summarise(pipeline: str, cameras: int, fps: float, seconds: float, sent: int
         answered=len({(p.camera, p.seq) for p in predictions}),
         degraded=sum(p.degraded for p in predictions),
         p50_ms=p50,
-        p95_ms=_percentile(latencies, 95),
+        p95_ms=percentile(latencies, 95),
         floor_ms=floor_ms,
         over_floor_ms=round(p50 - floor_ms, 2),
         idle_floor_ms=idle_ms,
@@ -441,6 +387,5 @@ def bench_e2e(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
         "idle_floor_stages": {p: idle_floor.stages(p) for p in PIPELINES},
         "runs": [asdict(r) for r in results],
     }
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(json_out, report)
     return report

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import queue
 import threading
 
+from edvit.command import connection, positive_int
 from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.schemas import STAGES, PredictionMsg, decode
+from edvit.service import stop_on_signals
 from edvit.topics import Topics
 
-log = logging.getLogger("edvit.fleet.watch")
+log = logging.getLogger("edvit.fleet.ops.watch")
 
 
 def format_timings(p: PredictionMsg) -> str:
@@ -84,3 +87,21 @@ def watch(
     finally:
         stream.stop()
     return shown
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--camera", default="+", help="only this camera")
+    parser.add_argument("--count", type=positive_int, help="exit after this many predictions")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument(
+        "--timings", action="store_true",
+        help="under each prediction, where its milliseconds went (ms per stage)",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    watch(
+        connection(args), camera=args.camera, count=args.count, as_json=args.json,
+        timings=args.timings, topics=Topics(args.prefix), stop=stop_on_signals(),
+    )  # fmt: skip
+    return 0

@@ -1,0 +1,2 @@
+"""The benchmarks of the running system (`edvit bench ...`); common.py holds what they
+share."""

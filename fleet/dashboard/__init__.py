@@ -1,0 +1,1 @@
+"""`edvit dashboard`: the app (app.py), its command (cli.py) and static files (static/)."""
