@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := mosquitto dataset-fashion-mnist chromium
 
-.PHONY: demo test system-packages benchmark-ed-vit benchmark-original benchmark-batching benchmark-slicing benchmark-e2e clean
+.PHONY: demo test docs system-packages benchmark-ed-vit benchmark-original benchmark-batching benchmark-slicing benchmark-e2e clean
 
 demo: system-packages $(VENV)/.runtime
 	$(BIN)/edvit demo
@@ -15,10 +15,15 @@ demo: system-packages $(VENV)/.runtime
 test: system-packages $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/pytest
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link fails it.
+docs: $(VENV)/.dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # ED-ViT at the defaults (no tuning flags) for N = 2, 3, 5, 10 from the shipped converged
-# original, then digits (trains its own original). Hours on 2 cores; see README.
+# original, then digits (trains its own original). Hours on 2 cores; see docs/benchmarks/ed-vit.md.
 benchmark-ed-vit: system-packages $(VENV)/.dev
 	$(BIN)/python benchmarks/ed_vit.py --dataset fashion-mnist --devices 2 3 5 10 --out runs/ed_vit --checkpoint benchmarks/checkpoints/fashion-mnist-small.pt --reuse
 	$(BIN)/python benchmarks/ed_vit.py --dataset digits --devices 2 3 5 --out runs/ed_vit --reuse --plot runs/ed_vit/digits.png
