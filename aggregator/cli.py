@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from edvit.aggregator.planner import DOWN_CONFIRM_S, RECONNECT_GRACE_S
 from edvit.command import (
     Service,
     connection,
@@ -48,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hold-off-s", type=non_negative_float, default=5.0,
         help="a node that was down gets its sub-models back after being up this long "
         "(default %(default)g)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reconnect-grace-s", type=non_negative_float, default=RECONNECT_GRACE_S,
+        help="after this aggregator reconnects to the broker, judge no node down for this "
+        "long while nodes announce themselves again (default %(default)g)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--down-confirm-s", type=non_negative_float, default=DOWN_CONFIRM_S,
+        help="move a node's sub-models once its status has said offline this long, the "
+        "aggregator connected throughout (default %(default)g)",
     )  # fmt: skip
     parser.add_argument(
         "--lease-ttl-s", type=positive_float, default=3.0,
@@ -104,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 aggregator.client, aggregator.topics, instance=aggregator.instance,
                 is_active=lambda: aggregator.answering, suspects=aggregator.suspect_nodes,
                 hold_off_s=args.hold_off_s, trust_key=trust_key, sign_key=sign_key,
+                reconnect_grace_s=args.reconnect_grace_s, down_confirm_s=args.down_confirm_s,
             )
         )  # fmt: skip
     return run_services(*services, aggregator)  # the aggregator connects, last
