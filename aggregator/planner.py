@@ -232,8 +232,6 @@ class Planner:
     # -- deciding ---------------------------------------------------------------------------------
     def tick(self) -> PlanMsg | None:
         """One planning step; returns the plan it published, if any."""
-        if not self._is_active():
-            return None
         if not self.client.connected:
             return None  # what it knows may be gone from the broker: plan nothing
         now = self._clock()
@@ -249,6 +247,10 @@ class Planner:
                     "nodes announce themselves again", self.reconnect_grace_s,
                 )  # fmt: skip
             self._epoch = epoch
+        # A standby keeps count of its connections too: taking over just after a broker
+        # restart, it still gives the nodes their grace.
+        if not self._is_active():
+            return None
         in_grace = now < self._grace_until
         with self._lock:
             plan, nodes, up_since = self._plan, dict(self._nodes), dict(self._up_since)

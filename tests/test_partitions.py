@@ -193,6 +193,22 @@ def test_a_stale_up_status_after_the_will_does_not_bring_a_node_back(
     assert client.counters["statuses_out_of_order"] == 1
 
 
+def test_a_standby_taking_over_after_a_reconnect_gives_the_grace(
+    three_node_plan: PlanMsg,
+) -> None:
+    active = False
+    planner, broker, client, clock, topics = _fleet(three_node_plan, reconnect_grace_s=6.0)
+    planner._is_active = lambda: active
+    broker.retained.pop(topics.node_status("node-1"))
+    client.reconnect()
+    planner.tick()  # a standby: counts the reconnect, plans nothing
+    clock.now += 3.0
+    active = True  # the answering aggregator was lost meanwhile: this one takes over
+    assert planner.tick() is None  # node-1 is unknown until the grace ends
+    clock.now += 3.5
+    assert planner.tick() is not None  # now it is down
+
+
 def test_a_plan_decided_on_a_lost_connection_is_never_published(
     three_node_plan: PlanMsg,
 ) -> None:
