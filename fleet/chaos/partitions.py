@@ -181,20 +181,20 @@ def _proxy(cf: ChaosFleet) -> Any:
     return cf.proxy
 
 
-def scenario_aggregator_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+def _link_cut(cf: ChaosFleet, base: PlanMsg, camera: str, what: str) -> dict[str, Any]:
+    """The proxied services' link cut for 8 s: past the keepalive, so their Wills go out."""
     proxy = _proxy(cf)
-    return _run(
-        cf, base, "cam-aggcut", 8.0, "the aggregator's link cut for 8 s, the nodes' not",
-        begin=proxy.cut, end=proxy.restore,
-    )  # fmt: skip
+    return _run(cf, base, camera, 8.0, what, begin=proxy.cut, end=proxy.restore)
+
+
+def scenario_aggregator_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
+    return _link_cut(cf, base, "cam-aggcut", "the aggregator's link cut for 8 s, the nodes' not")
 
 
 def scenario_nodes_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
-    proxy = _proxy(cf)
-    return _run(
-        cf, base, "cam-nodescut", 8.0, "every node's link cut for 8 s, the aggregator's not",
-        begin=proxy.cut, end=proxy.restore,
-    )  # fmt: skip
+    return _link_cut(
+        cf, base, "cam-nodescut", "every node's link cut for 8 s, the aggregator's not"
+    )
 
 
 def scenario_switch_cut(cf: ChaosFleet, base: PlanMsg) -> dict[str, Any]:
