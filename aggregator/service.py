@@ -34,8 +34,6 @@ decoding them (counted, `features_other_shard`) and holds a lease of its shard's
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import zlib
@@ -46,6 +44,7 @@ import numpy as np
 
 from edvit.aggregator.ha import HaDiscovery
 from edvit.errors import BadPayload, ConfigError
+from edvit.identity import HostSlot
 from edvit.inference import Fusion, softmax
 from edvit.lease import Lease
 from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
@@ -239,10 +238,13 @@ class Aggregator:
         self.deadline = ArrivalDeadline(deadline or DeadlinePolicy())
         self.topk = topk
         self.threads = threads
+        # Without an id: HOST-N, the same after a restart (edvit/identity.py).
+        self._slot: HostSlot | None = None
+        if not instance:
+            self._slot = HostSlot(f"aggregator-{shard}" if shard else "aggregator")
+            instance = self._slot.id
         try:
-            self.instance = validate_id(
-                "aggregator", instance or f"{socket.gethostname()}-{os.getpid()}"
-            )
+            self.instance = validate_id("aggregator", instance)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.client = client or MqttClient(
@@ -253,7 +255,7 @@ class Aggregator:
         self.counters = self.client.counters
         self.metrics = Metrics(
             "aggregator", self.instance, self.counters,
-            always=("predictions", "predictions_degraded", "features_late", "nodes_suspected"),
+            always=("features_late", "nodes_suspected"),
         )  # fmt: skip
         self.metrics.gauge("pending_frames", lambda: len(self._pending))
         self.stats = StatsPublisher(
@@ -307,6 +309,8 @@ class Aggregator:
         self.lease.stop()
         self.follower.stop()
         self.client.stop()
+        if self._slot is not None:
+            self._slot.release()
         log.info("stopped; counters %s", dict(self.counters))
 
     # -- plan and fusion model ------------------------------------------------------------

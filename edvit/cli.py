@@ -581,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)g)",
     )  # fmt: skip
     p.add_argument(
-        "--id", help="this instance's id among several aggregators (default HOST-PID)",
+        "--id",
+        help="this instance's id among several aggregators (default HOST-N: the lowest N no "
+        "other aggregator on this host holds, so the same after a restart)",
     )  # fmt: skip
     p.add_argument(
         "--no-planner", action="store_true",
