@@ -619,7 +619,8 @@ class Aggregator:
             true_label=frame.label,
             timings=stage_timings(frame, fusion_started, answered, fusion_ms),
         )
-        if self.ha is not None:
-            self.ha.saw(camera, plan)  # first, so Home Assistant may catch this answer too
-        self.client.publish(self.topics.predictions(camera), encode(prediction), qos=1)
+        payload = encode(prediction)
+        self.client.publish(self.topics.predictions(camera), payload, qos=1)
         self.counters["predictions"] += 1
+        if self.ha is not None:
+            self.ha.answered(prediction, payload, plan)  # its retained state, for HA
