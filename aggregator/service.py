@@ -263,7 +263,7 @@ class Aggregator:
             stats_interval_s, log,
         )  # fmt: skip
         # Home Assistant discovery (aggregator/ha.py), when given its discovery prefix.
-        self.ha = HaDiscovery(self.client, self.topics, ha_prefix) if ha_prefix else None
+        self.ha = None if ha_prefix is None else HaDiscovery(self.client, self.topics, ha_prefix)
         self.follower: PlanFollower[Fusion] = PlanFollower(
             self.client, self.topics, lambda plan: {FUSION_MODEL_ID: plan.fusion_sha256},
             lambda plan, blobs: Fusion(

@@ -169,6 +169,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     return _run_service(node)
 
 
+def _ha_prefix(args: argparse.Namespace) -> str | None:
+    """The discovery prefix to announce under (None: no discovery)."""
+    if not args.ha_discovery:
+        if args.ha_prefix is not None:
+            raise ConfigError("--ha-prefix without --ha-discovery announces nothing")
+        return None
+    return DEFAULT_HA_PREFIX if args.ha_prefix is None else args.ha_prefix
+
+
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from edvit.aggregator.service import Aggregator, DeadlinePolicy, Shard
 
@@ -180,7 +189,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     aggregator = Aggregator(
         connection(args), topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
         instance=args.id, lease_ttl_s=args.lease_ttl_s, trust_key=trust_key,
-        ha_prefix=args.ha_prefix if args.ha_discovery else None,
+        ha_prefix=_ha_prefix(args),
         stats_interval_s=args.stats_interval_s,
         shard=Shard.parse(args.shard) if args.shard else None,
     )  # fmt: skip
@@ -611,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         "state is the predicted class; README, \"Home Assistant\"",
     )  # fmt: skip
     p.add_argument(
-        "--ha-prefix", default=DEFAULT_HA_PREFIX,
-        help="Home Assistant's discovery prefix (default %(default)s)",
+        "--ha-prefix",
+        help=f"Home Assistant's discovery prefix (default {DEFAULT_HA_PREFIX})",
     )  # fmt: skip
     _trust_key_option(p)
     _sign_key_option(

@@ -175,6 +175,21 @@ def test_the_command_names_a_bad_discovery_prefix(capsys: pytest.CaptureFixture[
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ha-discovery", "--ha-prefix", ""], "invalid Home Assistant discovery prefix ''"),
+        (["--ha-prefix", "site/ha"], "--ha-prefix without --ha-discovery announces nothing"),
+    ],
+)
+def test_the_command_refuses_a_prefix_it_would_not_use(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["aggregator", "--id", "a", "--broker", "127.0.0.1:1", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_each_camera_is_announced_once_retained() -> None:
     broker = MemoryBroker()
     discovery = HaDiscovery(MemoryTransport(broker), Topics())
