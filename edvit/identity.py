@@ -12,6 +12,7 @@ it gets the next.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -49,7 +50,8 @@ class HostSlot:
             self._fd = None
 
     def __del__(self) -> None:
-        self.release()
+        with contextlib.suppress(Exception):  # at interpreter exit the process ends anyway
+            self.release()
 
 
 def _open(path: Path, tries: int = 3) -> int | None:

@@ -171,7 +171,7 @@ def test_a_real_home_assistant_follows_the_fleet(tmp_path: Path) -> None:
             ha.stop()
         print("\nHome Assistant test timings (s):")
         for what, seconds in timings.items():
-            print(f"  {what:42s} {seconds:6.1f}")
+            print(f"  {what:48s} {seconds:6.1f}")
 
 
 class _Run:
