@@ -19,6 +19,7 @@ from edvit.command import (
     sign_key_option,
     trust_key_option,
 )
+from edvit.errors import ConfigError
 from edvit.topics import DEFAULT_HA_PREFIX, Topics
 
 
@@ -39,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default %(default)g)",
     )  # fmt: skip
     parser.add_argument(
-        "--id", help="this instance's id among several aggregators (default HOST-PID)",
+        "--id",
+        help="this instance's id among several aggregators (default HOST-N: the lowest N no "
+        "other aggregator on this host holds, so the same after a restart)",
     )  # fmt: skip
     parser.add_argument(
         "--no-planner", action="store_true",
@@ -77,14 +80,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "state is the predicted class; README, \"Home Assistant\"",
     )  # fmt: skip
     parser.add_argument(
-        "--ha-prefix", default=DEFAULT_HA_PREFIX,
-        help="Home Assistant's discovery prefix (default %(default)s)",
+        "--ha-prefix",
+        help=f"Home Assistant's discovery prefix (default {DEFAULT_HA_PREFIX})",
     )  # fmt: skip
     trust_key_option(parser)
     sign_key_option(
         parser, "sign the plans the planner re-places with this Ed25519 key (needed to heal a "
         "fleet that takes signed plans; trusts its public half)",
     )  # fmt: skip
+
+
+def ha_prefix(args: argparse.Namespace) -> str | None:
+    """The discovery prefix to announce under (None: no discovery)."""
+    if not args.ha_discovery:
+        if args.ha_prefix is not None:
+            raise ConfigError("--ha-prefix without --ha-discovery announces nothing")
+        return None
+    return DEFAULT_HA_PREFIX if args.ha_prefix is None else args.ha_prefix
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     aggregator = Aggregator(
         connection(args), topics=Topics(args.prefix), deadline=deadline, topk=args.topk,
         instance=args.id, lease_ttl_s=args.lease_ttl_s, trust_key=trust_key,
-        ha_prefix=args.ha_prefix if args.ha_discovery else None,
+        ha_prefix=ha_prefix(args),
         stats_interval_s=args.stats_interval_s,
         shard=Shard.parse(args.shard) if args.shard else None,
     )  # fmt: skip

@@ -34,8 +34,6 @@ decoding them (counted, `features_other_shard`) and holds a lease of its shard's
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import zlib
@@ -46,6 +44,7 @@ import numpy as np
 
 from edvit.aggregator.ha import HaDiscovery
 from edvit.errors import BadPayload, ConfigError
+from edvit.identity import HostSlot
 from edvit.inference import Fusion, softmax
 from edvit.lease import Lease
 from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
@@ -240,10 +239,13 @@ class Aggregator:
         self.deadline = ArrivalDeadline(deadline or DeadlinePolicy())
         self.topk = topk
         self.threads = threads
+        # Without an id: HOST-N, the same after a restart (edvit/identity.py).
+        self._slot: HostSlot | None = None
+        if not instance:
+            self._slot = HostSlot(f"aggregator-{shard}" if shard else "aggregator")
+            instance = self._slot.id
         try:
-            self.instance = validate_id(
-                "aggregator", instance or f"{socket.gethostname()}-{os.getpid()}"
-            )
+            self.instance = validate_id("aggregator", instance)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.client = client or MqttClient(
@@ -254,7 +256,7 @@ class Aggregator:
         self.counters = self.client.counters
         self.metrics = Metrics(
             "aggregator", self.instance, self.counters,
-            always=("predictions", "predictions_degraded", "features_late", "nodes_suspected"),
+            always=("features_late", "nodes_suspected"),
         )  # fmt: skip
         self.metrics.gauge("pending_frames", lambda: len(self._pending))
         self.stats = StatsPublisher(
@@ -262,7 +264,7 @@ class Aggregator:
             stats_interval_s, log,
         )  # fmt: skip
         # Home Assistant discovery (aggregator/ha.py), when given its discovery prefix.
-        self.ha = HaDiscovery(self.client, self.topics, ha_prefix) if ha_prefix else None
+        self.ha = None if ha_prefix is None else HaDiscovery(self.client, self.topics, ha_prefix)
         self.follower: PlanFollower[Fusion] = PlanFollower(
             self.client, self.topics, lambda plan: {FUSION_MODEL_ID: plan.fusion_sha256},
             lambda plan, blobs: Fusion(
@@ -308,6 +310,8 @@ class Aggregator:
         self.lease.stop()
         self.follower.stop()
         self.client.stop()
+        if self._slot is not None:
+            self._slot.release()
         log.info("stopped; counters %s", dict(self.counters))
 
     # -- plan and fusion model ------------------------------------------------------------
@@ -619,7 +623,8 @@ class Aggregator:
             true_label=frame.label,
             timings=stage_timings(frame, fusion_started, answered, fusion_ms),
         )
-        if self.ha is not None:
-            self.ha.saw(camera, plan)  # first, so Home Assistant may catch this answer too
-        self.client.publish(self.topics.predictions(camera), encode(prediction), qos=1)
+        payload = encode(prediction)
+        self.client.publish(self.topics.predictions(camera), payload, qos=1)
         self.counters["predictions"] += 1
+        if self.ha is not None:
+            self.ha.answered(prediction, payload, plan)  # its retained state, for HA

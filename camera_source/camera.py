@@ -214,6 +214,8 @@ class Camera:
         else:
             assert self._head is not None
             tokens, plan_id = head
+            if plan_id != self.metrics.plan_id:
+                self.metrics.plan(plan_id)  # the plan whose stem slices made the tokens
             message = TokensMsg(
                 camera=self.camera_id, seq=seq, ts=ts, block=self._head.count,
                 dtype=self._head.dtype, shape=tokens.shape, data=tokens.tobytes(),

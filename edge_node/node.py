@@ -208,7 +208,7 @@ class EdgeNode:
         self.counters = self.client.counters
         self.metrics = Metrics(
             "node", self.node_id, self.counters,
-            always=("requests_replaced_overload", "frames_served", "batches"),
+            always=("requests_replaced_overload",), batch_sizes=True,
         )  # fmt: skip
         self.metrics.gauge("queue_depth", lambda: len(self._batcher))
         self.stats = StatsPublisher(

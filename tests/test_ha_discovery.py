@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from edvit.aggregator.ha import (
     ATTRIBUTES_TEMPLATE,
     AVAILABILITY_TEMPLATE,
     MAX_CAMERAS,
+    STATE_INTERVAL_S,
     STATE_TEMPLATE,
     HaDiscovery,
     config_topic,
@@ -31,7 +33,7 @@ from edvit.aggregator.ha import (
     sensor_config,
 )
 from edvit.aggregator.service import Aggregator, DeadlinePolicy
-from edvit.broker.local import LocalBroker
+from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.bundle import Bundle
 from edvit.cli import main
 from edvit.errors import ConfigError
@@ -40,7 +42,7 @@ from edvit.fleet.ops.deploy import make_plan, publish_bundle, round_robin
 from edvit.mqtt import MqttClient
 from edvit.schemas import FeaturesMsg, PlanMsg, PredictionMsg, StatusMsg, encode
 from edvit.topics import Topics
-from helpers import MqttProbe, clear_retained, wait_until
+from helpers import MqttProbe, wait_until
 
 try:
     import jinja2
@@ -90,7 +92,8 @@ def test_the_config_has_the_documented_keys_only() -> None:
     assert set(config) <= SENSOR_KEYS
     for key in ("name", "unique_id", "state_topic", "value_template", "availability", "device"):
         assert config[key], key
-    assert config["state_topic"] == config["json_attributes_topic"] == "edvit/predictions/cam0"
+    state = "homeassistant/sensor/edvit/cam0/state"
+    assert config["state_topic"] == config["json_attributes_topic"] == state
     [availability] = config["availability"]
     assert set(availability) <= AVAILABILITY_KEYS
     assert availability["topic"] == "edvit/aggregator/status"
@@ -133,6 +136,9 @@ def test_the_state_is_the_class_and_the_attributes_the_score() -> None:
         (StatusMsg(state="online", plan_id="p2", serving_plan_id="p1"), "online"),
         (StatusMsg(state="online"), "offline"),  # no plan loaded: nothing answers
         (StatusMsg(state="offline", ts=0.0), "offline"),  # the Will
+        # a clean stop: the offline status keeps the plans it served
+        (StatusMsg(state="offline", plan_id="p1", serving_plan_id="p1"), "offline"),
+        (StatusMsg(state="offline", plan_id="p2", serving_plan_id="p1"), "offline"),
     ],
 )
 def test_availability_follows_the_aggregator_status(status: StatusMsg, available: str) -> None:
@@ -153,7 +159,9 @@ def test_ids_made_safe_stay_distinct() -> None:
     assert config_topic("ha", Topics("site/a"), "c").startswith("ha/sensor/site_a_")
 
 
-@pytest.mark.parametrize("prefix", ["", "a/#", "ha/+", "/ha", "ha/"])
+@pytest.mark.parametrize(
+    "prefix", ["", "a/#", "ha/+", "/ha", "ha/", "ha//x", "home assistant", "ha\n"]
+)
 def test_a_bad_discovery_prefix_is_refused(prefix: str) -> None:
     with pytest.raises(ConfigError):
         HaDiscovery(MemoryTransport(MemoryBroker()), Topics(), prefix)
@@ -162,7 +170,24 @@ def test_a_bad_discovery_prefix_is_refused(prefix: str) -> None:
 def test_the_command_names_a_bad_discovery_prefix(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["aggregator", "--ha-discovery", "--ha-prefix", "ha/#", "--broker", "127.0.0.1:1"]
     assert main(argv) == 2
-    assert "invalid Home Assistant discovery prefix 'ha/#'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid Home Assistant discovery prefix 'ha/#'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ha-discovery", "--ha-prefix", ""], "invalid Home Assistant discovery prefix ''"),
+        (["--ha-prefix", "site/ha"], "--ha-prefix without --ha-discovery announces nothing"),
+    ],
+)
+def test_the_command_refuses_a_prefix_it_would_not_use(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["aggregator", "--id", "a", "--broker", "127.0.0.1:1", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 def test_each_camera_is_announced_once_retained() -> None:
@@ -252,15 +277,52 @@ def test_the_aggregator_announces_each_camera_it_answers_once(
             for topic, payload in _features(topics, plan, camera, seq):
                 injector.publish(topic, payload)
     wait_until(lambda: aggregator.counters["predictions"] == 40, 10)
-    configs = broker.messages("homeassistant/#")
+    configs = broker.messages("homeassistant/sensor/+/+/config")
     assert len(configs) == 2 and aggregator.counters["ha_configs"] == 2
     by_topic = {t: json.loads(p) for t, p in broker.retained.items() if t.startswith("home")}
     cam0 = by_topic["homeassistant/sensor/edvit/cam0/config"]
     assert cam0 == sensor_config(topics, "cam0", plan)
-    # The state template renders the class of the prediction the aggregator published.
-    answer = broker.messages(topics.predictions("cam0"))[-1]
+    # Each camera's state is retained: one per camera here, since the features (all ones)
+    # give every frame the same class within STATE_INTERVAL_S.
+    states = [t for t, _ in broker.log if t.endswith("/state")]
+    assert sorted(states) == [
+        "homeassistant/sensor/edvit/cam0/state",
+        f"homeassistant/sensor/edvit/{safe_id('cam.1')}/state",
+    ]
+    assert aggregator.counters["ha_states"] == 2
+    state = broker.retained[cam0["state_topic"]]
+    assert PredictionMsg.model_validate_json(state).camera == "cam0"
+    # The templates render the class of the prediction the aggregator published.
     if jinja2 is not None:
-        assert render(cam0["value_template"], answer) in plan.classes
+        assert render(cam0["value_template"], state) in plan.classes
+    # The prediction stream itself stays unretained.
+    assert not [t for t in broker.retained if t.startswith(f"{topics.prefix}/predictions/")]
+
+
+def test_the_state_follows_class_changes_at_once_and_repeats_at_most_each_interval() -> None:
+    broker = MemoryBroker()
+    discovery = HaDiscovery(MemoryTransport(broker), Topics())
+    plan = make_plan(Bundle.load(DEFAULT_BUNDLE), {"n": ("sub0", "sub1", "sub2")})
+    topic = "homeassistant/sensor/edvit/cam0/state"
+
+    def answer(seq: int, class_name: str, degraded: bool = False) -> None:
+        msg = prediction("cam0", seq).model_copy(
+            update={"class_name": class_name, "degraded": degraded}
+        )
+        discovery.answered(msg, encode(msg), plan)
+
+    answer(0, "Trouser")
+    answer(1, "Trouser")  # same class within the interval: not published
+    answer(2, "Dress")  # a new class: at once
+    answer(3, "Dress", degraded=True)  # degraded now: at once
+    assert [json.loads(p)["seq"] for p in broker.messages(topic)] == [0, 2, 3]
+    time.sleep(STATE_INTERVAL_S + 0.05)
+    answer(4, "Dress", degraded=True)  # the interval passed: the latest score and seq
+    assert json.loads(broker.retained[topic])["seq"] == 4
+    answer(5, "", degraded=True)
+    assert [json.loads(p)["class"] for p in broker.messages(topic)][-1] == ""
+    discovery.answered(prediction("a+b", 0), encode(prediction("a+b", 0)), plan)
+    assert len(broker.messages("homeassistant/sensor/+/+/state")) == 5  # no state unannounced
 
 
 def test_bad_payloads_on_the_prediction_topics_change_nothing(
@@ -277,8 +339,10 @@ def test_bad_payloads_on_the_prediction_topics_change_nothing(
     for topic, payload in _features(topics, plan, "cam0", 0):
         injector.publish(topic, payload)
     wait_until(lambda: aggregator.counters["predictions"] == 1, 10)
-    [(topic, _)] = [(t, p) for t, p in broker.log if t.startswith("homeassistant/")]
-    assert topic == "homeassistant/sensor/edvit/cam0/config"
+    topics_sent = [t for t, _ in broker.log if t.startswith("homeassistant/")]
+    assert topics_sent == [
+        "homeassistant/sensor/edvit/cam0/config", "homeassistant/sensor/edvit/cam0/state",
+    ]  # fmt: skip
     assert aggregator.counters["handler_errors"] == 0
 
 
@@ -302,43 +366,76 @@ def test_without_the_flag_nothing_is_announced(shipped: tuple[Bundle, PlanMsg]) 
 # -- against a real mosquitto ---------------------------------------------------------------
 
 
-def test_a_retained_config_reaches_a_subscriber_on_a_real_broker(
-    mosquitto_broker: LocalBroker, shipped: tuple[Bundle, PlanMsg]
+def _retained(broker: LocalBroker, topic_filter: str, quiet_s: float = 1.0) -> dict[str, bytes]:
+    """What a subscriber that comes now (Home Assistant restarting) gets retained."""
+    found: dict[str, bytes] = {}
+    with MqttProbe(broker.host, broker.port, topic_filter) as probe:
+        while True:
+            try:
+                message = probe.get(quiet_s)
+            except TimeoutError:
+                return found
+            if message.retain:
+                found[message.topic] = message.payload
+
+
+def test_config_and_state_are_retained_on_a_real_broker_and_come_back_after_its_restart(
+    shipped: tuple[Bundle, PlanMsg], tmp_path: Path
 ) -> None:
+    """A Home Assistant that subscribes later gets each camera's config and latest
+    prediction; a subscriber to the prediction stream (standby, dashboard, `edvit watch`) gets
+    nothing retained; a broker restarted without persistence lost both, and the aggregator
+    publishes them again once connected again."""
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed")
     bundle, plan = shipped
     run = uuid.uuid4().hex[:8]
-    topics, ha_prefix = Topics(f"t{run}"), f"ha{run}"
-    sender = MqttClient(f"sender-{run}", mosquitto_broker.url)
-    sender.start(required=True)
-    aggregator = Aggregator(
-        mosquitto_broker.url, topics=topics, deadline=DeadlinePolicy(cap_s=5.0),
-        lease_ttl_s=0.5, ha_prefix=ha_prefix,
-    )  # fmt: skip
-    published: list[str] = []
+    topics, ha_prefix = Topics(f"t{run}"), f"ha{run}/x"
+    config_at = f"{ha_prefix}/sensor/t{run}/cam0/config"
+    state_at = f"{ha_prefix}/sensor/t{run}/cam0/state"
+    with LocalBroker(kind="mosquitto", log_path=tmp_path / "broker.log") as broker:
+        sender = MqttClient(f"sender-{run}", broker.url)
+        sender.start(required=True)
+        aggregator = Aggregator(
+            broker.url, topics=topics, deadline=DeadlinePolicy(cap_s=5.0), lease_ttl_s=0.5,
+            ha_prefix=ha_prefix,
+        )  # fmt: skip
 
-    def publish_retained(topic: str, payload: bytes) -> None:
-        published.append(topic)
-        sender.publish_and_wait(topic, payload, retain=True)
+        def answer(seq: int) -> None:
+            answered = aggregator.counters["predictions"]
+            for topic, payload in _features(topics, plan, "cam0", seq):
+                sender.publish(topic, payload, qos=1)
+            wait_until(lambda: aggregator.counters["predictions"] == answered + 1, 10)
 
-    try:
-        publish_bundle(publish_retained, bundle, plan, topics)
-        aggregator.start()
-        wait_until(lambda: aggregator.follower.ready and aggregator.answering, 30)
-        for topic, payload in _features(topics, plan, "cam0", 0):
-            sender.publish(topic, payload, qos=1)
-        wait_until(lambda: aggregator.counters["ha_configs"] == 1, 10)
-        # A subscriber that comes later (Home Assistant restarting) gets the retained config.
-        with MqttProbe(mosquitto_broker.host, mosquitto_broker.port, f"{ha_prefix}/#") as probe:
-            message = probe.get()
-        assert message.retain
-        assert message.topic == f"{ha_prefix}/sensor/t{run}/cam0/config"
-        config = json.loads(message.payload)
-        assert config == sensor_config(topics, "cam0", plan)
-        assert config["state_topic"] == f"t{run}/predictions/cam0"
-        assert config["availability"][0]["topic"] == f"t{run}/aggregator/status"
-    finally:
-        aggregator.stop()
-        sender.stop()
-        host, port = mosquitto_broker.host, mosquitto_broker.port
-        for topic in [*published, f"{ha_prefix}/sensor/t{run}/cam0/config"]:
-            clear_retained(host, port, topic)
+        try:
+            publish_bundle(
+                lambda t, p: sender.publish_and_wait(t, p, retain=True), bundle, plan, topics
+            )
+            aggregator.start()
+            wait_until(lambda: aggregator.follower.ready and aggregator.answering, 30)
+            answer(0)
+            wait_until(
+                lambda: set(_retained(broker, f"{ha_prefix}/#", 0.3)) == {config_at, state_at}, 5
+            )
+            retained = _retained(broker, f"{ha_prefix}/#")
+            config = json.loads(retained[config_at])
+            assert config == sensor_config(topics, "cam0", plan, ha_prefix)
+            assert config["state_topic"] == state_at
+            assert config["availability"][0]["topic"] == f"t{run}/aggregator/status"
+            state = PredictionMsg.model_validate_json(retained[state_at])
+            assert (state.camera, state.seq) == ("cam0", 0)
+            assert _retained(broker, f"t{run}/predictions/#") == {}
+
+            broker.restart()
+            assert _retained(broker, f"{ha_prefix}/#", 0.3) == {}  # no persistence
+            wait_until(lambda: aggregator.client.counters["connects"] == 2, 15, "reconnected")
+            answer(1)
+            wait_until(
+                lambda: set(_retained(broker, f"{ha_prefix}/#", 0.3)) == {config_at, state_at}, 5
+            )
+            state = PredictionMsg.model_validate_json(_retained(broker, f"{ha_prefix}/#")[state_at])
+            assert state.seq == 1
+            assert aggregator.counters["ha_configs"] == 2
+        finally:
+            aggregator.stop()
+            sender.stop()

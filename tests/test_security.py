@@ -61,18 +61,25 @@ FAMILIES: dict[str, tuple[str, set[str], set[str]]] = {
     "node status, node-0": ("edvit/nodes/node-0/status", {"node-0"}, {"aggregator", "dashboard"}),
     "node status, node-1": ("edvit/nodes/node-1/status", {"node-1"}, {"aggregator", "dashboard"}),
     "predictions": ("edvit/predictions/cam0", {"aggregator"}, {"aggregator", "dashboard"}),
-    "aggregator status": ("edvit/aggregator/status", {"aggregator"}, {"aggregator", "dashboard"}),
+    "aggregator status": (
+        "edvit/aggregator/status",
+        {"aggregator"},
+        {"aggregator", "dashboard", "homeassistant"},
+    ),
     "instance status": ("edvit/aggregators/a1/status", {"aggregator"}, {"aggregator", "dashboard"}),
     "lease": ("edvit/aggregator/lease", {"aggregator"}, {"aggregator", "dashboard"}),
     "node stats, node-0": ("edvit/stats/nodes/node-0", {"node-0"}, {"dashboard"}),
     "camera stats, cam0": ("edvit/stats/cameras/cam0", {"cam0"}, {"dashboard"}),
     "aggregator stats": ("edvit/stats/aggregators/a1", {"aggregator"}, {"dashboard"}),
     "fleet health": ("edvit/fleet/health", {"aggregator"}, {"aggregator", "dashboard"}),
-    # --ha-discovery: outside the prefix, written by the aggregator and read by no identity
-    # of secure init (Home Assistant logs in with an account of its own).
-    "ha discovery": ("homeassistant/sensor/edvit/cam0/config", {"aggregator"}, set()),
+    # --ha-discovery: outside the prefix, written by the aggregator (for its own fleet's
+    # node id only) and read by Home Assistant, which writes its own birth and will.
+    "ha discovery": ("homeassistant/sensor/edvit/cam0/config", {"aggregator"}, {"homeassistant"}),
+    "ha state": ("homeassistant/sensor/edvit/cam0/state", {"aggregator"}, {"homeassistant"}),
+    "ha, another fleet": ("homeassistant/sensor/other/cam0/config", set(), {"homeassistant"}),
+    "ha birth": ("homeassistant/status", {"homeassistant"}, {"homeassistant"}),
 }
-IDENTITIES = ("deploy", "aggregator", "dashboard", *NODES, *CAMERAS)
+IDENTITIES = ("deploy", "aggregator", "dashboard", "homeassistant", *NODES, *CAMERAS)
 
 
 @dataclass(frozen=True)
@@ -213,10 +220,12 @@ def test_an_identity_reads_only_what_the_acl_says(secured: SecureBroker, identit
     try:
         for topic, _writers, _readers in FAMILIES.values():
             publisher.publish(topic, b"x", qos=1).wait_for_publish(TIMEOUT)
-        # Every identity reads the plan: the sentinel goes there, last.
+        # The sentinel goes last, to a topic the identity reads: the plan, or for Home
+        # Assistant (which reads no plan) the aggregator's status.
+        last = "edvit/aggregator/status" if identity == "homeassistant" else "edvit/plan"
         sentinel = f"end-{uuid.uuid4().hex}".encode()
-        publisher.publish("edvit/plan", sentinel, qos=1).wait_for_publish(TIMEOUT)
-        received = {topic for topic, _ in reader.until("edvit/plan", sentinel)}
+        publisher.publish(last, sentinel, qos=1).wait_for_publish(TIMEOUT)
+        received = {topic for topic, _ in reader.until(last, sentinel)}
     finally:
         publisher.disconnect()
         publisher.loop_stop()
@@ -232,6 +241,42 @@ def test_the_dashboard_sees_frames_only_when_asked() -> None:
     dashboard = seeing.split("user dashboard\n")[1].split("\n\n")[0]
     assert "cameras/+/frame" in dashboard and "cameras/+/tokens" in dashboard
     assert "cameras/+/frame" not in plain.split("user dashboard\n")[1].split("\n\n")[0]
+
+
+def test_a_custom_ha_prefix_moves_both_ends_of_discovery(tmp_path: Path) -> None:
+    """`secure init --ha-prefix site/ha`: the aggregator writes its fleet's configs under
+    site/ha and nowhere under the default prefix; Home Assistant reads them there."""
+    directory = tmp_path / "fleet"
+    argv = ["secure", "init", str(directory), "--nodes", "n0", "--ha-prefix", "site/ha"]
+    assert main(argv) == 0
+    _add_observer(directory)
+    config = directory / "broker/mosquitto.conf"
+    with LocalBroker(kind="mosquitto", log_path=tmp_path / "broker.log", secure_config=config) as b:
+        sb = SecureBroker(directory, b)
+        reader = Observer(sb, identity="homeassistant")
+        reader.subscribe("site/ha/#", "homeassistant/#")
+        aggregator = _connected(sb, "aggregator")
+        try:
+            for topic in ("homeassistant/sensor/edvit/cam0/config",
+                          "site/ha/sensor/other/cam0/config",
+                          "site/ha/sensor/edvit/cam0/config"):  # fmt: skip
+                aggregator.publish(topic, b"a", qos=1).wait_for_publish(TIMEOUT)
+            sentinel = f"end-{uuid.uuid4().hex}".encode()
+            aggregator.publish("site/ha/sensor/edvit/cam0/state", sentinel, qos=1)
+            received = {t for t, _ in reader.until("site/ha/sensor/edvit/cam0/state", sentinel)}
+        finally:
+            aggregator.disconnect()
+            aggregator.loop_stop()
+            reader.stop()
+    assert received == {"site/ha/sensor/edvit/cam0/config"}
+
+
+@pytest.mark.parametrize("prefix", ["ha/#", "", "site//ha", "home assistant"])
+def test_secure_init_names_a_bad_ha_prefix(prefix: str, tmp_path: Path, capsys) -> None:
+    assert main(["secure", "init", str(tmp_path / "d"), "--ha-prefix", prefix]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid Home Assistant discovery prefix" in err[0], err
+    assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,9 @@ def whole_again(
         "degraded": sum(1 for p in first.values() if p.degraded),
         "unanswered": frames - len(first),
         "duplicates": len(seqs) - len(first),
+        # Where to look when answers never became whole again.
+        "last_not_whole_seq": None if clean_from == 0 else clean_from - 1,
+        "degraded_seqs": sorted(seq for seq, p in first.items() if p.degraded)[-20:],
     }
 
 

@@ -11,7 +11,8 @@ One run writes, under DIR (README, "Security"):
     clients/<identity>/client.crt, client.key, password
     signing/plan.key, plan.pub           Ed25519 plan-signing key pair (used by a later step)
 
-Identities are `deploy`, `aggregator`, `dashboard`, every node and every camera; a node's or
+Identities are `deploy`, `aggregator`, `dashboard`, `homeassistant` (Home Assistant's MQTT
+integration, for `edvit aggregator --ha-discovery`), every node and every camera; a node's or
 camera's identity is its id, and the ACL grants it its own topics only.
 
 Keys, certificates and passwords are never overwritten unless `force`: running again with
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edvit.aggregator.ha import acl_topics, check_ha_prefix
 from edvit.broker.local import secure_mosquitto_config
 from edvit.errors import ConfigError
 from edvit.mqtt import Connection
@@ -47,7 +49,7 @@ from edvit.topics import DEFAULT_HA_PREFIX, Topics
 
 log = logging.getLogger("edvit.fleet.ops.secure")
 
-FIXED_IDENTITIES = ("deploy", "aggregator", "dashboard")
+FIXED_IDENTITIES = ("deploy", "aggregator", "dashboard", "homeassistant")
 DEFAULT_TLS_PORT = 8883
 # mosquitto_passwd's own format (mosquitto 2.x): $7$ = PBKDF2-HMAC-SHA512, 101 iterations,
 # a 12-byte salt; salt and hash in standard base64.
@@ -91,8 +93,12 @@ def password_line(username: str, password: str, salt: bytes | None = None) -> st
     return f"{username}:$7${PBKDF2_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
 
 
-def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool = False) -> str:
-    """mosquitto ACL, one `user` section per identity (README, "Security").
+def acl_text(
+    identities: Identities, topics: Topics, dashboard_sees_frames: bool = False,
+    ha_prefix: str = DEFAULT_HA_PREFIX,
+) -> str:  # fmt: skip
+    """mosquitto ACL, one `user` section per identity (README, "Security"); `ha_prefix` is
+    Home Assistant's discovery prefix (the aggregator's --ha-prefix).
 
     Node and camera sections name their own id, not a `%u` pattern: mosquitto applies a
     `pattern` line to every user, so `pattern write .../nodes/%u/status` would let a camera
@@ -112,7 +118,8 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
     # serving aggregator's status and lease, and predictions (a standby learns of answers);
     # it publishes predictions, its statuses, the lease, and - its planner - the fleet
     # health and a re-placed plan when nodes go down (aggregator/planner.py); with
-    # --ha-discovery, Home Assistant discovery configs (outside the prefix, write only).
+    # --ha-discovery, its cameras' Home Assistant configs and states (outside the prefix,
+    # under this fleet's node id only, write only).
     out += section(
         "aggregator",
         [
@@ -125,7 +132,7 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
             f"topic readwrite {t}/aggregators/#",
             f"topic readwrite {t}/fleet/#",
             f"topic write {t}/stats/aggregators/#",
-            f"topic write {DEFAULT_HA_PREFIX}/#",
+            f"topic write {acl_topics(ha_prefix, topics)}",
         ],
     )
     dashboard = [
@@ -141,6 +148,17 @@ def acl_text(identities: Identities, topics: Topics, dashboard_sees_frames: bool
     if dashboard_sees_frames:
         dashboard += [f"topic read {t}/cameras/+/frame", f"topic read {t}/cameras/+/tokens"]
     out += section("dashboard", dashboard)
+    # Home Assistant's MQTT integration: discovery configs and the sensors' states under the
+    # discovery prefix, the serving aggregator's status (availability), and its own birth
+    # and last-will messages on {ha_prefix}/status.
+    out += section(
+        "homeassistant",
+        [
+            f"topic read {ha_prefix}/#",
+            f"topic write {ha_prefix}/status",
+            f"topic read {t}/aggregator/status",
+        ],
+    )
     for node in identities.nodes:
         # features/{camera}/{sub-model}/{node}: which sub-models a node serves changes with
         # the plan, so the ACL pins the node and the aggregator checks the sub-model against
@@ -305,10 +323,12 @@ def init(
     listen: str = "0.0.0.0",
     broker_user: str | None = None,
     dashboard_sees_frames: bool = False,
+    ha_prefix: str = DEFAULT_HA_PREFIX,
     force: bool = False,
 ) -> list[str]:
     """Write (or complete) DIR; return the files it created, relative to DIR."""
     topics = topics or Topics()
+    check_ha_prefix(ha_prefix)
     broker_user = broker_user or current_user()
     created: list[str] = []
     directory.mkdir(parents=True, exist_ok=True)
@@ -341,7 +361,8 @@ def init(
         created += ["signing/plan.key", "signing/plan.pub"]
     # Derived files: rewritten every run, so they always match the identities given.
     _write_secret(broker / "passwd", ("\n".join(passwd) + "\n").encode())
-    _write_secret(broker / "acl", acl_text(identities, topics, dashboard_sees_frames).encode())
+    acl = acl_text(identities, topics, dashboard_sees_frames, ha_prefix)
+    _write_secret(broker / "acl", acl.encode())
     config = secure_mosquitto_config(directory, listen, port, broker_user)
     _write_public(broker / "mosquitto.conf", config.encode())
     _hand_broker_files_to(broker, broker_user)
@@ -423,6 +444,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let the dashboard identity read camera frames and tokens",
     )  # fmt: skip
     parser.add_argument(
+        "--ha-prefix", default=DEFAULT_HA_PREFIX,
+        help="Home Assistant's discovery prefix, as the aggregator's --ha-prefix: the "
+        "aggregator writes and the homeassistant identity reads under it (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--force", action="store_true", help="replace existing keys, certificates and passwords"
     )
 
@@ -436,7 +462,8 @@ def run(args: argparse.Namespace) -> int:
         created = init(
             directory, identities, hostnames=args.hostname, topics=Topics(args.prefix),
             port=args.port, broker_user=args.broker_user,
-            dashboard_sees_frames=args.dashboard_sees_frames, force=args.force,
+            dashboard_sees_frames=args.dashboard_sees_frames, ha_prefix=args.ha_prefix,
+            force=args.force,
         )  # fmt: skip
     except PermissionError as exc:
         raise ConfigError(f"{exc.filename}: permission denied") from None
