@@ -6,6 +6,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from edvit.fleet.boards.proxy import CuttableProxy
 
 
@@ -29,11 +31,17 @@ def test_bytes_arrive_after_the_delay_and_not_while_cut() -> None:
         assert server.recv(16) == b"ping"
         assert time.monotonic() - started >= 0.03
         proxy.cut()
-        client.sendall(b"lost")
-        time.sleep(0.1)
+        client.sendall(b"held")
+        server.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            server.recv(16)  # nothing crosses a cut link
         proxy.restore()
         client.sendall(b"back")
-        assert server.recv(16) == b"back"
+        server.settimeout(5)
+        got = b""
+        while len(got) < 8:
+            got += server.recv(16)
+        assert got == b"heldback"  # what was sent meanwhile comes first, as TCP resends it
     finally:
         proxy.stop()
 

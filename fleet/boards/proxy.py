@@ -1,14 +1,14 @@
 """A TCP proxy whose link can be cut: what a Wi-Fi drop looks like to the broker and the
-board (no FIN, no RST: bytes just stop), for the chaos bench and the tests. `tc netem` is
-not available everywhere, so this is done in user space, and so is the added latency of an
-emulated board's link (`edvit fleet up`, fleet/boards/boards.py): each direction's bytes are held
-`delay_ms` before they are forwarded.
+board (no FIN, no RST: bytes just stop; those sent meanwhile arrive when the link is back,
+as TCP retransmits them, and a peer that hears nothing for its keepalive closes), for the
+chaos bench and the tests. `tc netem` is not available everywhere, so this is done in user
+space, and so is the added latency of an emulated board's link (`edvit fleet up`,
+fleet/boards/boards.py): each direction's bytes are held `delay_ms` before they are
+forwarded.
 
 Each direction of a connection has its own reader and writer thread with a bounded queue
 between them, so the link is full duplex: a board that reads its frames slowly (at its CPU
-quota) slows only the frames, as TCP would, and its features still go out. (A first version
-forwarded both directions on one thread with a blocking send: a slow board's features then
-waited behind its frames, and the aggregator took it for stopped.)"""
+quota) slows only the frames, as TCP would, and its features still go out."""
 
 from __future__ import annotations
 
@@ -28,9 +28,13 @@ QUEUED_CHUNKS = 64
 
 class CuttableProxy:
     """Listens on `listen_host:listen_port` and forwards every connection to `target`. While
-    cut, whatever either side sends is read and dropped, and new connections are accepted
-    and left silent. With `delay_ms`, bytes are forwarded that long after they arrived, in
-    either direction (a constant one-way delay keeps them in arrival order)."""
+    cut, whatever either side sends is held (up to QUEUED_CHUNKS per direction, then the
+    sender's own buffers fill) and delivered in order once the link is restored, and new
+    connections are accepted and left silent. A TCP stream never loses bytes in the middle:
+    a link that dropped them would hand the peer a stream with a hole (an MQTT packet gone,
+    the next one parsed as if nothing happened). With `delay_ms`, bytes are forwarded that
+    long after they arrived, in either direction (a constant one-way delay keeps them in
+    arrival order)."""
 
     def __init__(
         self, target_host: str, target_port: int, listen_host: str = "127.0.0.1",
@@ -99,8 +103,8 @@ class CuttableProxy:
             self._forward(upstream, client)
 
     def _forward(self, source: socket.socket, sink: socket.socket) -> None:
-        """One direction: a reader that queues what arrives (dropping it while cut) and a
-        writer that sends it once it is due. When either side closes, both are closed."""
+        """One direction: a reader that queues what arrives and a writer that sends it once it
+        is due and the link is up. When either side closes, both are closed."""
         held: queue.Queue[tuple[float, bytes]] = queue.Queue(maxsize=QUEUED_CHUNKS)
         done = threading.Event()  # the writer has stopped: nothing will take from `held`
 
@@ -110,8 +114,6 @@ class CuttableProxy:
                     data = source.recv(CHUNK)
                 except OSError:
                     data = b""
-                if data and self._cut.is_set():
-                    continue  # the link is down: the bytes are lost
                 item = (time.monotonic() + self.delay_s, data)
                 while not done.is_set():
                     try:
@@ -130,6 +132,8 @@ class CuttableProxy:
                     time.sleep(wait)
                 if not data:
                     break  # after the bytes still held for it
+                while self._cut.is_set() and not self._stop.is_set():
+                    time.sleep(0.02)  # the link is down: held until it is back
                 try:
                     sink.sendall(data)
                 except OSError:
