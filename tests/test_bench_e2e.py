@@ -67,6 +67,7 @@ def test_floor_measures_every_part(bundle: Bundle, mosquitto_broker: LocalBroker
     assert idle.hop_ms > 0 and idle.decode_ms > 0 and idle.original_ms > 0
 
 
+@pytest.mark.fleet
 def test_short_run_answers_every_frame_through_both_fleets(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     out = tmp_path / "e2e.json"
@@ -118,6 +119,8 @@ def test_bad_arguments_exit_2_with_one_line(
     assert "is not a bundle" in capsys.readouterr().err
 
 
+@pytest.mark.broker
+@pytest.mark.fleet
 def test_without_onnx_only_the_split_fleet_runs(capsys: pytest.CaptureFixture[str]) -> None:
     report = bench_e2e.bench_e2e(DEFAULT_BUNDLE, [1], 10.0, 1.0, make_monolithic=None)
     assert [r["pipeline"] for r in report["runs"]] == ["split"]

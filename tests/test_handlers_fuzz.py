@@ -878,6 +878,8 @@ def test_bug_heal_with_a_live_node_over_its_memory() -> None:
 
 
 # -- the in-process fuzzer against real processes and a real mosquitto ---------------------------
+@pytest.mark.broker
+@pytest.mark.fleet
 def test_hostile_scenario_on_a_real_broker() -> None:
     """2000 hostile payloads over 6 s on every topic while a good camera streams at 20 fps,
     against 3 node processes and an aggregator on a real mosquitto. Without the two frames

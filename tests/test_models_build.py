@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import tier
+
 pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
@@ -36,6 +38,7 @@ MIN_ACCURACY = 0.6
 
 
 @pytest.fixture(scope="module")
+@tier("slow")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits-bundle")
     build_tiny_digits_bundle(out)
@@ -207,6 +210,7 @@ def test_cli_sizes_match_the_presets_and_command_is_recorded() -> None:
     )  # fmt: skip
 
 
+@pytest.mark.fleet
 def test_cli_module_does_not_import_torch() -> None:
     code = (
         "import sys, edvit.models, edvit.models.cli; "

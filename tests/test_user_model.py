@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import tier
+
 pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 cv2 = pytest.importorskip("cv2")
@@ -117,6 +119,7 @@ def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 @pytest.fixture(scope="module")
+@tier("slow")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, dict]:
     root = tmp_path_factory.mktemp("user-model")
     folder = make_image_folder(root / "images")
