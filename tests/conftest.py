@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import multiprocessing.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ from nats_cluster import NatsCluster, nats_server_path
 __all__ = ["MqttProbe"]
 
 HEAVY_TIERS = ("broker", "fleet", "slow")
+# Threads of the session itself (BundleBuilds), whose processes belong to no test.
+BACKGROUND_THREADS: set[int] = set()
 
 
 # -- tiers -----------------------------------------------------------------------------------
@@ -64,6 +69,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(name)
         if not heavy and "unit" not in marked:
             item.add_marker("unit")
+    # Whole modules, in this order: unit tests only (their failures show first), the others,
+    # then those that need the session's bundles, which BundleBuilds builds meanwhile.
+    rank: dict[Path, int] = {}
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if "sliced_digits_bundle" in names:
+            kind = 3
+        elif "digits_bundle" in names:
+            kind = 2
+        else:
+            kind = 0 if item.get_closest_marker("unit") is not None else 1
+        rank[item.path] = max(rank.get(item.path, 0), kind)
+    items.sort(key=lambda item: rank[item.path])
 
 
 # Programs libraries run on their own, not what a test sets out to start: matplotlib lists
@@ -83,7 +101,7 @@ class _ProcessStarts:
         def execute_child(popen: subprocess.Popen, args: Any, *rest: Any) -> None:
             program = args if isinstance(args, str | bytes | os.PathLike) else args[0]
             if os.path.basename(os.fsdecode(program)) not in INCIDENTAL_PROGRAMS:
-                self.started.append(f"subprocess {args!r}"[:200])
+                self._record(f"subprocess {args!r}"[:200])
             original_execute_child(popen, args, *rest)
 
         original_execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
@@ -94,9 +112,13 @@ class _ProcessStarts:
         spawnv = self._recording("multiprocessing", multiprocessing.util.spawnv_passfds)
         self._wrap(multiprocessing.util, "spawnv_passfds", spawnv)
 
+    def _record(self, what: str) -> None:
+        if threading.get_ident() not in BACKGROUND_THREADS:
+            self.started.append(what)
+
     def _recording(self, what: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def recorded(*args: Any, **kwargs: Any) -> Any:
-            self.started.append(what)
+            self._record(what)
             return function(*args, **kwargs)
 
         return recorded
@@ -151,6 +173,18 @@ def _session_broker(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Torch on one intra-op thread in this process (the builds the tests run pass --threads 1
+    for the same reason). The tests' models are tiny: a second thread gains nothing on them,
+    and while the fleet processes and the background builds share the cores every operation
+    waits for the thread that is off its core (a tiny build took 345 s on 2 threads beside
+    other work, 40 s on 1, with the same weights)."""
+    torch = sys.modules.get("torch")  # imported by the test modules that use it
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -211,28 +245,161 @@ def mqtt_probe(broker: LocalBroker) -> Iterator[Callable[[str], MqttProbe]]:
         probe.stop()
 
 
-def _build_digits_bundle(out: Path, *extra: str) -> Path:
+# -- the digits bundles the fleet tests share ------------------------------------------------
+# Tiny settings through the real `edvit build`, on one thread: the build runs beside the
+# tests (BundleBuilds) and leaves them the other core.
+DIGITS_BUILD = (
+    "--dataset", "digits", "--num-devices", "3", "--size", "test", "--epochs", "15",
+    "--sub-epochs", "3", "--fusion-epochs", "20", "--batch-size", "64", "--threads", "1",
+)  # fmt: skip
+ORIGINAL_WEIGHTS = "original.pt"  # models/build.py saves the original's weights under it
+BUILD_TIMEOUT_S = 600.0
+BUNDLE_FIXTURES = ("digits_bundle", "sliced_digits_bundle")
+
+
+class BundleBuilds:
+    """The digits bundle, then the sliced one (`--shared-blocks 1`, from the digits bundle's
+    trained original), each built once per session by `edvit build` in a process of its own,
+    one after the other on a background thread. Started as soon as the tests are collected
+    when one of them needs a bundle, so that the build overlaps the tests that run first
+    (pytest_collection_modifyitems orders the modules that need a bundle last)."""
+
+    def __init__(self, root: Path, sliced: bool) -> None:
+        self.root, self.sliced = root, sliced
+        self.paths: dict[str, Path] = {}
+        self.errors: dict[str, str] = {}
+        self._done = {fixture: threading.Event() for fixture in BUNDLE_FIXTURES}
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._running = False  # a thread is on its way to building what is wanted
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="bundle-builds", daemon=True)
+
+    def start(self) -> BundleBuilds:
+        with self._lock:
+            self._running = True
+            self._thread.start()
+        return self
+
+    def want_sliced(self) -> None:
+        """Build the sliced bundle too: after the digits one, or now if that is done."""
+        with self._lock:
+            if self.sliced:
+                return
+            self.sliced = True
+            if self._running:
+                return  # _run sees it once the digits bundle is built
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="bundle-builds", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        BACKGROUND_THREADS.add(threading.get_ident())
+        try:
+            if not self._done["digits_bundle"].is_set():
+                self._build("digits_bundle", "digits-3")
+            with self._lock:
+                build_sliced = self.sliced and not self._done["sliced_digits_bundle"].is_set()
+                self._running = build_sliced  # from here on want_sliced starts a thread
+            if build_sliced:
+                extra: tuple[str, ...] = ("--shared-blocks", "1")
+                digits = self.paths.get("digits_bundle")
+                if digits is not None:  # else the sliced build trains an original of its own
+                    extra += ("--checkpoint", str(digits / ORIGINAL_WEIGHTS))
+                self._build("sliced_digits_bundle", "digits-3-k1", *extra)
+                with self._lock:
+                    self._running = False
+        finally:
+            BACKGROUND_THREADS.discard(threading.get_ident())
+
+    def _build(self, fixture: str, name: str, *extra: str) -> None:
+        out, log_path = self.root / name, self.root / f"{name}.log"
+        command = [sys.executable, "-m", "edvit", "build", *DIGITS_BUILD, "--out", str(out), *extra]
+        try:
+            code = self._run_build(command, log_path)
+            if code == 0:
+                self.paths[fixture] = out
+            elif self._stopping.is_set():
+                self.errors[fixture] = "the session ended before the build did"
+            else:
+                why = f"exited {code}" if code is not None else f"ran over {BUILD_TIMEOUT_S:.0f} s"
+                tail = log_path.read_text()[-3000:]
+                self.errors[fixture] = f"{' '.join(command)} {why}:\n{tail}"
+        except Exception as exc:
+            self.errors[fixture] = f"{' '.join(command)} could not run: {exc!r}"
+        finally:
+            self._done[fixture].set()
+
+    def _run_build(self, command: list[str], log_path: Path) -> int | None:
+        """The build's exit code; None when it ran over its time (it is killed) or the
+        session ended first."""
+        with log_path.open("w") as log, self._lock:
+            if self._stopping.is_set():
+                return None
+            process = self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        try:
+            return process.wait(BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return None
+
+    def get(self, fixture: str) -> Path:
+        """The bundle's folder, once built; the build's error and log tail otherwise."""
+        if fixture == "sliced_digits_bundle":
+            self.want_sliced()
+        self._done[fixture].wait()
+        if fixture in self.errors:
+            pytest.fail(self.errors[fixture], pytrace=False)
+        return self.paths[fixture]
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            if self._process is not None and self._process.poll() is None:
+                self._process.kill()
+        self._thread.join()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+BUILDS = pytest.StashKey[BundleBuilds]()
+
+
+def _bundle_builds(config: pytest.Config, sliced: bool = False) -> BundleBuilds:
+    """The session's builds: started at collection (pytest_collection_finish), or by the first
+    fixture that asks for a bundle."""
+    builds = config.stash.get(BUILDS, None)
+    if builds is None:
+        root = Path(tempfile.mkdtemp(prefix="edvit-test-bundles-"))
+        builds = config.stash[BUILDS] = BundleBuilds(root, sliced).start()
+    return builds
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    wanted = {f for item in session.items for f in getattr(item, "fixturenames", ())}
+    if wanted & set(BUNDLE_FIXTURES):
+        _bundle_builds(session.config, sliced="sliced_digits_bundle" in wanted)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    builds = session.config.stash.get(BUILDS, None)
+    if builds is not None:
+        builds.stop()
+
+
+@pytest.fixture(scope="session")
+@tier("slow")
+def digits_bundle(request: pytest.FixtureRequest) -> Path:
     """A 3-sub-model digits bundle made by the real `edvit build` command (tiny settings)."""
-    command = [
-        sys.executable, "-m", "edvit", "build", "--dataset", "digits", "--num-devices", "3",
-        "--out", str(out), "--size", "test", "--epochs", "15", "--sub-epochs", "3",
-        "--fusion-epochs", "20",
-        *extra,
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+    return _bundle_builds(request.config).get("digits_bundle")
 
 
 @pytest.fixture(scope="session")
 @tier("slow")
-def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build_digits_bundle(tmp_path_factory.mktemp("fleet-bundle") / "digits-3")
-
-
-@pytest.fixture(scope="session")
-@tier("slow")
-def sliced_digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sliced_digits_bundle(request: pytest.FixtureRequest) -> Path:
     """The same with a 1-block stem shared by every sub-model (`--shared-blocks 1`)."""
-    out = tmp_path_factory.mktemp("sliced-bundle") / "digits-3-k1"
-    return _build_digits_bundle(out, "--shared-blocks", "1")
+    return _bundle_builds(request.config).get("sliced_digits_bundle")

@@ -50,12 +50,18 @@ def parse(*argv: str) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 @tier("slow")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def built(tmp_path_factory: pytest.TempPathFactory, digits_bundle: Path) -> tuple[Path, dict]:
+    """A tiny build for INVENTORY from the original the session's digits bundle trained
+    (--checkpoint), so that the original is not trained twice; on one thread, like every
+    build in the tests (conftest.py)."""
     root = tmp_path_factory.mktemp("ed-vit")
     inventory = root / "devices.json"
     inventory.write_text(json.dumps(INVENTORY))
     out = root / "bundle"
-    report = build_tiny_digits_bundle(out, devices_file=str(inventory))
+    original = str(digits_bundle / ORIGINAL_WEIGHTS)
+    report = build_tiny_digits_bundle(
+        out, devices_file=str(inventory), checkpoint=original, threads=1
+    )
     return out, report
 
 
@@ -123,7 +129,7 @@ def test_a_fleet_too_small_even_after_pruning_fails_in_one_line(tmp_path: Path) 
     )
     argv = ("--dataset", "digits", "--devices", str(inventory), "--out", str(tmp_path / "b"))
     fast = ("--size", "test", "--epochs", "1", "--sub-epochs", "0", "--recover-epochs", "0",
-            "--prune-steps", "1")  # fmt: skip
+            "--prune-steps", "1", "--threads", "1")  # fmt: skip
     args = parse(*argv, *fast)
     with pytest.raises(ConfigError) as caught:
         cli.run(args)
