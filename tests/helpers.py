@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -18,6 +18,25 @@ if TYPE_CHECKING:
     from edvit.fleet.ops.local import LocalFleet
 
 DEFAULT_TIMEOUT = 5.0
+TIER_ATTRIBUTE = "edvit_tiers"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def tier(*markers: str) -> Callable[[F], F]:
+    """What a fixture starts or builds, as tier markers ("broker", "fleet", "slow"): every
+    test that uses the fixture, directly or through other fixtures, is marked with them
+    (tests/conftest.py). Goes under `@pytest.fixture`:
+
+        @pytest.fixture(scope="module")
+        @tier("broker")
+        def secured_broker(...): ...
+    """
+
+    def declare(fixture_function: F) -> F:
+        setattr(fixture_function, TIER_ATTRIBUTE, markers)
+        return fixture_function
+
+    return declare
 
 
 class MqttProbe:

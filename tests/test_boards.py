@@ -74,6 +74,7 @@ def test_bad_boards_yaml_is_one_clear_error(data: object, message: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.fleet
 def test_a_file_that_is_not_yaml_or_missing(tmp_path: Path) -> None:
     bad = tmp_path / "boards.yaml"
     bad.write_text("boards: [\n")
@@ -138,6 +139,8 @@ def _burst(broker_url: str, topics: Topics, seconds: float) -> None:
         client.stop()
 
 
+@pytest.mark.broker
+@pytest.mark.fleet
 def test_fleet_up_serves_through_shaped_boards_and_down_leaves_nothing(
     run_dir: Path, tmp_path: Path
 ) -> None:

@@ -152,6 +152,7 @@ def test_add_arguments_defaults() -> None:
     assert (args.host, args.port, args.kind) == ("127.0.0.1", 1884, "embedded")
 
 
+@pytest.mark.broker
 def test_run_prints_one_line_and_stops_on_sigterm(capsys: pytest.CaptureFixture[str]) -> None:
     port = find_free_port()
     args = argparse.Namespace(host="127.0.0.1", port=port, kind="embedded")

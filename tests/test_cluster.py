@@ -23,7 +23,7 @@ from edvit.fleet.ops.local import LocalFleet
 from edvit.fleet.ops.watch import PredictionStream
 from edvit.schemas import PredictionMsg
 from edvit.topics import Topics
-from helpers import assert_exit_codes
+from helpers import assert_exit_codes, tier
 
 FPS = 10
 
@@ -51,6 +51,7 @@ def _wait_for_predictions(stream: PredictionStream, count: int, timeout: float) 
             seen += 1
 
 
+@pytest.mark.fleet
 @pytest.mark.slow
 def test_fleet_keeps_answering_when_the_aggregators_nats_node_dies(
     nats_cluster: NatsCluster, tmp_path: Path
@@ -104,6 +105,7 @@ def test_fleet_keeps_answering_when_the_aggregators_nats_node_dies(
 
 
 @pytest.fixture
+@tier("broker")
 def bridged_brokers(tmp_path: Path) -> Iterator[tuple[LocalBroker, LocalBroker]]:
     """(edge, central): the edge mosquitto bridges edvit/# both ways to the central one."""
     if mosquitto_path() is None:
@@ -134,6 +136,7 @@ def bridged_brokers(tmp_path: Path) -> Iterator[tuple[LocalBroker, LocalBroker]]
         central.stop()
 
 
+@pytest.mark.fleet
 @pytest.mark.slow
 def test_fleet_split_over_a_mosquitto_bridge_answers_every_frame(
     bridged_brokers: tuple[LocalBroker, LocalBroker], tmp_path: Path

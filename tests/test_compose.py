@@ -168,6 +168,7 @@ def test_deploy_waits_for_every_scaled_node(model: ComposeFile) -> None:
     assert deploy_args.wait_nodes == node.model_extra["scale"] == 3
 
 
+@pytest.mark.broker
 def test_mosquitto_accepts_the_compose_config(tmp_path: Path) -> None:
     binary = mosquitto_path()
     if binary is None:

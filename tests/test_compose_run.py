@@ -19,7 +19,7 @@ import pytest
 
 from edvit.schemas import PlanMsg, PredictionMsg, StatusMsg, decode
 from edvit.topics import Topics
-from helpers import MqttProbe
+from helpers import MqttProbe, tier
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "edvit-compose-test"
@@ -41,6 +41,7 @@ def _why_not() -> str | None:
 
 
 @pytest.fixture(scope="module")
+@tier("broker", "fleet", "slow")
 def fleet() -> Iterator[str]:
     """The broker container's address, with the fleet up."""
     why = _why_not()

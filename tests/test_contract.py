@@ -169,6 +169,7 @@ def test_undecodable_or_inconsistent_frames() -> None:
         decode_frame(_frame(data=bytes(10)))
 
 
+@pytest.mark.fleet
 def test_runtime_services_import_neither_torch_nor_timm() -> None:
     import subprocess
     import sys

@@ -222,6 +222,7 @@ def _more_traffic(publisher: MqttClient, topics: Topics, plan_id: str) -> None:
         publisher.publish_and_wait(topics.predictions(camera), json.dumps(payload).encode())
 
 
+@pytest.mark.broker
 def test_the_dashboard_identity_over_tls_sees_the_fleet_but_no_frames(tmp_path: Path) -> None:
     """`edvit secure init` without --dashboard-sees-frames: the `dashboard` login reads node
     statuses and predictions through the ACL, and a frame never reaches it even with

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import tier
+
 pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
@@ -47,12 +49,19 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+@tier("slow")
+def built(tmp_path_factory: pytest.TempPathFactory, digits_bundle: Path) -> tuple[Path, dict]:
+    """A tiny build for INVENTORY from the original the session's digits bundle trained
+    (--checkpoint), so that the original is not trained twice; on one thread, like every
+    build in the tests (conftest.py)."""
     root = tmp_path_factory.mktemp("ed-vit")
     inventory = root / "devices.json"
     inventory.write_text(json.dumps(INVENTORY))
     out = root / "bundle"
-    report = build_tiny_digits_bundle(out, devices_file=str(inventory))
+    original = str(digits_bundle / ORIGINAL_WEIGHTS)
+    report = build_tiny_digits_bundle(
+        out, devices_file=str(inventory), checkpoint=original, threads=1
+    )
     return out, report
 
 
@@ -112,13 +121,15 @@ def test_original_weights_are_saved_for_reuse(built: tuple[Path, dict]) -> None:
     assert ORIGINAL_WEIGHTS not in Bundle.load(out).manifest.files
 
 
+@pytest.mark.slow
 def test_a_fleet_too_small_even_after_pruning_fails_in_one_line(tmp_path: Path) -> None:
     inventory = tmp_path / "devices.yaml"
     inventory.write_text(
         "devices:\n  - {id: tiny-a, memory_mb: 0.001}\n  - {id: tiny-b, memory_mb: 0.001}\n"
     )
     argv = ("--dataset", "digits", "--devices", str(inventory), "--out", str(tmp_path / "b"))
-    fast = ("--epochs", "1", "--sub-epochs", "0", "--recover-epochs", "0", "--prune-steps", "1")
+    fast = ("--size", "test", "--epochs", "1", "--sub-epochs", "0", "--recover-epochs", "0",
+            "--prune-steps", "1", "--threads", "1")  # fmt: skip
     args = parse(*argv, *fast)
     with pytest.raises(ConfigError) as caught:
         cli.run(args)
@@ -127,6 +138,7 @@ def test_a_fleet_too_small_even_after_pruning_fails_in_one_line(tmp_path: Path) 
     assert "tiny-" in message and "MB short" in message
 
 
+@pytest.mark.fleet
 def test_a_mismatched_checkpoint_fails_in_one_line(tmp_path: Path) -> None:
     checkpoint = tmp_path / "other.pt"
     torch.save({"model": make_vit("small", 28, 1, 10).state_dict()}, checkpoint)

@@ -15,6 +15,7 @@ import pytest
 from edvit.broker.local import LocalBroker, find_free_port, mosquitto_path
 from edvit.errors import BrokerError, ConfigError
 from edvit.mqtt import BrokerAddress, Connection, MqttClient
+from helpers import tier
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
 
@@ -41,6 +42,7 @@ def test_a_broker_list_mixing_tls_and_plain_is_refused() -> None:
 
 
 @pytest.fixture
+@tier("broker")
 def two_brokers(tmp_path: Path) -> Iterator[tuple[LocalBroker, LocalBroker]]:
     first = LocalBroker(kind="mosquitto", log_path=tmp_path / "first.log")
     second = LocalBroker(kind="mosquitto", log_path=tmp_path / "second.log")

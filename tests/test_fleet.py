@@ -45,6 +45,7 @@ def _start_fleet(fleet: LocalFleet, bundle: Bundle, broker: LocalBroker, topics:
     return plan, stream
 
 
+@pytest.mark.fleet
 def test_every_frame_gets_one_prediction_equal_to_offline(
     broker: LocalBroker, digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -81,6 +82,7 @@ def test_every_frame_gets_one_prediction_equal_to_offline(
     assert all(p.latency_ms > 0 for p in predictions)
 
 
+@pytest.mark.fleet
 def test_bad_payloads_are_dropped_and_the_fleet_keeps_serving(
     mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -123,6 +125,7 @@ def test_bad_payloads_are_dropped_and_the_fleet_keeps_serving(
     assert "bad_payloads=1" in aggregator_log
 
 
+@pytest.mark.fleet
 def test_node_refuses_a_model_whose_sha256_does_not_match(
     mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -180,6 +183,7 @@ def _collect_status(statuses: queue.Queue, predicate, timeout: float) -> StatusM
     raise AssertionError("status not seen")
 
 
+@pytest.mark.fleet
 def test_killed_node_goes_offline_through_its_will(
     mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -202,6 +206,7 @@ def test_killed_node_goes_offline_through_its_will(
         client.stop()
 
 
+@pytest.mark.fleet
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -224,6 +229,7 @@ def test_bad_cli_input_gives_one_line_and_exit_2(args: list[str], message: str) 
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.fleet
 def test_fleet_reconnects_and_resubscribes_after_broker_restart(
     mosquitto_broker: LocalBroker, digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -264,6 +270,7 @@ def test_fleet_reconnects_and_resubscribes_after_broker_restart(
         assert "lost broker" in fleet.log_path(node).read_text()
 
 
+@pytest.mark.fleet
 @pytest.mark.parametrize("bundle_kind", ["digits", "shipped"])
 def test_demo_command_prints_summary_and_exits_0(
     bundle_kind: str, digits_bundle: Path, tmp_path: Path

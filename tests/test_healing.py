@@ -10,7 +10,11 @@ from edvit.broker.local import mosquitto_path
 from edvit.fleet.chaos.scenarios import run_chaos
 from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 
-pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
+pytestmark = [
+    pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed"),
+    pytest.mark.broker,
+    pytest.mark.fleet,
+]
 
 
 def _run(name: str) -> dict:

@@ -210,6 +210,7 @@ def _value(text: str, prefix: str) -> float:
     return float(lines[0].rsplit(" ", 1)[1])
 
 
+@pytest.mark.fleet
 @pytest.mark.slow
 def test_a_fleet_exposes_its_metrics(mosquitto_broker: LocalBroker, tmp_path: Path) -> None:
     """Two nodes, the aggregator and a camera with --metrics-port: every frame shows up as

@@ -30,6 +30,7 @@ def _edvit(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.fleet
 def test_plan_writes_assignment_that_deploy_uses(bundle_copy: Path, tmp_path: Path) -> None:
     devices = tmp_path / "devices.yaml"
     # One big slow board and two small fast ones: each small one can hold one sub-model
@@ -55,6 +56,7 @@ def test_plan_writes_assignment_that_deploy_uses(bundle_copy: Path, tmp_path: Pa
     assert bundle_assignments(bundle, ["a"]) == {"a": ("sub0", "sub1", "sub2")}
 
 
+@pytest.mark.fleet
 def test_plan_refuses_a_fleet_that_is_too_small(bundle_copy: Path, tmp_path: Path) -> None:
     devices = tmp_path / "devices.json"
     devices.write_text('{"devices": [{"id": "tiny", "memory_mb": 1.0, "speed": 1}]}')

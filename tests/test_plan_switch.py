@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.fleet.ops.deploy import deploy
@@ -37,6 +39,7 @@ def _drain(stream: PredictionStream, until: float) -> list[PredictionMsg]:
     return got
 
 
+@pytest.mark.fleet
 def test_redeploying_another_bundle_under_a_20_fps_stream_loses_and_repeats_nothing(
     mosquitto_broker: LocalBroker, digits_bundle: Path, sliced_digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -88,6 +91,7 @@ def test_redeploying_another_bundle_under_a_20_fps_stream_loses_and_repeats_noth
     assert sum(p.degraded for p in predictions) <= 3, "only frames caught mid-switch degrade"
 
 
+@pytest.mark.fleet
 def test_camera_head_follows_every_plan_and_falls_back_to_frames(
     mosquitto_broker: LocalBroker, digits_bundle: Path, sliced_digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -136,6 +140,7 @@ def test_camera_head_follows_every_plan_and_falls_back_to_frames(
     assert fleet.log_tail("camera", 200).count("refused plan") == 1
 
 
+@pytest.mark.fleet
 def test_deploy_clear_on_a_sliced_bundle_leaves_no_retained_message(
     mosquitto_broker: LocalBroker, sliced_digits_bundle: Path
 ) -> None:

@@ -14,6 +14,8 @@ import pytest
 
 from edvit.process import stop_process, stop_processes
 
+pytestmark = pytest.mark.fleet  # real child processes
+
 GRACE_S = 0.3
 
 # What the child does on each signal; it prints "ready" once its handlers are in place.

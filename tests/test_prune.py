@@ -219,6 +219,7 @@ def test_iterative_prune_reaches_the_budget_with_recovery_between_steps() -> Non
     assert count_params(pruned) <= budget and pruned.embed_dim == 16
 
 
+@pytest.mark.slow
 def test_onnx_parity_and_fewer_nodes_after_pruning(tmp_path: Path) -> None:
     vit = seeded_vit("small", 28)
     pruned = prune_vit(vit, heavy_spec(vit))

@@ -86,6 +86,7 @@ def _publish_plan(broker: LocalBroker, topics: Topics, assignments: dict) -> obj
     return plan
 
 
+@pytest.mark.fleet
 def test_replicas_split_the_frames_and_every_frame_is_answered_once(
     mosquitto_broker: LocalBroker, tmp_path: Path
 ) -> None:
@@ -150,6 +151,7 @@ def _retained(broker: LocalBroker, topic: str, timeout: float = 10.0) -> dict:
         client.stop()
 
 
+@pytest.mark.fleet
 def test_shards_answer_their_own_cameras_once_and_same_id_nodes_stay_connected(
     mosquitto_broker: LocalBroker, tmp_path: Path
 ) -> None:

@@ -35,6 +35,7 @@ from edvit.fleet.ops import secure
 from edvit.limits import MESSAGE_EXPIRY_S
 from edvit.mqtt import Connection, MqttClient
 from edvit.topics import Topics
+from helpers import tier
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
 
@@ -121,6 +122,7 @@ def _add_observer(directory: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+@tier("broker")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     directory = tmp_path_factory.mktemp("secure") / "fleet"
     secure.init(directory, secure.parse_identities(NODES, CAMERAS), port=8883)
@@ -453,6 +455,7 @@ def _connection(sb: SecureBroker, identity: str) -> Connection:
     return secure.login(sb.dir, identity, f"mqtts://localhost:{sb.broker.port}")
 
 
+@pytest.mark.fleet
 @pytest.mark.slow
 def test_a_fleet_answers_frames_over_tls(secured: SecureBroker, tmp_path: Path) -> None:
     """deploy, one node, the aggregator and a camera, each with its own identity, and the
@@ -506,6 +509,7 @@ DYNSEC_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
 
 
 @pytest.fixture(scope="module")
+@tier("broker")
 def refusing_broker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Path, LocalBroker]]:

@@ -33,7 +33,7 @@ from edvit.schemas import (
 )
 from edvit.signing import PlanSignatureError, SigningKey, TrustKey, signed_bytes
 from edvit.topics import Topics
-from helpers import planner_with_ready_nodes, wait_until
+from helpers import planner_with_ready_nodes, tier, wait_until
 
 KEY = SigningKey(ed25519.Ed25519PrivateKey.generate())
 OTHER = SigningKey(ed25519.Ed25519PrivateKey.generate())
@@ -287,6 +287,7 @@ def test_the_planner_ignores_a_plan_its_key_did_not_sign() -> None:
 
 
 @pytest.fixture(scope="module")
+@tier("broker")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, LocalBroker]]:
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed")
@@ -311,6 +312,7 @@ def _connection(directory: Path, broker: LocalBroker, identity: str) -> Connecti
     return secure.login(directory, identity, f"mqtts://localhost:{broker.port}")
 
 
+@pytest.mark.fleet
 @pytest.mark.slow
 def test_a_plan_from_the_password_without_the_key_is_refused_by_the_node(
     secured: tuple[Path, LocalBroker], tmp_path: Path

@@ -29,6 +29,7 @@ from helpers import assert_exit_codes, collect_predictions
 FRAMES = 15
 
 
+@pytest.mark.fleet
 @pytest.mark.parametrize("strategy", ["per-entry", "merged"])
 def test_frames_and_tokens_give_the_offline_answers(
     strategy: str, mosquitto_broker: LocalBroker, sliced_digits_bundle: Path, tmp_path: Path
@@ -63,6 +64,7 @@ def test_frames_and_tokens_give_the_offline_answers(
         np.testing.assert_allclose([p.score for p in mine], offline.max(axis=1), atol=1e-4)
 
 
+@pytest.mark.fleet
 def test_bad_tokens_are_dropped_with_one_line_each(
     mosquitto_broker: LocalBroker, sliced_digits_bundle: Path, tmp_path: Path
 ) -> None:
@@ -96,6 +98,7 @@ def test_bad_tokens_are_dropped_with_one_line_each(
     assert log.count("tokens at block 5; the stem has 1") == 1, log
 
 
+@pytest.mark.fleet
 def test_camera_asking_for_more_head_slices_than_the_stem_fails_at_start(
     mosquitto_broker: LocalBroker, sliced_digits_bundle: Path
 ) -> None:

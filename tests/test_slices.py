@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import tier
+
 torch = pytest.importorskip("torch")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
@@ -48,6 +50,7 @@ def _submodel_sharing_stem(original: VisionTransformer, seed: int, keep_heads: l
 
 
 @pytest.fixture(scope="module")
+@tier("slow")
 def sliced(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("slices")
     original = _vit(0)

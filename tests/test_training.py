@@ -133,6 +133,7 @@ def test_a_bad_device_is_a_config_error_before_any_work(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sub_models_trained_side_by_side_make_the_same_bundle(tmp_path) -> None:
     """--jobs only changes where the sub-models train: the weights, and so the fused
     accuracy, are those of the one-at-a-time build (the fusion is seeded on its own)."""
@@ -185,6 +186,8 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.fleet
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_killing_a_parallel_build_stops_its_workers(tmp_path) -> None:
     """SIGKILL leaves no chance to shut the pool down: the workers must not train on."""

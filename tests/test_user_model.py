@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import tier
+
 pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 cv2 = pytest.importorskip("cv2")
@@ -117,12 +119,14 @@ def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 @pytest.fixture(scope="module")
+@tier("slow")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, dict]:
     root = tmp_path_factory.mktemp("user-model")
     folder = make_image_folder(root / "images")
     checkpoint = save_checkpoint(root / "finetuned.pth.tar", folder)
     out = root / "bundle"
-    fast = ("--sub-epochs", "1", "--fusion-epochs", "2", "--batch-size", "16", "--prune-steps", "1")
+    fast = ("--sub-epochs", "1", "--fusion-epochs", "2", "--batch-size", "16", "--prune-steps", "1",
+            "--threads", "1")  # fmt: skip
     assert main(build_argv(folder, checkpoint, out, *fast)) == 0
     return folder, checkpoint, out, json.loads((out / "report.json").read_text())
 
