@@ -336,6 +336,7 @@ def test_a_plan_delivered_again_unchanged_is_not_a_publication(three_node_plan: 
 
 # -- the connection guard on a real broker -------------------------------------------------
 @needs_mosquitto
+@pytest.mark.broker
 def test_publish_now_never_reaches_a_later_connection() -> None:
     with LocalBroker(kind="mosquitto") as broker:
         seen: queue.Queue[bytes] = queue.Queue()
@@ -376,17 +377,21 @@ def _partition(name: str) -> dict:
 
 
 @needs_mosquitto
+@pytest.mark.fleet
 def test_a_broker_restart_with_its_store_leaves_answers_whole_on_one_plan() -> None:
     r = _partition("broker-restart")
     assert r["plans_published_after_fault"] == []  # at most one; none while disconnected
 
 
 @needs_mosquitto
+@pytest.mark.fleet
 def test_a_broker_that_lost_its_store_still_serves_the_deployed_plan() -> None:
     r = _partition("broker-crash")
     assert r["counters"]["plans_republished"] == 1
 
 
+@pytest.mark.fleet
+@pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("EDVIT_PARTITION_MATRIX") != "1",
     reason="the rest of the partition matrix takes minutes: EDVIT_PARTITION_MATRIX=1",
