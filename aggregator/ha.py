@@ -3,8 +3,9 @@
 Each camera gets one retained config under `{ha_prefix}/sensor/{node_id}/{object_id}/config`
 (node_id from the topic prefix, object_id from the camera id), published once, by the
 answering aggregator, when it answers the camera's first frame. The sensor's state is the
-class of the camera's latest prediction, its attributes the score, latency, degraded flag
-and seq; it is available while the serving aggregator's retained status says it answers.
+class of the camera's latest prediction, its attributes the score, latency, degraded flag,
+seq, plan and untrained flag (a bundle of random weights, also named in the device model);
+it is available while the serving aggregator's retained status says it answers.
 Key names follow https://www.home-assistant.io/integrations/sensor.mqtt/ (full names, no
 abbreviations).
 """
@@ -33,7 +34,8 @@ STATE_TEMPLATE = "{{ value_json['class'] }}"
 ATTRIBUTES_TEMPLATE = (
     "{{ {'score': value_json.score, 'latency_ms': value_json.latency_ms, "
     "'degraded': value_json.degraded, 'seq': value_json.seq, "
-    "'plan_id': value_json.plan_id} | tojson }}"
+    "'plan_id': value_json.plan_id, "
+    "'untrained': value_json.untrained | default(false)} | tojson }}"
 )
 # The aggregator status (edvit.schemas.StatusMsg) says "ready" when it serves the newest
 # plan and "online" with a serving_plan_id while a newer one loads: both answer frames.
@@ -71,7 +73,8 @@ def model_name(plan: PlanMsg | None) -> str:
     by name; its sha256 is stable across the plans a planner re-places)."""
     if plan is None:
         return "ED-ViT"
-    return f"ED-ViT bundle {plan.bundle_sha256[:12]}"
+    untrained = " (untrained: random weights)" if plan.untrained else ""
+    return f"ED-ViT bundle {plan.bundle_sha256[:12]}{untrained}"
 
 
 def sensor_config(topics: Topics, camera: str, plan: PlanMsg | None = None) -> dict[str, object]:

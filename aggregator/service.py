@@ -618,6 +618,7 @@ class Aggregator:
             plan_id=plan.plan_id,
             true_label=frame.label,
             timings=stage_timings(frame, fusion_started, answered, fusion_ms),
+            untrained=plan.untrained,
         )
         if self.ha is not None:
             self.ha.saw(camera, plan)  # first, so Home Assistant may catch this answer too
