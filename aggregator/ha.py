@@ -14,7 +14,8 @@ sees answered), the dashboard and `edvit watch` never get an old prediction deli
 new one when they subscribe. The state is published when the class or the degraded flag
 changes and otherwise at most once every `STATE_INTERVAL_S`, so Home Assistant's recorder
 does not write a row per frame; the class shown is always the latest, the attributes (score,
-latency, seq) at most that old.
+latency, seq, untrained) at most that old. A bundle of random weights
+(untrained) is also named in the device model.
 
 A sensor is available while the serving aggregator's retained status says it answers: not
 after a clean stop (status `offline`), a crash or a network cut (the broker sends the Will,
@@ -51,7 +52,8 @@ STATE_TEMPLATE = "{{ value_json['class'] }}"
 ATTRIBUTES_TEMPLATE = (
     "{{ {'score': value_json.score, 'latency_ms': value_json.latency_ms, "
     "'degraded': value_json.degraded, 'seq': value_json.seq, "
-    "'plan_id': value_json.plan_id} | tojson }}"
+    "'plan_id': value_json.plan_id, "
+    "'untrained': value_json.untrained | default(false)} | tojson }}"
 )
 # The aggregator status (edvit.schemas.StatusMsg) says "ready" when it serves the newest
 # plan and "online" with a serving_plan_id while a newer one loads: both answer frames. A
@@ -117,7 +119,8 @@ def model_name(plan: PlanMsg | None) -> str:
     by name; its sha256 is stable across the plans a planner re-places)."""
     if plan is None:
         return "ED-ViT"
-    return f"ED-ViT bundle {plan.bundle_sha256[:12]}"
+    untrained = " (untrained: random weights)" if plan.untrained else ""
+    return f"ED-ViT bundle {plan.bundle_sha256[:12]}{untrained}"
 
 
 def sensor_config(

@@ -622,6 +622,7 @@ class Aggregator:
             plan_id=plan.plan_id,
             true_label=frame.label,
             timings=stage_timings(frame, fusion_started, answered, fusion_ms),
+            untrained=plan.untrained,
         )
         payload = encode(prediction)
         self.client.publish(self.topics.predictions(camera), payload, qos=1)

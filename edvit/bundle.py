@@ -8,6 +8,9 @@ A bundle is a folder::
     fusion.onnx          the MLP that turns concatenated features into class logits
     report.json          accuracies, parameter counts, bytes
 
+A bundle built with ``edvit build --untrained`` says so (``untrained: true``): its models have
+random weights, for capacity planning (sizes, latencies) only.
+
 ONNX signatures (fixed by the contract, batch dimension dynamic):
 - original:  image [B, C, H, W] float32 -> logits [B, num_classes]
 - sub-model: image [B, C, H, W] float32 -> features [B, feature_dim]
@@ -70,7 +73,8 @@ class OriginalSpec(_Frozen):
     file: str = "original.onnx"
     architecture: str
     params: int = Field(ge=0)
-    # Where the original came from: "trained" by edvit build, or the --checkpoint path given.
+    # Where the original came from: "trained" by edvit build, the --checkpoint path given, or
+    # "untrained" (random weights, `edvit build --untrained`).
     source: str = "trained"
 
 
@@ -111,6 +115,9 @@ class Manifest(_Frozen):
     seed: int
     created: str
     edvit_version: str
+    # Built with `edvit build --untrained`: random weights, for sizes and latencies only; its
+    # predictions mean nothing. Manifests written before the field read as trained.
+    untrained: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

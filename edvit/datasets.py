@@ -25,6 +25,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -128,8 +129,7 @@ def load_digits(split: str) -> Dataset:
     n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
     chosen = order[-n_test:] if split == "test" else order[:-n_test]
     chosen = np.sort(chosen)
-    names = tuple(str(d) for d in range(10))
-    return Dataset("digits", split, images[chosen], labels[chosen], names)
+    return Dataset("digits", split, images[chosen], labels[chosen], DIGITS_CLASSES)
 
 
 # --- CIFAR-10 ------------------------------------------------------------------------
@@ -367,4 +367,28 @@ def load_dataset(name: str, split: str, root: str | Path | None = None) -> Datas
         return load_cifar10(split, root_path)
     if name == "imagefolder":
         return load_imagefolder(split, root_path)
+    raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def dataset_class_names(name: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """A dataset's class names without reading its images: built in for fashion-mnist and
+    digits, CIFAR-10's meta file, an image folder's class folders."""
+    root_path = Path(root) if root else None
+    if name == "fashion-mnist":
+        return FASHION_MNIST_CLASSES
+    if name == "digits":
+        return DIGITS_CLASSES
+    if name == "cifar10":
+        if root_path is None:
+            raise ConfigError(f"cifar10 needs --data-dir: the folder holding {CIFAR10_META_FILE}")
+        meta = cifar10_folder(root_path) / CIFAR10_META_FILE
+        if not meta.is_file():
+            raise ConfigError(f"{meta} not found: cifar10's class names are in it")
+        return read_cifar10_class_names(meta)
+    if name == "imagefolder":
+        if root_path is None or not root_path.is_dir():
+            raise ConfigError("imagefolder needs --data-dir: a folder of <class_name>/ folders")
+        train = root_path / "train"
+        split = train.is_dir() and (root_path / "test").is_dir()
+        return imagefolder_classes(train if split else root_path)
     raise ConfigError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")

@@ -172,6 +172,9 @@ class PlanMsg(_Message):
     # of its public key) and the Ed25519 signature over every other field, base64.
     key_id: str | None = Field(default=None, max_length=64)
     signature: str | None = Field(default=None, max_length=256)
+    # v1 addition: the bundle was built with `edvit build --untrained` (random weights): its
+    # answers are for measuring, not for use. Signed only when true (edvit/signing.py).
+    untrained: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanMsg:
@@ -374,6 +377,8 @@ class PredictionMsg(_Message):
     # features came last (STAGES, in order). Stages across two machines (to_node,
     # to_aggregator) compare their clocks; `other` is what no stage accounts for.
     timings: dict[str, float] = Field(default_factory=dict, max_length=16)
+    # v1 addition: the plan's bundle is untrained (random weights): the class is meaningless.
+    untrained: bool = False
 
 
 # PredictionMsg.timings keys, in the frame's order through the fleet.

@@ -34,11 +34,23 @@ class PlanSignatureError(IntegrityError):
     """A plan that is unsigned, or whose signature the trusted key does not verify."""
 
 
+# Fields added after signing existed, left out of the signed bytes while at their default: a
+# plan signed before a field existed still verifies, and one that sets it is signed with it.
+LATER_FIELDS = ("untrained",)
+
+
 def signed_bytes(plan: PlanMsg) -> bytes:
-    """The bytes a plan's signature covers: every field but the signature, canonical JSON."""
-    fields = plan.model_dump(mode="json", by_alias=True, exclude={"signature"})
+    """The bytes a plan's signature covers: every field but the signature (and the
+    ``LATER_FIELDS`` at their defaults), canonical JSON."""
+    exclude = {"signature"}
+    exclude |= {name for name in LATER_FIELDS if getattr(plan, name) == _default(name)}
+    fields = plan.model_dump(mode="json", by_alias=True, exclude=exclude)
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return DOMAIN + text.encode()
+
+
+def _default(name: str) -> object:
+    return PlanMsg.model_fields[name].default
 
 
 def _key_id(public: ed25519.Ed25519PublicKey) -> str:

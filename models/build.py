@@ -54,13 +54,14 @@ A user's own model (``--model NAME --checkpoint FILE``): the original is timm's 
 class per dataset class. Preprocessing is then the model's, not the data's: images resized to
 its input size, normalised with the mean and std of the name's pretrained config (what timm
 fine-tunes with). The rest (pruning budgets, placement, fusion) is read from the model itself.
+
+Untrained (``--model NAME --untrained``): the same pruning, export and placement on random
+weights with no training and no image read, for capacity planning (models/build_untrained.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,9 +108,11 @@ from .build_settings import (
     split_classes,
     sub_steps_of,
     subset_epochs,
+    timed,
     validate,
 )
 from .build_submodels import branch_spec, feature_params, make_submodels
+from .build_untrained import build_untrained_bundle
 from .prune import describe
 from .train import predict, resolve_device, set_threads
 from .vit import SubModel, count_params
@@ -147,14 +150,6 @@ PARITY_SAMPLES = 64
 TINY_DIGITS = dict(size="test", epochs=15, sub_epochs=3, fusion_epochs=20, batch_size=64, lr=2e-3)
 
 
-@contextmanager
-def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Record the seconds the ``with`` body takes as ``timings[phase]``."""
-    mark = time.time()
-    yield
-    timings[phase] = time.time() - mark
-
-
 def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = False) -> dict:
     """Build a bundle into ``out``; returns the report (also written to report.json)."""
     validate(settings)
@@ -163,6 +158,8 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
     except ValueError as exc:
         raise ConfigError(f"--device: {exc}") from None
     out = Path(out)
+    if settings.untrained:
+        return build_untrained_bundle(settings, out, force=force)
     started = time.time()
     threads = set_threads(settings.threads)
     user = load_user_model(settings)

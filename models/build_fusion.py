@@ -35,11 +35,18 @@ def train_fusion(
         axis=1,
     )
     dims = tuple(s.feature_dim for s in submodels)
+    hidden = fusion_width(settings, submodels, num_classes)
+    return fit_fusion(settings, features, dims, hidden, y_train, teacher_logits)
+
+
+def fusion_width(settings: BuildSettings, submodels: list[SubModel], num_classes: int) -> int:
+    """--fusion-hidden, else the widest hidden layer within ``FUSION_SHARE`` of the largest
+    sub-model."""
+    dims = tuple(s.feature_dim for s in submodels)
     largest = max(feature_params(s.vit) for s in submodels)
-    hidden = settings.fusion_hidden or fusion_hidden_for(
+    return settings.fusion_hidden or fusion_hidden_for(
         dims, num_classes, int(FUSION_SHARE * largest)
     )
-    return fit_fusion(settings, features, dims, hidden, y_train, teacher_logits)
 
 
 def fit_fusion(

@@ -37,6 +37,7 @@ from .build_settings import (
     SUBMODEL_DIR,
     BuildSettings,
     log,
+    runs_of,
     sub_steps_of,
 )
 from .build_submodels import SubModels, check_stem_shared, feature_params
@@ -147,8 +148,9 @@ def write_manifest(
     original_architecture: str,
 ) -> None:
     pp = data.preprocessing
+    untrained = "-untrained" if settings.untrained else ""
     manifest = Manifest(
-        name=f"{settings.dataset}-{len(data.subsets)}",
+        name=f"{settings.dataset}-{len(data.subsets)}{untrained}",
         dataset=settings.dataset,
         class_names=data.train.class_names,
         class_subsets=tuple(data.subsets),
@@ -158,7 +160,7 @@ def write_manifest(
             "file": ORIGINAL_FILE,
             "architecture": original_architecture,
             "params": params["original"],
-            "source": settings.checkpoint or "trained",
+            "source": "untrained" if settings.untrained else settings.checkpoint or "trained",
         },
         submodels=tuple(
             {
@@ -185,6 +187,7 @@ def write_manifest(
         seed=settings.seed,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         edvit_version=edvit.__version__,
+        untrained=settings.untrained,
     )
     (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
 
@@ -212,7 +215,7 @@ def evaluate_onnx(
     log(f"evaluating the ONNX files on {len(test)} test images")
     bundle = Bundle.load(out)
     figures = evaluate_bundle(
-        bundle, images=x_test, labels=test.labels, threads=1, latency_runs=settings.latency_runs
+        bundle, images=x_test, labels=test.labels, threads=1, latency_runs=runs_of(settings)
     )
     own = own_task_accuracies(bundle, x_test, test.labels, sub_vits, threads)
     return Evaluation(figures=figures, own_task=own)

@@ -15,7 +15,7 @@ from edvit.placement.assignment import Infeasible, Item, assign, shrink_budgets
 from edvit.placement.plan import write_assignment
 
 from .build_data import BuildData
-from .build_settings import BuildSettings, log
+from .build_settings import BuildSettings, log, runs_of
 from .build_submodels import PrunePlan, SubModels, feature_params, make_submodel
 from .export import export_image_model
 from .vit import SubModel
@@ -83,7 +83,7 @@ def place_submodels(
     image_shape = (1, pp.channels, pp.height, pp.width)
     rounds: list[dict] = []
     for round_index in range(settings.budget_rounds + 1):
-        items = measure_items(out, subs.ids, subs.files, image_shape, settings.latency_runs)
+        items = measure_items(out, subs.ids, subs.files, image_shape, runs_of(settings))
         try:
             placed = assign(items, inventory)
             break

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +22,10 @@ ORIGINAL_WEIGHTS = "original.pt"  # the original's state_dict, for --checkpoint 
 FUSION_FILE = "fusion.onnx"
 SUBMODEL_DIR = "submodels"
 BUDGET_SHARE = 0.95  # default budget: this share of original_params / N
+CLASS_LIST = "classes"  # the dataset an untrained build names when given --classes
+LATENCY_RUNS = 50  # timed ONNX Runtime runs per model and median latency
+# An untrained build measures models of real scale (ViT-B: ~0.5 s a run on one core): fewer.
+UNTRAINED_LATENCY_RUNS = 20
 
 
 @dataclass(frozen=True)
@@ -57,13 +64,19 @@ class BuildSettings:
     kd_temperature: float = 2.0
     budget_rounds: int = 3
     shared_blocks: int = 0  # K: stem kept whole, frozen and exported as slices
-    latency_runs: int = 50
+    latency_runs: int | None = None  # ORT runs per median latency; default by UNTRAINED
     seed: int = 0
     threads: int | None = None
     jobs: int = 1  # sub-models trained at once, each in its own process
     device: str = "auto"  # where torch trains: auto (CUDA if present), cpu, cuda[:N]
     data_dir: str | None = None
     command: tuple[str, ...] = field(default=())
+    # --untrained: the --model with random weights, pruned to the budget without training or
+    # reading images (models/build_untrained.py), for capacity planning.
+    untrained: bool = False
+    img_size: int | None = None  # untrained: input side in pixels (default: the model's)
+    classes: tuple[str, ...] | None = None  # untrained: class names instead of the dataset's
+    model_kwargs: dict[str, object] = field(default_factory=dict)  # untrained: timm overrides
 
 
 # Measured defaults (README "ED-ViT: class-wise pruning at the defaults"; benchmarks/ed_vit.py
@@ -95,18 +108,32 @@ DEFAULTS: dict[str, dict[str, object]] = {
 
 
 def default_settings(dataset: str, **overrides: object) -> BuildSettings:
-    """The dataset's default settings with ``overrides`` (None values are ignored)."""
-    if dataset not in DEFAULTS:
+    """The dataset's default settings with ``overrides`` (None values are ignored).
+    ``CLASS_LIST`` stands for the dataset of an untrained build given ``classes``."""
+    if dataset == CLASS_LIST:
+        values: dict[str, object] = {}
+    elif dataset in DEFAULTS:
+        values = dict(DEFAULTS[dataset])
+    else:
         raise ConfigError(f"unknown dataset {dataset!r}: choose one of {', '.join(DEFAULTS)}")
-    values = dict(DEFAULTS[dataset])
     if overrides.get("model") is not None:
         values["size"] = None  # the model is the user's: no preset (an explicit size is an error)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("latency_runs") is None:
+        values["latency_runs"] = UNTRAINED_LATENCY_RUNS if values.get("untrained") else LATENCY_RUNS
     return BuildSettings(dataset=dataset, **values)  # type: ignore[arg-type]
 
 
 def log(message: str) -> None:
     print(f"[edvit build] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the seconds the ``with`` body takes as ``timings[phase]``."""
+    mark = time.time()
+    yield
+    timings[phase] = time.time() - mark
 
 
 def split_classes(num_classes: int, num_devices: int) -> list[tuple[int, ...]]:
@@ -133,6 +160,13 @@ def default_sub_steps(num_devices: int) -> int:
     return 3000 if num_devices <= 3 else 1200 * num_devices
 
 
+def runs_of(settings: BuildSettings) -> int:
+    """Timed runs per latency: the settings', else the default for the kind of build."""
+    if settings.latency_runs is not None:
+        return settings.latency_runs
+    return UNTRAINED_LATENCY_RUNS if settings.untrained else LATENCY_RUNS
+
+
 def sub_steps_of(settings: BuildSettings) -> int:
     if settings.sub_steps is not None:
         return settings.sub_steps
@@ -149,12 +183,50 @@ def default_keep_branches(total_branches: int, num_devices: int) -> int:
     return max(2, min(total_branches, math.floor(2 * total_branches / num_devices)))
 
 
+def validate_untrained(settings: BuildSettings) -> None:
+    """--untrained needs a timm --model and no checkpoint; --img-size, --classes and timm
+    overrides need --untrained."""
+    if not settings.untrained:
+        for value, what in (
+            (settings.img_size, "--img-size"),
+            (settings.classes, "--classes"),
+            (settings.model_kwargs or None, "timm overrides (model_kwargs)"),
+        ):
+            if value is not None:
+                raise ConfigError(f"{what} needs --untrained: a checkpoint fixes its model")
+        if settings.dataset == CLASS_LIST:
+            raise ConfigError(f"dataset {CLASS_LIST!r} is for --untrained builds given --classes")
+        return
+    if settings.model is None:
+        raise ConfigError(
+            "--untrained needs --model TIMM_NAME, e.g. vit_base_patch16_224 (timm.list_models("
+            "'vit_*') lists them)"
+        )
+    if settings.checkpoint is not None:
+        raise ConfigError(
+            "--untrained and --checkpoint exclude each other: --untrained uses random weights"
+        )
+    if settings.img_size is not None and settings.img_size < 1:
+        raise ConfigError("--img-size must be at least 1")
+    if settings.classes is not None:
+        if settings.dataset != CLASS_LIST:
+            raise ConfigError("--dataset and --classes exclude each other: name the classes once")
+        names = settings.classes
+        if not names or any(not name.strip() for name in names):
+            raise ConfigError("--classes needs comma-separated, non-empty class names")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--classes names a class twice: {', '.join(names)}")
+    elif settings.dataset == CLASS_LIST:
+        raise ConfigError("--dataset or --classes is needed: where the class names come from")
+
+
 def validate(settings: BuildSettings) -> None:
+    validate_untrained(settings)
     if settings.model is not None:
-        if settings.checkpoint is None:
+        if settings.checkpoint is None and not settings.untrained:
             raise ConfigError(
                 f"--model {settings.model} needs --checkpoint: the weights you fine-tuned "
-                "(edvit does not download weights)"
+                "(edvit does not download weights), or --untrained for random weights"
             )
         if settings.size is not None:
             raise ConfigError(
@@ -178,6 +250,8 @@ def validate(settings: BuildSettings) -> None:
         raise ConfigError("--threads must be at least 1")
     if settings.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
+    if runs_of(settings) < 1:
+        raise ConfigError("--latency-runs must be at least 1")
     if not 0.0 <= settings.fusion_drop_prob < 1.0:
         raise ConfigError("--fusion-drop-prob must be in [0, 1)")
     if settings.embed_keep_ratio is not None and not 0.0 < settings.embed_keep_ratio <= 1.0:

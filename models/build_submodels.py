@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -12,6 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
+
+from edvit.errors import ConfigError
 
 from .build_data import BuildData, ModelInputs, balanced_subset_indices, own_task_labels
 from .build_settings import (
@@ -26,6 +30,7 @@ from .build_settings import (
 )
 from .prune import (
     PruneSpec,
+    balance_kinds,
     count_params_after,
     describe,
     full_spec,
@@ -87,16 +92,25 @@ def branch_spec(
     mlp: list[torch.Tensor],
     keep: int,
     frozen_blocks: int = 0,
+    halves: bool = False,
 ) -> PruneSpec:
     """Keep the ``keep`` branches (attention or MLP of a block) with the highest summed
     Taylor scores, at least one of them attention; every unit of a kept branch stays.
-    Blocks before ``frozen_blocks`` (a shared stem) are kept whole and not counted."""
+    Blocks before ``frozen_blocks`` (a shared stem) are kept whole and not counted.
+    ``halves``: the best ceil(keep / 2) attention and floor(keep / 2) MLP branches (as far as
+    there are), the split trained builds choose (for scores that cannot tell the kinds apart:
+    random weights)."""
     spec = full_spec(vit)
     branches = [(float(s.sum()), "heads", b) for b, s in enumerate(heads) if len(s)]
     branches += [(float(s.sum()), "mlp", b) for b, s in enumerate(mlp) if len(s)]
     branches = [branch for branch in branches if branch[2] >= frozen_blocks]
     branches.sort(key=lambda branch: branch[0], reverse=True)
     kept = branches[:keep]
+    if halves:
+        attention = [branch for branch in branches if branch[1] == "heads"]
+        others = [branch for branch in branches if branch[1] == "mlp"]
+        first = attention[: max(keep - len(others), (keep + 1) // 2)]
+        kept = first + others[: keep - len(first)]
     if not any(kind == "heads" for _, kind, _ in kept):
         best_attention = next(branch for branch in branches if branch[1] == "heads")
         kept = [*kept[: max(0, keep - 1)], best_attention]
@@ -177,8 +191,15 @@ def make_submodel(
     importance = score_units(
         original, scoring_batches(data, settings.seed), score_loss, embed=False
     )
+    if settings.untrained:  # random weights: let heads and neurons compete on equal terms
+        importance = balance_kinds(importance, original)
     spec = branch_spec(
-        original, importance.heads, importance.mlp, max(1, plan.keep_branches - 2 * frozen), frozen
+        original,
+        importance.heads,
+        importance.mlp,
+        max(1, plan.keep_branches - 2 * frozen),
+        frozen,
+        halves=settings.untrained,
     )
     vit = prune_vit(original, spec)
     if count_branches(vit) < count_branches(original):
@@ -197,6 +218,7 @@ def make_submodel(
                 min_embed=MIN_EMBED,
                 recover=lambda v: tune(v, recover_epochs, "recover"),
                 frozen_blocks=frozen,
+                balanced=settings.untrained,
             )
             break
         except ValueError:
@@ -252,13 +274,46 @@ def make_submodels(
     threads: int,
 ) -> SubModels:
     """One pruned, distilled sub-model per class subset (``settings.jobs`` at a time)."""
-    ids = [f"sub{i}" for i in range(len(data.subsets))]
     rng = np.random.default_rng(settings.seed)
     training = [
         subset_data(s, inputs.x_train, data.train.labels, teacher_logits, rng, settings.other_ratio)
         for s in data.subsets
     ]
-    plan = default_plan(settings, original, original_params, data.num_devices)
+    return prune_submodels(settings, original, original_params, training, threads)
+
+
+def checked_plan(
+    settings: BuildSettings, original: VisionTransformer, original_params: int, num_devices: int
+) -> PrunePlan:
+    """``default_plan``, or a one-line ConfigError naming the smallest budget pruning can meet
+    when its budget is below that."""
+    plan = default_plan(settings, original, original_params, num_devices)
+    smallest = minimum_params(original)
+    if plan.param_budget < smallest:
+        given = (
+            f"--param-budget {settings.param_budget}"
+            if settings.param_budget
+            else f"the default budget for N={num_devices} ({plan.param_budget})"
+        )
+        raise ConfigError(
+            f"{given} is below the smallest sub-model pruning can make ({MIN_EMBED} embedding "
+            f"channels and one attention head): the smallest possible budget is {smallest} "
+            "parameters"
+        )
+    return plan
+
+
+def prune_submodels(
+    settings: BuildSettings,
+    original: VisionTransformer,
+    original_params: int,
+    training: list[SubsetData],
+    threads: int,
+) -> SubModels:
+    """Prune (and, as the settings say, fine-tune) one sub-model of ``original`` per subset's
+    ``training`` data, to the plan of ``checked_plan``; ``settings.jobs`` at a time."""
+    ids = [f"sub{i}" for i in range(len(training))]
+    plan = checked_plan(settings, original, original_params, len(training))
     plans = {sid: plan for sid in ids}
     log(f"pruning plan per sub-model: {asdict(plan)} (original {original_params} params)")
     jobs = [
@@ -269,7 +324,8 @@ def make_submodels(
     if workers > 1:
         vits = make_submodels_in_parallel(jobs, workers, threads)
     else:
-        vits = [job.run() for job in jobs]
+        bar = tqdm(jobs, "sub-models", unit="model", file=sys.stderr, leave=False)
+        vits = [job.run() for job in bar]
     return SubModels(ids=ids, data=training, plans=plans, vits=vits)
 
 

@@ -61,7 +61,17 @@ class Option:
 # In --help order, which is also the order of the recorded command line (after --dataset and
 # --num-devices, which command_line records first).
 OPTIONS: tuple[Option, ...] = (
-    Option("--dataset", "dataset to train on", choices=DATASETS, required=True),
+    Option(
+        "--dataset",
+        "dataset to train on (with --untrained: whose class names to use; its images are not read)",
+        choices=DATASETS,
+    ),
+    Option(
+        "--classes",
+        "with --untrained, instead of --dataset: the class names, comma-separated",
+        metavar="A,B,...",
+        setting="classes",
+    ),
     Option(
         "--data-dir",
         "dataset folder (Fashion-MNIST IDX files, cifar10, imagefolder root)",
@@ -93,6 +103,21 @@ OPTIONS: tuple[Option, ...] = (
         "--checkpoint; excludes --size; nothing is downloaded)",
         metavar="TIMM_NAME",
         setting="model",
+    ),
+    Option(
+        "--untrained",
+        "with --model: random weights, no training, no images read; prunes to the budget for "
+        "N, exports and measures, for capacity planning (sizes and frame rates, no accuracy); "
+        "the bundle says it is untrained",
+        switch=True,
+        setting="untrained",
+    ),
+    Option(
+        "--img-size",
+        "with --untrained: the input side in pixels (default: the model's, e.g. 224)",
+        type=int,
+        metavar="PIXELS",
+        setting="img_size",
     ),
     Option("--out", "bundle folder to write", required=True),
     Option(
@@ -177,6 +202,14 @@ OPTIONS: tuple[Option, ...] = (
         metavar="K",
         setting="shared_blocks",
     ),
+    Option(
+        "--latency-runs",
+        "timed ONNX Runtime runs per model for its median latency (default 50; 20 with "
+        "--untrained)",
+        type=int,
+        metavar="RUNS",
+        setting="latency_runs",
+    ),
     Option("--seed", "random seed (default 0)", type=int, default=0, setting="seed"),
     Option("--threads", "CPU threads (default: all available)", type=int, setting="threads"),
     Option(
@@ -205,7 +238,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command_line(args: argparse.Namespace) -> tuple[str, ...]:
     """The `edvit build` argv equivalent to ``args`` (what the manifest records)."""
-    argv = ["edvit", "build", "--dataset", args.dataset]
+    argv = ["edvit", "build"]
+    if getattr(args, "dataset", None) is not None:
+        argv += ["--dataset", args.dataset]
     if getattr(args, "devices", None) is None:
         argv += ["--num-devices", str(resolved_num_devices(args))]
     for option in OPTIONS:
@@ -218,6 +253,11 @@ def command_line(args: argparse.Namespace) -> tuple[str, ...]:
         elif value is not None:
             argv += [option.flag, str(value)]
     return tuple(argv)
+
+
+def class_list(text: str) -> tuple[str, ...]:
+    """--classes a,b,c as names, stripped (the checks are the settings')."""
+    return tuple(name.strip() for name in text.split(","))
 
 
 def resolved_num_devices(args: argparse.Namespace) -> int:
@@ -233,12 +273,17 @@ def run(args: argparse.Namespace) -> int:
     if num_devices < 1:
         raise ConfigError(f"--num-devices must be at least 1, got {num_devices}")
     from edvit.models.build import build_bundle, default_settings
+    from edvit.models.build_settings import CLASS_LIST
 
+    values = {o.setting: getattr(args, o.dest, None) for o in OPTIONS if o.setting is not None}
+    if args.classes is not None:
+        if args.dataset is not None:
+            raise ConfigError("--dataset and --classes exclude each other: name the classes once")
+        values["classes"] = class_list(args.classes)
+    elif args.dataset is None:
+        raise ConfigError("--dataset is required (or, with --untrained, --classes)")
     settings = default_settings(
-        args.dataset,
-        num_devices=num_devices,
-        command=command_line(args),
-        **{o.setting: getattr(args, o.dest, None) for o in OPTIONS if o.setting is not None},
+        args.dataset or CLASS_LIST, num_devices=num_devices, command=command_line(args), **values
     )
     build_bundle(settings, args.out, force=args.force)
     return 0

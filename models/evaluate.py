@@ -19,7 +19,8 @@ What is measured, and how:
   ``intra_op_num_threads=threads`` (the sessions of :mod:`edvit.inference`).
 - **accuracy**: on the dataset's test split (or the images given), the original model, the
   fused prediction with every sub-model present, and the fused prediction with each single
-  sub-model missing (its feature block zero and its ``present`` flag 0).
+  sub-model missing (its feature block zero and its ``present`` flag 0). None for an untrained
+  bundle (``edvit build --untrained``: random weights), whose dataset is not read.
 """
 
 from __future__ import annotations
@@ -297,9 +298,9 @@ def evaluate_bundle(
     _onnx()  # fail early, with the install hint, before the slow parts
     if (images is None) != (labels is None):
         raise ValueError("give both images and labels, or neither")
-    if images is None or labels is None:
-        images, labels = _test_split(bundle, data_dir)
     m = bundle.manifest
+    if (images is None or labels is None) and not m.untrained:
+        images, labels = _test_split(bundle, data_dir)
     image_shape = (1, *m.input_shape)
     original = _model_figures(bundle.path(m.original.file), image_shape, threads, latency_runs)
     submodels = {}
@@ -309,15 +310,18 @@ def evaluate_bundle(
         submodels[spec.id]["feature_dim"] = spec.feature_dim
     fusion = _model_figures(bundle.path(m.fusion.file), None, threads, latency_runs)
     largest = max(s["params"] for s in submodels.values())
+    scored = not m.untrained and images is not None and labels is not None
     return {
         "dataset": m.dataset,
-        "test_images": len(labels),
+        "untrained": m.untrained,
+        "test_images": len(labels) if scored and labels is not None else 0,
         "original": original,
         "submodels": submodels,
         "fusion": fusion,
-        "accuracy": bundle_accuracies(bundle, images, labels, threads),
+        "accuracy": bundle_accuracies(bundle, images, labels, threads) if scored else None,
         "ratios": {
             "size": original["params"] / largest,
+            "bytes": original["bytes"] / max(s["bytes"] for s in submodels.values()),
             "latency": original["latency_ms"] / max(s["latency_ms"] for s in submodels.values()),
             "sum_params_over_original": sum(s["params"] for s in submodels.values())
             / original["params"],
@@ -353,17 +357,24 @@ def format_table(report: Mapping[str, Any]) -> str:
             f"| {fig['flops'] / 1e6:.2f} | {fig['latency_ms']:.3f} |"
         )
     acc, ratios, where = report["accuracy"], report["ratios"], report["measured_on"]
-    lines += [
-        "",
-        f"Accuracy on {report['test_images']:,} {report['dataset']} test images:",
-        f"- original: {acc['original']:.4f}",
-        f"- fused: {acc['fused']:.4f}",
-    ]
-    lines += [f"- fused without {sid}: {a:.4f}" for sid, a in acc["fused_without"].items()]
+    if acc is None:
+        lines += ["", "Accuracy: none, an untrained bundle (random weights): sizes and speed only."]
+    else:
+        lines += [
+            "",
+            f"Accuracy on {report['test_images']:,} {report['dataset']} test images:",
+            f"- original: {acc['original']:.4f}",
+            f"- fused: {acc['fused']:.4f}",
+        ]
+        lines += [f"- fused without {sid}: {a:.4f}" for sid, a in acc["fused_without"].items()]
     lines += [
         "",
         "Ratios (original / largest or slowest sub-model):",
         f"- size: {ratios['size']:.3f}x",
+    ]
+    if "bytes" in ratios:  # reports before ONNX sizes were compared
+        lines.append(f"- ONNX bytes: {ratios['bytes']:.3f}x")
+    lines += [
         f"- latency: {ratios['latency']:.3f}x",
         f"- FLOPs: {ratios['flops']:.3f}x",
         f"- sum of sub-model params / original params: {ratios['sum_params_over_original']:.3f}",

@@ -3,9 +3,11 @@ parity check of ONNX Runtime against torch."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,27 @@ from edvit.bundle import (
 )
 
 PARITY_TOLERANCE = 1e-4
+EXPORTER_LOGGERS = ("onnx_ir", "onnxscript")
 OPSET = 18
 
 
 class ExportError(RuntimeError):
     """An exported model that cannot be loaded or does not match torch."""
+
+
+@contextmanager
+def quiet_exporter_logs() -> Iterator[None]:
+    """The dynamo exporter's optimiser logs a line per folded constant at INFO, hundreds per
+    model under the CLI's INFO logging: keep only its warnings while it runs."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_onnx(
@@ -46,7 +64,7 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=65536)
     args = tuple(example)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_exporter_logs():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,

@@ -229,20 +229,59 @@ def infer_timm_kwargs(
     }
 
 
-def load_timm_checkpoint(path: str | Path, name: str) -> TimmModel:
-    """timm's ``name`` (never downloaded: pretrained=False) with what checkpoint ``path``
-    changed (``INFERRED``) and its weights, loaded strictly. A one-line ConfigError for an
-    unknown name, a model that is not a plain timm VisionTransformer, or a checkpoint that
-    does not match it (naming the first missing, unexpected or mis-shaped tensor)."""
+def timm_probe(name: str, **kwargs: object) -> VisionTransformer:
+    """timm's ``name`` on the meta device (only its structure: no memory, no initialisation
+    cost); a one-line ConfigError unless it is a registered plain timm VisionTransformer."""
     check_timm_name(name)
-    state = read_state_dict(path)
-    with torch.device("meta"):  # only its structure: no memory, no initialisation cost
-        probe = timm.create_model(name, pretrained=False)
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"--model {name!r} with {kwargs}: {exc}".splitlines()[0]) from None
     if type(probe) is not VisionTransformer:
         raise ConfigError(
             f"--model {name!r} is a timm {type(probe).__name__}; edvit prunes plain "
             "timm VisionTransformer models (ViT, DeiT)"
         )
+    return probe
+
+
+def untrained_timm_model(
+    name: str,
+    num_classes: int,
+    img_size: int | None = None,
+    overrides: dict[str, object] | None = None,
+) -> TimmModel:
+    """timm's ``name`` with random weights (never downloaded), ``num_classes`` outputs and a
+    fixed input of ``img_size`` pixels a side (default: the name's). ``overrides`` are further
+    timm keyword arguments (e.g. ``depth``), for small test models. The caller seeds torch."""
+    extra = dict(overrides or {})
+    probe = timm_probe(name, **extra)
+    patch = int(probe.patch_embed.patch_size[0])
+    side = int(probe.patch_embed.img_size[0]) if img_size is None else img_size
+    if side < patch or side % patch:
+        raise ConfigError(
+            f"--img-size {side} is not a multiple of {name}'s patch size {patch}: choose "
+            f"{max(patch, side - side % patch)} or {side + patch - side % patch}"
+        )
+    kwargs = {
+        **extra,
+        "img_size": side,
+        "in_chans": int(probe.patch_embed.proj.in_channels),
+        "num_classes": num_classes,
+        "dynamic_img_size": False,
+    }
+    vit = timm.create_model(name, pretrained=False, **kwargs)
+    return TimmModel(name=name, kwargs=kwargs, vit=vit.eval())
+
+
+def load_timm_checkpoint(path: str | Path, name: str) -> TimmModel:
+    """timm's ``name`` (never downloaded: pretrained=False) with what checkpoint ``path``
+    changed (``INFERRED``) and its weights, loaded strictly. A one-line ConfigError for an
+    unknown name, a model that is not a plain timm VisionTransformer, or a checkpoint that
+    does not match it (naming the first missing, unexpected or mis-shaped tensor)."""
+    probe = timm_probe(name)
+    state = read_state_dict(path)
     where = f"checkpoint {path} does not match timm model {name!r}"
     # Fixed input size: the bundle's preprocessing resizes every frame to it.
     kwargs = {**infer_timm_kwargs(state, probe, where), "dynamic_img_size": False}

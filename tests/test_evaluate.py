@@ -87,6 +87,7 @@ def test_report_has_every_field(report: dict[str, Any], bundle: Bundle) -> None:
     assert list(report["accuracy"]["fused_without"]) == ids
     assert set(report["ratios"]) == {
         "size",
+        "bytes",
         "latency",
         "sum_params_over_original",
         "flops",
@@ -154,6 +155,7 @@ def test_ratios(report: dict[str, Any]) -> None:
     subs = report["submodels"].values()
     original, ratios = report["original"], report["ratios"]
     assert ratios["size"] == pytest.approx(original["params"] / max(s["params"] for s in subs))
+    assert ratios["bytes"] == pytest.approx(original["bytes"] / max(s["bytes"] for s in subs))
     assert ratios["latency"] == pytest.approx(
         original["latency_ms"] / max(s["latency_ms"] for s in subs)
     )

@@ -109,7 +109,9 @@ def test_the_config_has_the_documented_keys_only() -> None:
 def test_the_device_model_names_the_bundle() -> None:
     plan = make_plan(Bundle.load(DEFAULT_BUNDLE), {"n": ("sub0", "sub1", "sub2")})
     model = sensor_config(Topics(), "cam0", plan)["device"]["model"]
-    assert plan.bundle_sha256[:12] in model
+    assert plan.bundle_sha256[:12] in model and "untrained" not in model
+    untrained = plan.model_copy(update={"untrained": True})
+    assert "(untrained" in sensor_config(Topics(), "cam0", untrained)["device"]["model"]
 
 
 def test_the_templates_read_the_prediction_fields() -> None:
@@ -125,7 +127,14 @@ def test_the_state_is_the_class_and_the_attributes_the_score() -> None:
     attributes = json.loads(render(ATTRIBUTES_TEMPLATE, payload))
     assert attributes == {
         "score": 0.93, "latency_ms": 12.5, "degraded": True, "seq": 3, "plan_id": "p1",
+        "untrained": False,
     }  # fmt: skip
+    # An answer from an untrained bundle says so; one from before the field reads as trained.
+    untrained = encode(prediction().model_copy(update={"untrained": True}))
+    assert json.loads(render(ATTRIBUTES_TEMPLATE, untrained))["untrained"] is True
+    older = json.loads(payload)
+    del older["untrained"]
+    assert json.loads(render(ATTRIBUTES_TEMPLATE, json.dumps(older).encode()))["untrained"] is False
 
 
 @pytest.mark.parametrize(

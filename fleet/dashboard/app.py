@@ -243,6 +243,7 @@ class FleetView:
                 "degraded": prediction.degraded,
                 "missing": list(prediction.missing),
                 "plan_id": prediction.plan_id,
+                "untrained": prediction.untrained,
                 "received": self.clock(),
                 "timings": timings,
             }
@@ -370,6 +371,7 @@ def _plan_entry(plan: PlanMsg | None) -> dict[str, Any] | None:
         "submodels": [ref.id for ref in plan.submodels],
         "sliced": plan.stem is not None,
         "signed_by": plan.key_id,
+        "untrained": plan.untrained,
         "created": plan.created,
     }
 

@@ -39,6 +39,11 @@ from edvit.topics import Topics, validate_id
 
 log = logging.getLogger("edvit.fleet.ops.deploy")
 
+UNTRAINED_WARNING = (
+    "bundle %s is UNTRAINED (edvit build --untrained: random weights): its predictions mean "
+    "nothing; deploy it to measure sizes and frame rates only"
+)
+
 
 def default_nodes(bundle: Bundle) -> list[str]:
     return [f"node-{i}" for i in range(len(bundle.manifest.submodels))]
@@ -130,6 +135,7 @@ def make_plan(bundle: Bundle, assignments: dict[str, tuple[str, ...]]) -> PlanMs
         fusion_sha256=bundle.file_sha256(m.fusion.file),
         preprocessing=m.preprocessing,
         stem=stem,
+        untrained=m.untrained,
     )
 
 
@@ -189,6 +195,8 @@ def deploy(
     seconds until that many nodes have announced a status that is not offline, and place
     the sub-models over every node announced by then (`over_nodes`, instead of `nodes`)."""
     topics = topics or Topics()
+    if bundle.manifest.untrained:
+        log.warning(UNTRAINED_WARNING, bundle.root)
     client = MqttClient(unique_client_id("deploy"), broker, logger=log)
     if wait_nodes is not None:
         if nodes:

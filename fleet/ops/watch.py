@@ -27,10 +27,11 @@ def format_prediction(p: PredictionMsg, timings: bool = False) -> str:
     if p.true_label is not None:
         truth = "  ok " if p.true_label == p.label else f"  MISS (true {p.true_label})"
     degraded = f"  degraded, missing {','.join(p.missing)}" if p.degraded else ""
+    untrained = "  UNTRAINED (random weights)" if p.untrained else ""
     stages = f"\n    {format_timings(p)}" if timings else ""
     return (
         f"{p.camera} #{p.seq:<5d} {p.class_name:<14s} {p.score:5.3f}  "
-        f"{p.latency_ms:7.1f} ms{truth}{degraded}{stages}"
+        f"{p.latency_ms:7.1f} ms{truth}{degraded}{untrained}{stages}"
     )
 
 

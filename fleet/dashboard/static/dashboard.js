@@ -74,6 +74,9 @@ function renderCameras(state) {
           el("span", { class: "latency" }, ms(latest.latency_ms)), ` · #${latest.seq}`),
         el("div", { class: latest.degraded ? "degraded" : "muted" },
           latest.degraded ? `degraded, missing ${latest.missing.join(", ")}` : "complete"));
+      if (latest.untrained) {
+        card.append(el("div", { class: "untrained" }, "untrained bundle: random weights"));
+      }
     } else {
       card.append(el("div", { class: "muted" }, "no prediction yet"));
     }
