@@ -238,7 +238,7 @@ class Planner:
         epoch = self.client.connection_epoch
         if epoch != self._epoch:
             if self._epoch is None:  # the first connection: the retained statuses are coming
-                self._grace_until = now + STARTUP_SETTLE_S
+                self._grace_until = now + min(STARTUP_SETTLE_S, self.reconnect_grace_s)
             else:
                 self._grace_until = now + self.reconnect_grace_s
                 self.counters["planner_reconnects"] += 1

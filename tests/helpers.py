@@ -212,8 +212,9 @@ def collect_predictions(stream: Any, count: int, timeout: float) -> list:
 def planner_with_ready_nodes(
     plan: PlanMsg, name: str = "planner", **keys: Any
 ) -> tuple[Any, Any, Any]:
-    """A Planner on an in-memory broker (no hold-off, no rate limit), started, with `plan`
-    retained and every node it names ready: (planner, broker, the planner's transport)."""
+    """A Planner on an in-memory broker (no hold-off, no rate limit, no grace after a
+    connection, an offline status acted on at once), started, with `plan` retained and every
+    node it names ready: (planner, broker, the planner's transport)."""
     from memory_transport import MemoryBroker, MemoryTransport
 
     from edvit.aggregator.planner import Planner
@@ -222,7 +223,10 @@ def planner_with_ready_nodes(
 
     broker, topics = MemoryBroker(), Topics()
     client = MemoryTransport(broker, name)
-    planner = Planner(client, topics, instance="p", hold_off_s=0.0, min_interval_s=0.0, **keys)
+    planner = Planner(
+        client, topics, instance="p", hold_off_s=0.0, min_interval_s=0.0,
+        reconnect_grace_s=0.0, down_confirm_s=0.0, **keys,
+    )  # fmt: skip
     planner.start()
     broker.publish(topics.plan(), encode(plan), retain=True)
     for node in plan.assignments:

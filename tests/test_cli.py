@@ -7,6 +7,8 @@ import importlib
 import subprocess
 import sys
 
+import pytest
+
 from edvit.cli import COMMANDS, build_parser
 
 
@@ -22,6 +24,7 @@ def test_every_command_is_in_the_parser() -> None:
     assert list(subcommands.choices) == [c.name for c in COMMANDS]
 
 
+@pytest.mark.fleet  # a fresh interpreter, to see what building the parser imports
 def test_building_the_parser_loads_no_heavy_module() -> None:
     # A node or aggregator builds the whole parser at start: what it loads stays in memory.
     code = (

@@ -388,6 +388,7 @@ def _retained(broker: LocalBroker, topic_filter: str, quiet_s: float = 1.0) -> d
                 found[message.topic] = message.payload
 
 
+@pytest.mark.broker
 def test_config_and_state_are_retained_on_a_real_broker_and_come_back_after_its_restart(
     shipped: tuple[Bundle, PlanMsg], tmp_path: Path
 ) -> None:

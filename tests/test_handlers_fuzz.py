@@ -253,7 +253,7 @@ def fleet() -> Iterator[FuzzFleet]:
     planner = Planner(
         RecordingTransport(broker, PLANNER), topics, instance=ANSWERING,
         is_active=lambda: answering.answering, suspects=answering.suspect_nodes,
-        min_interval_s=0.0, tick_s=0.05,
+        min_interval_s=0.0, tick_s=0.05, reconnect_grace_s=0.0, down_confirm_s=0.0,
     )  # fmt: skip
     bundle = Bundle.load(Path(DEFAULT_BUNDLE))
     plan = make_plan(bundle, round_robin([s.id for s in bundle.manifest.submodels], [NODE]))

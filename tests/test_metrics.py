@@ -179,6 +179,7 @@ def test_every_counter_the_code_keeps_has_a_help_text() -> None:
     assert names - described == set()
 
 
+@pytest.mark.fleet  # processes that hold and release an id
 def test_a_default_id_is_stable_across_restarts_and_unique_among_running(tmp_path: Path) -> None:
     first = HostSlot("aggregator", tmp_path)
     second = HostSlot("aggregator", tmp_path)

@@ -44,6 +44,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=WHY)
+@pytest.mark.broker  # runs promtool
 def test_the_example_config_and_its_rules_check() -> None:
     done = _promtool("check", "config", "prometheus.yml")  # checks its rule files too
     assert done.returncode == 0, done.stdout + done.stderr
@@ -55,6 +56,7 @@ def test_the_example_config_and_its_rules_check() -> None:
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason=WHY)
+@pytest.mark.broker  # runs promtool
 def test_the_alert_rules_pass_their_unit_tests() -> None:
     """edvit-rules.test.yml: each alert fires on the series it is about, and only then."""
     done = _promtool("test", "rules", "edvit-rules.test.yml")

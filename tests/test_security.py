@@ -245,6 +245,7 @@ def test_the_dashboard_sees_frames_only_when_asked() -> None:
     assert "cameras/+/frame" not in plain.split("user dashboard\n")[1].split("\n\n")[0]
 
 
+@pytest.mark.broker
 def test_a_custom_ha_prefix_moves_both_ends_of_discovery(tmp_path: Path) -> None:
     """`secure init --ha-prefix site/ha`: the aggregator writes its fleet's configs under
     site/ha and nowhere under the default prefix; Home Assistant reads them there."""

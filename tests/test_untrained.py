@@ -327,7 +327,7 @@ def test_the_aggregator_flags_answers_of_an_untrained_plan() -> None:
     [payload] = broker.messages(topics.predictions("cam0"))
     answer = decode(PredictionMsg, payload)
     assert answer is not None and answer.untrained
-    [config] = broker.messages("homeassistant/#")
+    [config] = broker.messages("homeassistant/sensor/+/+/config")
     assert "(untrained" in json.loads(config)["device"]["model"]
 
 
