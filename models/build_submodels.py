@@ -98,8 +98,8 @@ def branch_spec(
     Taylor scores, at least one of them attention; every unit of a kept branch stays.
     Blocks before ``frozen_blocks`` (a shared stem) are kept whole and not counted.
     ``halves``: the best ceil(keep / 2) attention and floor(keep / 2) MLP branches (as far as
-    there are), the split trained builds choose (for scores that cannot tell the kinds apart:
-    random weights)."""
+    there are), the split that trained builds of the 'small' preset chose, for scores that
+    cannot tell the kinds apart (random weights; docs/benchmarks/real-scale.md)."""
     spec = full_spec(vit)
     branches = [(float(s.sum()), "heads", b) for b, s in enumerate(heads) if len(s)]
     branches += [(float(s.sum()), "mlp", b) for b, s in enumerate(mlp) if len(s)]

@@ -59,7 +59,7 @@ from .prune import check_supported, describe
 from .train import set_threads
 from .vit import FusionMLP, SubModel, TimmModel, count_params, untrained_timm_model
 
-SCORE_IMAGES = 2  # synthetic images per importance estimate (ViT-B: ~4 s a forward-backward)
+SCORE_IMAGES = 2  # synthetic images per importance estimate: a forward-backward of each
 PARITY_IMAGES = 2  # synthetic images for the ONNX parity checks
 # Image sides of the datasets with one size, to choose the resize: shrinking larger images
 # averages areas, enlarging smaller ones interpolates. Image folders and class lists: camera
