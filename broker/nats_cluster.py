@@ -33,7 +33,7 @@ def nats_server_path() -> tuple[str | None, str]:
     """The nats-server to use and, when there is none, why (a skip reason)."""
     candidates = [Path(sys.executable).parent / "nats-server", shutil.which("nats-server")]
     found = []
-    for candidate in filter(None, candidates):
+    for candidate in (c for c in candidates if c is not None and Path(c).is_file()):
         done = subprocess.run(
             [str(candidate), "--version"], capture_output=True, text=True, timeout=10
         )

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fleet  # every test runs `edvit bench`
+
 
 def test_bench_batching_runs_and_reports(digits_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "batching.json"

@@ -67,6 +67,7 @@ def test_floor_measures_every_part(bundle: Bundle, mosquitto_broker: LocalBroker
     assert idle.hop_ms > 0 and idle.decode_ms > 0 and idle.original_ms > 0
 
 
+@pytest.mark.slow
 @pytest.mark.fleet
 def test_short_run_answers_every_frame_through_both_fleets(tmp_path: Path) -> None:
     pytest.importorskip("onnx")

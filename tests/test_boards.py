@@ -139,6 +139,7 @@ def _burst(broker_url: str, topics: Topics, seconds: float) -> None:
         client.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.fleet
 def test_fleet_up_serves_through_shaped_boards_and_down_leaves_nothing(

@@ -14,6 +14,7 @@ pytestmark = [
     pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed"),
     pytest.mark.broker,
     pytest.mark.fleet,
+    pytest.mark.slow,  # each scenario runs its own fleet for about 20 s
 ]
 
 

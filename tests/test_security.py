@@ -655,6 +655,8 @@ def test_auto_falls_back_to_3_1_1_and_5_says_why(
         strict.start(wait=TIMEOUT, required=True)
 
 
+@pytest.mark.broker
+@pytest.mark.fleet
 @pytest.mark.slow
 def test_the_demo_runs_over_tls_and_compares_with_plain(tmp_path: Path, capsys) -> None:
     """`edvit demo --secure --compare-plain`: the same frames over a plain broker and over TLS

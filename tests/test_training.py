@@ -133,6 +133,7 @@ def test_a_bad_device_is_a_config_error_before_any_work(tmp_path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fleet
 @pytest.mark.slow
 def test_sub_models_trained_side_by_side_make_the_same_bundle(tmp_path) -> None:
     """--jobs only changes where the sub-models train: the weights, and so the fused
