@@ -317,30 +317,26 @@ class PlanFollower(Generic[R]):
             self._missing_since, self._next_refetch = now, now + self._refetch_delay
             return
         waited = now - self._missing_since
-        target = self._target
-        changed = False
-        if waited >= MISSING_REPORT_S and self._waiting is None:
-            changed = True
+        target_id = self._target.plan_id if self._target else "?"
         if now >= self._next_refetch:
             self.counters["model_refetches"] += 1
             for model_id in sorted(missing):
                 self.client.unroute(self.topics.model(model_id))
                 self.client.route(self.topics.model(model_id), self._on_model, qos=1)
+            self._refetch_delay = min(self._refetch_delay * 2, REFETCH_MAX_S)
+            self._next_refetch = now + self._refetch_delay
             self.log.warning(
                 "plan %s: model files %s not received in %.0f s; asked the broker again "
                 "(next in %.0f s) [model_refetches=%d]",
-                target.plan_id if target else "?", ", ".join(sorted(missing)), waited,
-                min(self._refetch_delay * 2, REFETCH_MAX_S), self.counters["model_refetches"],
+                target_id, ", ".join(sorted(missing)), waited, self._refetch_delay,
+                self.counters["model_refetches"],
             )  # fmt: skip
-            self._refetch_delay = min(self._refetch_delay * 2, REFETCH_MAX_S)
-            self._next_refetch = now + self._refetch_delay
-            changed = changed or self._waiting is not None
-        if changed:
-            self._waiting = (
-                f"plan {target.plan_id if target else '?'}: waiting for model files "
-                f"{', '.join(sorted(missing))} (not on the broker, asked "
-                f"{self.counters['model_refetches']} times)"
-            )
+        waiting = (
+            f"plan {target_id}: waiting for model files {', '.join(sorted(missing))} (not on "
+            f"the broker, asked {self.counters['model_refetches']} times)"
+        )
+        if waited >= MISSING_REPORT_S and waiting != self._waiting:
+            self._waiting = waiting
             self._on_update()
 
     def _step(self) -> None:
