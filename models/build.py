@@ -90,10 +90,8 @@ from .build_output import (
     export_original_and_fusion,
     export_stem_slices,
     extract_features,
-    param_counts,
     prepare_out_dir,
-    shipped_files,
-    write_manifest,
+    write_bundle_manifest,
     write_report,
 )
 from .build_placement import Exports, export_submodels, place_submodels
@@ -113,7 +111,6 @@ from .build_settings import (
 )
 from .build_submodels import branch_spec, feature_params, make_submodels
 from .build_untrained import build_untrained_bundle
-from .prune import describe
 from .train import predict, resolve_device, set_threads
 from .vit import SubModel, count_params
 
@@ -204,24 +201,13 @@ def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = Fals
 
     # 5. Export the original and the fusion; parity-check on real test inputs.
     export_original_and_fusion(original, fusion, extractors, exports)
-    files = shipped_files(out, subs, stem)
 
     # 6. Manifest.
-    params = param_counts(original_params, subs, fusion)
-    architectures = {sid: describe(v) for sid, v in zip(subs.ids, subs.vits, strict=True)}
-    write_manifest(
-        settings,
-        out,
-        data=data,
-        subs=subs,
-        extractors=extractors,
-        fusion=fusion,
-        stem=stem,
-        files=files,
-        params=params,
-        architectures=architectures,
+    files, params, architectures = write_bundle_manifest(
+        settings, out, data=data, subs=subs, extractors=extractors, fusion=fusion, stem=stem,
+        original_params=original_params,
         original_architecture=original_call(settings, data, user),
-    )
+    )  # fmt: skip
 
     # 7. Evaluate the exported files on the full test split, as the fleet would run them.
     with timed(timings, "evaluate"):

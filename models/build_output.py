@@ -42,6 +42,7 @@ from .build_settings import (
 )
 from .build_submodels import SubModels, check_stem_shared, feature_params
 from .export import export_fusion
+from .prune import describe
 from .slices import export_stem
 from .train import fold_log_probs
 from .vit import FusionMLP, SubModel, count_params
@@ -221,6 +222,60 @@ def evaluate_onnx(
     return Evaluation(figures=figures, own_task=own)
 
 
+def write_bundle_manifest(
+    settings: BuildSettings,
+    out: Path,
+    *,
+    data: BuildData,
+    subs: SubModels,
+    extractors: list[SubModel],
+    fusion: FusionMLP,
+    stem: StemSpec | None,
+    original_params: int,
+    original_architecture: dict,
+) -> tuple[dict[str, str], dict, dict[str, dict]]:
+    """The manifest of a bundle whose files are exported; returns the shipped files, the
+    parameter counts and each sub-model's architecture, which the report repeats."""
+    files = shipped_files(out, subs, stem)
+    params = param_counts(original_params, subs, fusion)
+    architectures = {sid: describe(v) for sid, v in zip(subs.ids, subs.vits, strict=True)}
+    write_manifest(
+        settings, out, data=data, subs=subs, extractors=extractors, fusion=fusion, stem=stem,
+        files=files, params=params, architectures=architectures,
+        original_architecture=original_architecture,
+    )  # fmt: skip
+    return files, params, architectures
+
+
+def build_record(
+    settings: BuildSettings,
+    out: Path,
+    *,
+    subs: SubModels,
+    rounds: list[dict],
+    exports: Exports,
+    files: dict[str, str],
+    timings: dict[str, float],
+    started: float,
+    threads: int,
+) -> dict:
+    """What every report says of how the bundle was made: pruning, placement, files,
+    export parity, timings and settings."""
+    return {
+        "prune_plans": {sid: asdict(p) for sid, p in subs.plans.items()},
+        "placement_rounds": rounds,
+        "assignment": json.loads((out / ASSIGNMENT_NAME).read_text()),
+        "bytes": {rel: (out / rel).stat().st_size for rel in files},
+        "bytes_total": int(sum((out / rel).stat().st_size for rel in files)),
+        "onnx_parity_max_abs_diff": exports.parity,
+        "onnx_exporter": exports.exporters,
+        "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "build_seconds": round(time.time() - started, 1),
+        "threads": threads,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "command"},
+    }
+
+
 def write_report(
     settings: BuildSettings,
     out: Path,
@@ -246,19 +301,12 @@ def write_report(
         "submodel_accuracy_on_own_task": evaluation.own_task,
         "params": params,
         "architectures": architectures,
-        "prune_plans": {sid: asdict(p) for sid, p in subs.plans.items()},
-        "placement_rounds": rounds,
-        "assignment": json.loads((out / ASSIGNMENT_NAME).read_text()),
-        "bytes": {rel: (out / rel).stat().st_size for rel in files},
-        "bytes_total": int(sum((out / rel).stat().st_size for rel in files)),
-        "onnx_parity_max_abs_diff": exports.parity,
-        "onnx_exporter": exports.exporters,
-        "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+        **build_record(
+            settings, out, subs=subs, rounds=rounds, exports=exports, files=files,
+            timings=timings, started=started, threads=threads,
+        ),
         "train_seconds": round(sum(v for k, v in timings.items() if k != "evaluate"), 1),
-        "build_seconds": round(time.time() - started, 1),
-        "threads": threads,
-        "settings": {k: v for k, v in asdict(settings).items() if k not in ("command",)},
-    }
+    }  # fmt: skip
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     acc, ratios = report["accuracy"], report["ratios"]
     log(

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from edvit.bundle import ASSIGNMENT_NAME, REPORT_NAME, Bundle
+from edvit.bundle import REPORT_NAME, Bundle
 from edvit.datasets import Dataset, dataset_class_names
 from edvit.errors import ConfigError
 from edvit.schemas import Preprocessing
@@ -38,12 +38,11 @@ from edvit.schemas import Preprocessing
 from .build_data import BuildData, load_inventory_for, own_task_labels
 from .build_fusion import fusion_width
 from .build_output import (
+    build_record,
     export_original_and_fusion,
     export_stem_slices,
-    param_counts,
     prepare_out_dir,
-    shipped_files,
-    write_manifest,
+    write_bundle_manifest,
 )
 from .build_placement import Exports, export_submodels, place_submodels
 from .build_settings import (
@@ -221,22 +220,10 @@ def build_untrained_bundle(settings: BuildSettings, out: Path, *, force: bool = 
     fusion = untrained_fusion(settings, extractors, len(classes))
     with timed(timings, "export"):
         export_original_and_fusion(original, fusion, extractors, exports)
-    files = shipped_files(out, subs, stem)
-    params = param_counts(original_params, subs, fusion)
-    architectures = {sid: describe(v) for sid, v in zip(subs.ids, subs.vits, strict=True)}
-    write_manifest(
-        settings,
-        out,
-        data=data,
-        subs=subs,
-        extractors=extractors,
-        fusion=fusion,
-        stem=stem,
-        files=files,
-        params=params,
-        architectures=architectures,
-        original_architecture=model.architecture,
-    )
+    files, params, architectures = write_bundle_manifest(
+        settings, out, data=data, subs=subs, extractors=extractors, fusion=fusion, stem=stem,
+        original_params=original_params, original_architecture=model.architecture,
+    )  # fmt: skip
     with timed(timings, "evaluate"):
         from .evaluate import evaluate_bundle
 
@@ -250,18 +237,11 @@ def build_untrained_bundle(settings: BuildSettings, out: Path, *, force: bool = 
         "params": params,
         "pruned": pruned,
         "architectures": architectures,
-        "prune_plans": {sid: asdict(p) for sid, p in subs.plans.items()},
-        "placement_rounds": rounds,
-        "assignment": json.loads((out / ASSIGNMENT_NAME).read_text()),
-        "bytes": {rel: (out / rel).stat().st_size for rel in files},
-        "bytes_total": int(sum((out / rel).stat().st_size for rel in files)),
-        "onnx_parity_max_abs_diff": exports.parity,
-        "onnx_exporter": exports.exporters,
-        "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
-        "build_seconds": round(time.time() - started, 1),
-        "threads": threads,
-        "settings": {k: v for k, v in asdict(settings).items() if k != "command"},
-    }
+        **build_record(
+            settings, out, subs=subs, rounds=rounds, exports=exports, files=files,
+            timings=timings, started=started, threads=threads,
+        ),
+    }  # fmt: skip
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     ratios = report["ratios"]
     log(
