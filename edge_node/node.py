@@ -1,8 +1,9 @@
 """Edge node agent: loads the models its plan names and publishes one feature vector per
 frame per sub-model.
 
-Network callbacks decode, check and prepare each request (once: a frame that cannot be
-decoded is dropped there and never displaces a camera's good frame) and enqueue it; one
+Network callbacks decode, check and prepare each request (once: a frame whose message,
+encoding or image header is bad is dropped there and never displaces a camera's good
+frame; its pixels are decoded when it is served) and enqueue it; one
 worker thread runs inference and the plan follower (edvit/retained.py) builds sessions on
 a thread of its own, so neither a slow model nor a large model file stalls the MQTT
 network thread. Frames (and, for sliced bundles,
@@ -41,7 +42,7 @@ from edvit.mqtt import (
     shared_filter,
     unique_client_id,
 )
-from edvit.preprocess import decode_frame, to_model_input
+from edvit.preprocess import check_frame, decode_frame, to_model_input
 from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
     NODE_STRATEGIES,
@@ -337,6 +338,7 @@ class EdgeNode:
         active = self._accept(topic, message)
         if message is None or active is None:
             return
+        check_frame(message)  # a bad frame is refused here and never replaces a good one
         self._enqueue(message, None, active.plan, received_ts, started, topic, len(payload))
 
     def _on_tokens(self, topic: str, payload: bytes) -> None:

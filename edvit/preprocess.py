@@ -27,24 +27,16 @@ def decode_frame(frame: FrameMsg, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndar
     raw frames from their shape, png/jpeg from the image header, so a small file that
     declares more than `max_pixels` pixels costs nothing.
     """
-    data = frame.data
-    if not isinstance(data, bytes):
-        raise BadPayload(f"frame data is {type(data).__name__}, expected bytes")
-    if not data:
-        raise BadPayload("frame data is empty")
+    check_frame(frame, max_pixels)
     if frame.enc == "raw":
         image = _raw_image(frame, max_pixels)
-    elif frame.enc in ("png", "jpeg"):
-        width, height = image_size(data, frame.enc)
-        _check_pixels(height, width, max_pixels)
+    else:  # png or jpeg, its header checked
         try:
-            image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+            image = cv2.imdecode(np.frombuffer(frame.data, np.uint8), cv2.IMREAD_UNCHANGED)
         except Exception as exc:  # cv2.error, MemoryError: all about this input
             raise BadPayload(f"{frame.enc} frame does not decode: {type(exc).__name__}") from None
         if image is None:
             raise BadPayload(f"frame data is not a decodable {frame.enc} image")
-    else:
-        raise BadPayload(f"unknown frame encoding {frame.enc!r}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 3 and image.shape[2] == 4:
@@ -58,6 +50,25 @@ def decode_frame(frame: FrameMsg, max_pixels: int = MAX_FRAME_PIXELS) -> np.ndar
     if image.dtype != np.uint8:
         raise BadPayload(f"frame has dtype {image.dtype}, expected uint8")
     return image
+
+
+def check_frame(frame: FrameMsg, max_pixels: int = MAX_FRAME_PIXELS) -> None:
+    """Everything decode_frame checks before it decodes pixels: the data, the encoding, a
+    raw frame's shape and length, a png/jpeg file's header and declared size. Costs
+    microseconds, so a receiver can refuse a bad frame on arrival and decode the good ones
+    later (or never, when a newer frame replaces it). Raises BadPayload."""
+    data = frame.data
+    if not isinstance(data, bytes):
+        raise BadPayload(f"frame data is {type(data).__name__}, expected bytes")
+    if not data:
+        raise BadPayload("frame data is empty")
+    if frame.enc == "raw":
+        _raw_image(frame, max_pixels)
+    elif frame.enc in ("png", "jpeg"):
+        width, height = image_size(data, frame.enc)
+        _check_pixels(height, width, max_pixels)
+    else:
+        raise BadPayload(f"unknown frame encoding {frame.enc!r}")
 
 
 def _raw_image(frame: FrameMsg, max_pixels: int) -> np.ndarray:

@@ -553,6 +553,17 @@ def test_frames(fuzz: FuzzFleet, data: st.DataObject) -> None:
     assert fuzz.node.counters["frames_served"] - served == expected
 
 
+def test_a_busy_node_refuses_a_frame_with_a_broken_header_as_it_arrives(fuzz: FuzzFleet) -> None:
+    """A busy node queues frames and decodes their pixels only when it serves them; a newer
+    frame from the same camera can replace a queued one first. A frame whose image header is
+    broken is refused as it arrives, so it never waits in the queue to be lost uncounted."""
+    broken = {**frame_base(CAMERA), "data": b"\x89PNG\r\n\x1a\n" + bytes(40)}
+    # While a batch is being served (the lock held), an accepted frame would be queued.
+    with fuzz.node._serving, pytest.raises(BadPayload, match="IHDR"):
+        fuzz.node._on_frame(fuzz.topics.frame(CAMERA), msgpack_bytes(broken))
+    assert len(fuzz.node._batcher) == 0
+
+
 @FUZZ
 @given(data=st.data())
 def test_tokens(fuzz: FuzzFleet, data: st.DataObject) -> None:
@@ -924,3 +935,4 @@ def test_hostile_scenario_on_a_real_broker() -> None:
     assert all(result["final_counters_read"].values()), summary
     if not result["plans_during_run"]:  # every node followed frames all along
         assert result["uncounted"] == {}, summary
+        assert result["counted_beyond_expected"] == {}, summary
