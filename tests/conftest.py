@@ -17,6 +17,7 @@ fork, multiprocessing: a broker, a service, the CLI) fails, naming what it start
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing.util
 import os
 import shutil
@@ -264,8 +265,8 @@ class BundleBuilds:
     when one of them needs a bundle, so that the build overlaps the tests that run first
     (pytest_collection_modifyitems orders the modules that need a bundle last)."""
 
-    def __init__(self, root: Path, sliced: bool) -> None:
-        self.root, self.sliced = root, sliced
+    def __init__(self, root: Path, sliced: bool, owner: bool = True) -> None:
+        self.root, self.sliced, self.owner = root, sliced, owner
         self.paths: dict[str, Path] = {}
         self.errors: dict[str, str] = {}
         self._done = {fixture: threading.Event() for fixture in BUNDLE_FIXTURES}
@@ -315,8 +316,14 @@ class BundleBuilds:
     def _build(self, fixture: str, name: str, *extra: str) -> None:
         out, log_path = self.root / name, self.root / f"{name}.log"
         command = [sys.executable, "-m", "edvit", "build", *DIGITS_BUILD, "--out", str(out), *extra]
+        built = self.root / f"{name}.built"
         try:
-            code = self._run_build(command, log_path)
+            # Parallel workers share the root: the first to get here builds, the rest wait.
+            with (self.root / f"{name}.lock").open("w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                code = 0 if built.exists() else self._run_build(command, log_path)
+                if code == 0:
+                    built.touch()
             if code == 0:
                 self.paths[fixture] = out
             elif self._stopping.is_set():
@@ -361,10 +368,12 @@ class BundleBuilds:
             if self._process is not None and self._process.poll() is None:
                 self._process.kill()
         self._thread.join()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.owner:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 BUILDS = pytest.StashKey[BundleBuilds]()
+SHARED_ROOT = pytest.StashKey[Path]()
 
 
 def _bundle_builds(config: pytest.Config, sliced: bool = False) -> BundleBuilds:
@@ -372,9 +381,29 @@ def _bundle_builds(config: pytest.Config, sliced: bool = False) -> BundleBuilds:
     fixture that asks for a bundle."""
     builds = config.stash.get(BUILDS, None)
     if builds is None:
-        root = Path(tempfile.mkdtemp(prefix="edvit-test-bundles-"))
-        builds = config.stash[BUILDS] = BundleBuilds(root, sliced).start()
+        shared = getattr(config, "workerinput", {}).get(SHARED_BUNDLES)
+        root = Path(shared) if shared else Path(tempfile.mkdtemp(prefix="edvit-test-bundles-"))
+        builds = config.stash[BUILDS] = BundleBuilds(root, sliced, owner=not shared).start()
     return builds
+
+
+# Under pytest-xdist (`make test` runs `pytest -n 2`) the workers share one folder of
+# bundles, made and removed by the controller; the first worker to need a bundle builds it.
+SHARED_BUNDLES = "edvit_bundles"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    config = node.config
+    if SHARED_ROOT not in config.stash:
+        config.stash[SHARED_ROOT] = Path(tempfile.mkdtemp(prefix="edvit-test-bundles-"))
+    node.workerinput[SHARED_BUNDLES] = str(config.stash[SHARED_ROOT])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(SHARED_ROOT, None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
