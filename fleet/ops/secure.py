@@ -69,8 +69,9 @@ NATS_EXAMPLE_HEADER = """\
 # One node of a secured NATS cluster (docs/operations/brokers.md, "NATS cluster"): copy it
 # per node, next to the files it includes (their paths are relative to this file's folder),
 # change server_name, the store, the listen addresses and the routes (every node's name must
-# be in the certificates: `edvit secure init --hostname NAME`). The client port (`listen`)
-# has no TLS: keep it on loopback. Run: nats-server -c node.conf
+# be in the certificates: `edvit secure init --hostname NAME`). The TLS files name DIR's
+# certificates and keys by absolute path: give each node DIR at the same path. The client
+# port (`listen`) has no TLS: keep it on loopback. Run: nats-server -c node.conf
 """
 
 
@@ -507,4 +508,5 @@ def run(args: argparse.Namespace) -> int:
     for name in created:
         print(f"  {name}")
     print(f"start the broker: edvit broker --secure {directory}")
+    print(f"or a NATS cluster: one node per {directory / 'nats' / 'node.conf.example'}")
     return 0
