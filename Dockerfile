@@ -17,9 +17,13 @@ RUN apt-get update \
 # Passed by scripts/docker-local.sh when the host's pip has them; unset otherwise.
 ARG PIP_INDEX_URL
 ARG PIP_DEFAULT_TIMEOUT
+# ORT_DISABLE_TELEMETRY: onnxruntime's telemetry keeps a device id under $HOME/.cache; the
+# services' user has no home, so every container would log "Failed to persist telemetry
+# device ID" at its first model. Off, it neither writes nor warns.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     PATH=/opt/edvit/bin:$PATH
 
 WORKDIR /src

@@ -323,8 +323,10 @@ def matching_filter(topic_filter: str) -> str:
 
 def unique_client_id(kind: str) -> str:
     """A client id no other process uses: a second instance must not take over the first's
-    session (the broker disconnects the older of two clients with the same id)."""
-    return f"edvit-{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    session (the broker disconnects the older of two clients with the same id). Dots become
+    `_`: NATS refuses an MQTT client id with a dot, as a host name or a node id may have."""
+    raw = f"edvit-{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return raw.replace(".", "_")
 
 
 def _disable_nagle(_client: paho.Client, _userdata: object, sock: object) -> None:

@@ -4,12 +4,15 @@ real fleet of shaped boards serving a camera."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,3 +213,96 @@ def test_fleet_up_serves_through_shaped_boards_and_down_leaves_nothing(
             assert not any(Path(f).exists() for f in board.cgroups)
             assert not boards.alive(board.node_pid) and not boards.alive(board.proxy_pid)
         assert boards.load_state(run_dir) is None
+
+
+# -- a failed or killed `up` ----------------------------------------------------------------
+
+
+@pytest.fixture
+def isolated(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A token and a cgroup parent of this test's own (other fleets on this machine share
+    `edvit-boards`, and would keep it): the test can tell what is left of its own boards."""
+    token = uuid.uuid4().hex[:4]
+    monkeypatch.setattr(boards.secrets, "token_hex", lambda _n: token)
+    monkeypatch.setattr(emulation, "CGROUP_PARENT", f"edvit-boards-test-{token}")
+    return token
+
+
+def _leftovers(token: str, run_dir: Path) -> list[str]:
+    """Namespaces and cgroup folders (the parent included) of the fleet `token`, and live
+    processes that write to a log in `run_dir` (the nodes and the link proxies)."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    found = [line.split()[0] for line in netns.splitlines() if f"edvit-{token}-" in line]
+    found += [str(p) for p in emulation.CGROUP_ROOT.glob(f"*/{emulation.CGROUP_PARENT}")]
+    found += [str(p) for p in emulation.CGROUP_ROOT.glob(emulation.CGROUP_PARENT)]
+    for stdout in Path("/proc").glob("[0-9]*/fd/1"):
+        with contextlib.suppress(OSError):
+            if os.readlink(stdout).startswith(str(run_dir)) and boards.alive(
+                int(stdout.parent.parent.name)
+            ):
+                found.append(f"pid {stdout.parent.parent.name} ({os.readlink(stdout)})")
+    return found
+
+
+ONE_BOARD = {
+    "broker": {"host": "127.0.0.1", "port": 1},
+    "boards": [{"id": "node-0", "preset": "rpi4"}],
+}
+
+
+@pytest.mark.broker
+@pytest.mark.fleet
+def test_a_failed_up_leaves_nothing_and_names_the_proxy_log(
+    run_dir: Path, isolated: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The board's link proxy cannot listen (its port is held): `up` says why and names the
+    proxy's log, and takes down the link, the cgroup (and the parent it made) and the proxy."""
+    blocker = socket.socket()  # bound, not listening, no SO_REUSEADDR: the proxy's bind fails
+    blocker.bind(("0.0.0.0", 0))
+    port = blocker.getsockname()[1]
+    monkeypatch.setattr(boards, "find_free_port", lambda _host="": port)
+    try:
+        with pytest.raises(EdvitError) as caught:
+            boards.up(parse_fleet(ONE_BOARD), run_dir)
+    finally:
+        blocker.close()
+    proxy_log = run_dir / "logs" / "node-0.proxy.log"
+    message = str(caught.value)
+    assert f"log {proxy_log}" in message and "Address already in use" in message, message
+    assert "Traceback" in proxy_log.read_text()
+    assert _leftovers(isolated, run_dir) == []
+    assert boards.load_state(run_dir) is None
+
+
+class Killed(BaseException):
+    """`up` stopped where nothing of its own cleans up (SIGKILL, a power cut)."""
+
+
+@pytest.mark.broker
+@pytest.mark.fleet
+def test_down_sweeps_what_a_killed_up_left(
+    run_dir: Path, isolated: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`up` killed after it started the node and the proxy, before it wrote their pids:
+    `down` finds them (the namespace, the cgroup, the proxy's address) and takes everything
+    down, the cgroup parent included; a second `down` finds nothing."""
+    real_down = boards.down
+
+    def killed(*_args: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(boards, "_wait_listening", killed)
+    monkeypatch.setattr(boards, "down", lambda *_a: [])  # killed: no cleanup of its own
+    with pytest.raises(Killed):
+        boards.up(parse_fleet(ONE_BOARD), run_dir)
+    data = json.loads(boards.state_path(run_dir).read_text())
+    (board,) = data["boards"]
+    pids = (board["node_pid"], board["proxy_pid"])
+    assert all(boards.alive(pid) for pid in pids)
+    board["node_pid"] = board["proxy_pid"] = None
+    boards.state_path(run_dir).write_text(json.dumps(data))
+    assert _leftovers(isolated, run_dir) != []
+    assert real_down(run_dir) == ["node-0"]
+    assert not any(boards.alive(pid) for pid in pids)
+    assert _leftovers(isolated, run_dir) == []
+    assert real_down(run_dir) == []

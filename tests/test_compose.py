@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -192,3 +194,38 @@ def test_mosquitto_accepts_the_compose_config(tmp_path: Path) -> None:
     assert listening, output.decode(errors="replace")
     assert code == 0, output.decode(errors="replace")  # a clean stop on SIGINT
     assert b"Error" not in output.split(b"terminating")[0], output.decode(errors="replace")
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The Dockerfile's `ENV K=V \\` lines (PATH left out: it names the image's venv)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env |= dict(word.split("=", 1) for word in line.split()[1:])
+    env.pop("PATH", None)
+    return env
+
+
+@pytest.mark.fleet  # starts python processes
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a model as another user (needs root)")
+def test_a_model_loads_without_warnings_as_the_images_homeless_user() -> None:
+    """The image's services run as a user without a home: with the Dockerfile's environment,
+    loading a model writes nothing to stderr (onnxruntime warns about its telemetry when it
+    cannot write under $HOME; the check is that it does without the Dockerfile's ENV)."""
+    model = next((ROOT / "fleet" / "bundles").glob("*/submodels/*.onnx"))
+    code = (
+        "import onnxruntime\n"
+        f"onnxruntime.InferenceSession({str(model)!r}, providers=['CPUExecutionProvider'])\n"
+    )
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    base = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent/edvit"}
+
+    def stderr(env: dict[str, str]) -> str:
+        done = subprocess.run([*as_nobody, sys.executable, "-c", code], env=env, cwd="/",
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "telemetry" in stderr(base)  # what every container logged
+    assert stderr(base | _dockerfile_env()) == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,13 +18,14 @@ import pytest
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
+from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 from edvit.fleet.ops.deploy import deploy, make_plan, round_robin
 from edvit.fleet.ops.local import LocalFleet
-from edvit.fleet.ops.watch import PredictionStream
+from edvit.fleet.ops.watch import PredictionStream, watch
 from edvit.inference import OfflinePredictor, softmax
-from edvit.mqtt import MqttClient
+from edvit.mqtt import MqttClient, unique_client_id
 from edvit.preprocess import dataset_to_model_input
-from edvit.schemas import FrameMsg, ModelMsg, StatusMsg, decode, encode
+from edvit.schemas import FrameMsg, ModelMsg, PredictionMsg, StatusMsg, decode, encode
 from edvit.topics import Topics
 from helpers import assert_exit_codes, collect_predictions
 
@@ -290,3 +292,34 @@ def test_demo_command_prints_summary_and_exits_0(
     assert "3 sub-models" in bundle_line
     if bundle_kind != "digits":  # the shipped bundle's report states its cuts
         assert "smaller and" in bundle_line and "fused vs" in bundle_line
+
+
+def test_watch_names_the_true_class_of_a_miss(mosquitto_broker: LocalBroker, capsys) -> None:
+    """`edvit watch` follows the plan: a missed answer names its true class, not an index."""
+    topics = _topics()
+    plan = make_plan(Bundle.load(DEFAULT_BUNDLE), {"n": ("sub0", "sub1", "sub2")})
+    answer = PredictionMsg(
+        camera="cam0", seq=1, ts=time.time(), label=0, class_name=plan.classes[0], score=0.5,
+        topk=((plan.classes[0], 0.5),), latency_ms=3.0, submodels=("sub0",),
+        plan_id=plan.plan_id, true_label=1,
+    )  # fmt: skip
+    client = MqttClient(unique_client_id("test-watch"), mosquitto_broker.url)
+    client.start(required=True)
+    stop, shown = threading.Event(), []
+    watcher = threading.Thread(
+        target=lambda: shown.append(watch(mosquitto_broker.url, count=1, topics=topics, stop=stop))
+    )
+    try:
+        client.publish_and_wait(topics.plan(), encode(plan), qos=1, retain=True)
+        watcher.start()
+        deadline = time.monotonic() + 20
+        while watcher.is_alive() and time.monotonic() < deadline:  # until watch shows one
+            client.publish(topics.predictions("cam0"), encode(answer), qos=1)
+            watcher.join(0.5)
+    finally:
+        stop.set()
+        watcher.join()
+        client.publish_and_wait(topics.plan(), b"", qos=1, retain=True)
+        client.stop()
+    out = capsys.readouterr().out
+    assert shown == [1] and f"MISS (true {plan.classes[1]})" in out, out

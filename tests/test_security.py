@@ -1,6 +1,8 @@
-"""`edvit secure init` against a real mosquitto started from the config it writes.
+"""`edvit secure init` against a real mosquitto, and a real 3-node NATS cluster, started from
+the configs it writes.
 
-The ACL matrix: every identity x every topic family, in both directions. Allowed publishes
+The ACL matrix: every identity x every topic family, in both directions, on both brokers
+(on the cluster, the identity and the observer are on different nodes). Allowed publishes
 reach a test-only observer identity (`topic readwrite #`, added here, never by secure init);
 forbidden ones never do; subscriptions an identity may not make receive nothing. Then the
 refusals (anonymous, wrong password, no client certificate, plain TCP on the TLS port) and
@@ -10,6 +12,7 @@ the bad input a user can give (missing files, wrong CA, hostname mismatch): one 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,11 +32,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edvit.broker.local import LocalBroker, mosquitto_path
+from edvit.broker.nats_cluster import NatsCluster, nats_authorization, nats_server_path
 from edvit.cli import main
 from edvit.errors import BrokerError, ConfigError
 from edvit.fleet.ops import secure
 from edvit.limits import MESSAGE_EXPIRY_S
-from edvit.mqtt import Connection, MqttClient
+from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.topics import Topics
 from helpers import tier
 
@@ -85,8 +89,26 @@ IDENTITIES = ("deploy", "aggregator", "dashboard", "homeassistant", *NODES, *CAM
 
 @dataclass(frozen=True)
 class SecureBroker:
+    """DIR of `secure init` and the broker started from it: a mosquitto, or a NATS cluster
+    (then `broker` is None)."""
+
     dir: Path
-    broker: LocalBroker
+    broker: LocalBroker | None
+    cluster: NatsCluster | None = None
+
+    @property
+    def subscribe_qos(self) -> int:
+        """The matrix's subscriptions: QoS 1 on mosquitto; QoS 0 on NATS, where each QoS 1
+        subscription is a JetStream consumer of its own and messages from one publisher
+        come out of different consumers in any order (the sentinel would overtake)."""
+        return 0 if self.cluster is not None else 1
+
+    def address(self, node: int = 0) -> tuple[str, int]:
+        """Where to connect: the mosquitto, or the cluster's node `node`."""
+        if self.cluster is not None:
+            return "127.0.0.1", self.cluster.nodes[node % len(self.cluster.nodes)].mqtt_port
+        assert self.broker is not None
+        return self.broker.host, self.broker.port
 
     def files(self, identity: str) -> Path:
         return self.dir / "clients" / identity
@@ -107,8 +129,11 @@ class SecureBroker:
         return client
 
 
-def _add_observer(directory: Path) -> None:
-    """A read-and-write-everything identity for the tests' eyes only."""
+def _add_observer(
+    directory: Path, nodes: tuple[str, ...] = NODES, ha_prefix: str = "homeassistant"
+) -> None:
+    """A read-and-write-everything identity for the tests' eyes only, in the mosquitto files
+    and in the NATS users (rewritten from secure init's own rules plus the observer's)."""
     home = directory / "clients" / OBSERVER
     secure._Authority(directory, force=False).issue(
         home / "client.crt", home / "client.key", OBSERVER, server_names=[]
@@ -119,6 +144,11 @@ def _add_observer(directory: Path) -> None:
         f.write(secure.password_line(OBSERVER, password) + "\n")
     with (directory / "broker" / "acl").open("a") as f:
         f.write(f"\nuser {OBSERVER}\ntopic readwrite #\n")
+    rules = secure.acl_rules(secure.parse_identities(nodes, CAMERAS), Topics(), ha_prefix=ha_prefix)
+    rules[OBSERVER] = [("readwrite", "#")]
+    passwords = {name: (directory / "clients" / name / "password").read_text().strip()
+                 for name in rules}  # fmt: skip
+    (directory / "nats" / "users.conf").write_text(nats_authorization(rules, passwords))
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +168,32 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
         broker.stop()
 
 
+def _secure_cluster(directory: Path) -> NatsCluster:
+    """A 3-node NATS cluster from DIR/nats/ (started by the caller)."""
+    binary, why_not = nats_server_path()
+    if binary is None:
+        pytest.skip(why_not)
+    login = secure.login(directory, OBSERVER, "mqtts://127.0.0.1:1")
+    return NatsCluster(binary, directory.parent / "nats", secure=directory, login=login)
+
+
+@pytest.fixture(scope="module")
+@tier("broker")
+def secured_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    directory = tmp_path_factory.mktemp("secure-nats") / "fleet"
+    secure.init(directory, secure.parse_identities(NODES, CAMERAS), port=8883)
+    _add_observer(directory)
+    cluster = _secure_cluster(directory)
+    try:
+        cluster.start()
+        yield SecureBroker(directory, None, cluster)
+    finally:
+        cluster.stop()
+
+
+BROKERS = ["secured", "secured_nats"]
+
+
 def _connect(client: mqtt.Client, host: str, port: int) -> Any:
     """Connect and return the CONNACK's reason code (or raise what the socket raised)."""
     acks: queue.Queue[Any] = queue.Queue()
@@ -150,9 +206,9 @@ def _connect(client: mqtt.Client, host: str, port: int) -> Any:
         return None
 
 
-def _connected(sb: SecureBroker, identity: str | None, **kwargs: Any) -> mqtt.Client:
+def _connected(sb: SecureBroker, identity: str | None, node: int = 0, **kwargs: Any) -> mqtt.Client:
     client = sb.client(identity, **kwargs)
-    rc = _connect(client, sb.broker.host, sb.broker.port)
+    rc = _connect(client, *sb.address(node))
     assert rc is not None and not rc.is_failure, f"{identity} could not connect: {rc}"
     return client
 
@@ -161,26 +217,40 @@ class Observer:
     """The observer subscribed to '#', with a sentinel that proves earlier messages are in."""
 
     def __init__(self, sb: SecureBroker, topic_filter: str = "#",
-                 identity: str = OBSERVER) -> None:  # fmt: skip
+                 identity: str = OBSERVER, node: int = 0) -> None:  # fmt: skip
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.subacks: queue.Queue[Any] = queue.Queue()
         self.client = sb.client(identity)
         self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload))
         self.client.on_subscribe = lambda _c, _u, _m, rcs, _p: self.subacks.put(rcs)
-        rc = _connect(self.client, sb.broker.host, sb.broker.port)
+        rc = _connect(self.client, *sb.address(node))
         assert rc is not None and not rc.is_failure, rc
 
-    def subscribe(self, *topics: str) -> None:
+    def subscribe(self, *topics: str, qos: int = 1) -> None:
         for topic in topics:
-            self.client.subscribe(topic, qos=1)
+            self.client.subscribe(topic, qos=qos)
             self.subacks.get(timeout=TIMEOUT)
 
-    def until(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
+    def await_interest(self, sender: mqtt.Client, topic: str) -> None:
+        """Until a probe `sender` publishes on `topic` arrives: on a cluster, proof that
+        this client's subscriptions (up to the one `topic` matches) reached the sender's
+        node, which forwards nothing before."""
+        for _ in range(10):
+            probe = f"probe-{uuid.uuid4().hex}".encode()
+            sender.publish(topic, probe, qos=1).wait_for_publish(TIMEOUT)
+            with contextlib.suppress(AssertionError):
+                self.until(topic, probe, timeout=1.0)
+                return
+        raise AssertionError(f"no probe on {topic} came through")
+
+    def until(
+        self, topic: str, payload: bytes, timeout: float = TIMEOUT
+    ) -> list[tuple[str, bytes]]:
         """Every message received before (topic, payload), which must arrive."""
         seen = []
         while True:
             try:
-                message = self.messages.get(timeout=TIMEOUT)
+                message = self.messages.get(timeout=timeout)
             except queue.Empty:
                 raise AssertionError(f"sentinel {payload!r} on {topic} never came") from None
             if message == (topic, payload):
@@ -192,39 +262,58 @@ class Observer:
         self.client.loop_stop()
 
 
+@pytest.mark.broker  # through its `broker` fixture, by name
+@pytest.mark.parametrize("broker", BROKERS)
 @pytest.mark.parametrize("identity", IDENTITIES)
-def test_an_identity_publishes_only_where_the_acl_says(secured: SecureBroker, identity: str):
+def test_an_identity_publishes_only_where_the_acl_says(
+    request: pytest.FixtureRequest, broker: str, identity: str
+) -> None:
+    secured: SecureBroker = request.getfixturevalue(broker)
     observer = Observer(secured)
-    observer.subscribe("#")
-    client = _connected(secured, identity)
+    observer.subscribe("#", qos=secured.subscribe_qos)
+    # The identity is on another node of a cluster; the sentinel goes from that node too,
+    # after the identity's publishes, over the same route.
+    sender = _connected(secured, OBSERVER, node=1)
+    client = _connected(secured, identity, node=1)
     try:
+        observer.await_interest(sender, "test/sentinel")
         for topic, _writers, _readers in FAMILIES.values():
             # QoS 1: once PUBACKed, the broker has forwarded or dropped the message.
             client.publish(topic, identity.encode(), qos=1).wait_for_publish(TIMEOUT)
         sentinel = f"end-{uuid.uuid4().hex}".encode()
-        observer.client.publish("test/sentinel", sentinel, qos=1)
+        sender.publish("test/sentinel", sentinel, qos=1)
         arrived = {topic for topic, payload in observer.until("test/sentinel", sentinel)
                    if payload == identity.encode()}  # fmt: skip
     finally:
-        client.disconnect()
-        client.loop_stop()
+        for mqtt_client in (client, sender):
+            mqtt_client.disconnect()
+            mqtt_client.loop_stop()
         observer.stop()
     expected = {topic for topic, writers, _ in FAMILIES.values() if identity in writers}
     assert arrived == expected
 
 
+@pytest.mark.broker  # through its `broker` fixture, by name
+@pytest.mark.parametrize("broker", BROKERS)
 @pytest.mark.parametrize("identity", IDENTITIES)
-def test_an_identity_reads_only_what_the_acl_says(secured: SecureBroker, identity: str):
-    reader = Observer(secured, identity=identity)
-    # Every family subscribed one by one: a forbidden subscription must bring nothing.
-    reader.subscribe(*(topic for topic, _, _ in FAMILIES.values()))
+def test_an_identity_reads_only_what_the_acl_says(
+    request: pytest.FixtureRequest, broker: str, identity: str
+) -> None:
+    secured: SecureBroker = request.getfixturevalue(broker)
+    reader = Observer(secured, identity=identity, node=1)
+    # The sentinel goes last, to a topic the identity reads: the plan, or for Home
+    # Assistant (which reads no plan) the aggregator's status.
+    last = "edvit/aggregator/status" if identity == "homeassistant" else "edvit/plan"
+    # Every family subscribed one by one, the sentinel's last: a forbidden subscription
+    # must bring nothing (mosquitto grants it and delivers nothing; NATS refuses it in the
+    # SUBACK).
+    topics = [topic for topic, _, _ in FAMILIES.values() if topic != last]
+    reader.subscribe(*topics, last, qos=secured.subscribe_qos)
     publisher = _connected(secured, OBSERVER)
     try:
+        reader.await_interest(publisher, last)
         for topic, _writers, _readers in FAMILIES.values():
             publisher.publish(topic, b"x", qos=1).wait_for_publish(TIMEOUT)
-        # The sentinel goes last, to a topic the identity reads: the plan, or for Home
-        # Assistant (which reads no plan) the aggregator's status.
-        last = "edvit/aggregator/status" if identity == "homeassistant" else "edvit/plan"
         sentinel = f"end-{uuid.uuid4().hex}".encode()
         publisher.publish(last, sentinel, qos=1).wait_for_publish(TIMEOUT)
         received = {topic for topic, _ in reader.until(last, sentinel)}
@@ -250,9 +339,10 @@ def test_a_custom_ha_prefix_moves_both_ends_of_discovery(tmp_path: Path) -> None
     """`secure init --ha-prefix site/ha`: the aggregator writes its fleet's configs under
     site/ha and nowhere under the default prefix; Home Assistant reads them there."""
     directory = tmp_path / "fleet"
-    argv = ["secure", "init", str(directory), "--nodes", "n0", "--ha-prefix", "site/ha"]
+    argv = ["secure", "init", str(directory), "--nodes", "n0", "--cameras", ",".join(CAMERAS),
+            "--ha-prefix", "site/ha"]  # fmt: skip
     assert main(argv) == 0
-    _add_observer(directory)
+    _add_observer(directory, nodes=("n0",), ha_prefix="site/ha")
     config = directory / "broker/mosquitto.conf"
     with LocalBroker(kind="mosquitto", log_path=tmp_path / "broker.log", secure_config=config) as b:
         sb = SecureBroker(directory, b)
@@ -282,11 +372,14 @@ def test_secure_init_names_a_bad_ha_prefix(prefix: str, tmp_path: Path, capsys) 
     assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
+@pytest.mark.broker  # through its `broker` fixture, by name
+@pytest.mark.parametrize("broker", BROKERS)
 @pytest.mark.parametrize(
     "case", ["anonymous", "wrong password", "no client certificate", "plain tcp"]
 )
-def test_the_broker_refuses(secured: SecureBroker, case: str) -> None:
-    host, port = secured.broker.host, secured.broker.port
+def test_the_broker_refuses(request: pytest.FixtureRequest, broker: str, case: str) -> None:
+    secured: SecureBroker = request.getfixturevalue(broker)
+    host, port = secured.address()
     client = {
         "anonymous": lambda: secured.client(None),
         "wrong password": lambda: secured.client("node-0", password="not-it"),
@@ -676,3 +769,54 @@ def test_the_demo_runs_over_tls_and_compares_with_plain(tmp_path: Path, capsys) 
 def test_compare_plain_needs_secure(capsys) -> None:
     assert main(["demo", "--compare-plain"]) == 2
     assert "add --secure" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+def test_a_client_on_a_killed_tls_node_goes_on_through_another(tmp_path: Path) -> None:
+    """A node logs in to node n0 of the secured cluster (the brokers listed n0, n1, n2); n0
+    is killed: the node fails over, over TLS with its own login, still reads the plan deploy
+    publishes on n2, and its status reaches an observer on n2. The node is `board.lan`: a
+    dot in its id, so in its client id and topics (NATS refuses client ids with dots)."""
+    directory, board = tmp_path / "fleet", "board.lan"
+    secure.init(directory, secure.parse_identities((*NODES, board), CAMERAS))
+    _add_observer(directory, nodes=(*NODES, board))
+    cluster = _secure_cluster(directory)
+    cluster.start()
+    sb = SecureBroker(directory, None, cluster)
+    plans: queue.Queue[bytes] = queue.Queue()
+    node = _service_on(directory, board, cluster.urls(0))
+    node.route("edvit/plan", lambda _t, payload: plans.put(payload), qos=1)
+    deploy = _service_on(directory, "deploy", cluster.urls(2))
+    observer = Observer(sb, node=2)
+    try:
+        observer.subscribe("edvit/nodes/+/status")
+        assert node.start(required=True) and deploy.start(required=True)
+        assert _eventually(lambda: node.subscribed("edvit/plan"), timeout=10)
+        deploy.publish_and_wait("edvit/plan", b"before", qos=1)
+        assert plans.get(timeout=TIMEOUT) == b"before"
+        cluster.kill(cluster.nodes[0])
+        # A plan a second until one arrives: the cluster elects new JetStream leaders for
+        # what n0 led before it takes QoS 1 subscriptions again.
+        deadline, got = time.monotonic() + 45, b""
+        while not got.startswith(b"after") and time.monotonic() < deadline:
+            with contextlib.suppress(BrokerError):
+                deploy.publish_and_wait("edvit/plan", b"after", qos=1, timeout=TIMEOUT)
+            with contextlib.suppress(queue.Empty):
+                got = plans.get(timeout=1.0)
+        assert got == b"after", "no plan reached the node after its NATS node was killed"
+        assert node.counters["broker_failovers"] >= 1
+        assert node.address.port != cluster.nodes[0].mqtt_port and node.address.tls
+        status = f"up-{uuid.uuid4().hex}".encode()
+        node.publish_and_wait(f"edvit/nodes/{board}/status", status, qos=1, timeout=TIMEOUT)
+        assert observer.until(f"edvit/nodes/{board}/status", status) == []
+    finally:
+        observer.stop()
+        node.stop()
+        deploy.stop()
+        cluster.stop()
+
+
+def _service_on(directory: Path, identity: str, urls: str) -> MqttClient:
+    """An edvit client logged in as `identity` to the brokers `urls`, in that order."""
+    settings = dataclasses.replace(secure.login(directory, identity, urls), mqtt_version="3.1.1")
+    return MqttClient(unique_client_id(identity), settings)

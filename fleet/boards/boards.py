@@ -227,6 +227,10 @@ class BoardState:
     def node_broker(self) -> str:
         return f"mqtt://{self.link.host_ip}:{self.proxy_port}"
 
+    @property
+    def proxy_log(self) -> Path:
+        return Path(self.log).with_suffix(".proxy.log")
+
 
 @dataclass
 class RunState:
@@ -353,39 +357,57 @@ def up(fleet: FleetSpec, run_dir: Path = DEFAULT_RUN_DIR, node_args: tuple[str, 
             )
             board = BoardState(spec=spec, link=link, log=str(run_dir / "logs" / f"{spec.id}.log"))
             state.boards.append(board)
-            save_state(run_dir, state)  # before anything is made: `down` can undo a half board
-            _make_board(state, board, fleet, node_args)
-            save_state(run_dir, state)
+            _make_board(run_dir, state, board, fleet, node_args)
         _wait_listening(state, ready_timeout)
     except BaseException:
+        save_state(run_dir, state)  # all that was made, for `down` to undo
         down(run_dir)
         raise
     return state
 
 
-def _make_board(state: RunState, board: BoardState, fleet: FleetSpec,
+def _make_board(run_dir: Path, state: RunState, board: BoardState, fleet: FleetSpec,
                 node_args: tuple[str, ...]) -> None:  # fmt: skip
+    """Make the board's link, cgroup, proxy and node. Each is written to the state before
+    it is made (a process's pid right after): an `up` killed at any point leaves a state
+    from which `down` finds everything."""
     spec, link = board.spec, board.link
-    emulation.create_link(link, spec.rate_mbit)
-    name = f"{state.token}-{spec.id}"
-    folders = emulation.create_cgroup(state.cgroup_version, name, spec.cpu, spec.memory_mb)
+    folders = emulation.cgroup_dirs(state.cgroup_version, f"{state.token}-{spec.id}")
     board.cgroups = [str(f) for f in folders]
+    save_state(run_dir, state)
+    emulation.create_link(link, spec.rate_mbit)
+    emulation.create_cgroup(state.cgroup_version, folders, spec.cpu, spec.memory_mb)
     board.proxy_port = find_free_port(link.host_ip)
+    save_state(run_dir, state)
     board.proxy_pid = _spawn(
         [sys.executable, "-m", "edvit", "fleet", "proxy",
          "--listen", f"{link.host_ip}:{board.proxy_port}",
          "--target", f"{fleet.broker_host}:{fleet.broker_port}",
          "--delay-ms", f"{spec.delay_ms:g}"],
-        Path(board.log).with_suffix(".proxy.log"),
+        board.proxy_log,
     )  # fmt: skip
+    save_state(run_dir, state)
     if not wait_for_port(link.host_ip, board.proxy_port, time.monotonic() + 10):
-        raise EdvitError(f"{spec.id}: the link proxy did not listen (log {board.log})")
+        raise EdvitError(
+            f"{spec.id}: the link proxy did not listen ({_last_line(board.proxy_log)}; "
+            f"log {board.proxy_log})"
+        )
     board.node_pid = _spawn(
         ["ip", "netns", "exec", link.netns, sys.executable, "-m", "edvit", "node",
          "--id", spec.id, "--broker", board.node_broker, "--prefix", state.prefix,
          "--memory-mb", str(spec.memory_mb), *node_args],
         Path(board.log), folders,
     )  # fmt: skip
+    save_state(run_dir, state)
+
+
+def _last_line(path: Path) -> str:
+    """The last line of a log (a traceback's exception), or why there is none."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError as exc:
+        return f"no log: {exc.strerror}"
+    return lines[-1] if lines else "its log is empty"
 
 
 def _wait_listening(state: RunState, timeout: float) -> None:
@@ -430,6 +452,9 @@ def down(run_dir: Path = DEFAULT_RUN_DIR) -> list[str]:
     if state is None:
         return []
     pids = [p for b in state.boards for p in (b.node_pid, b.proxy_pid) if p is not None]
+    # An `up` killed between starting a process and writing its pid: the process is still
+    # found, in the board's namespace or cgroup, or by the proxy's listen address.
+    pids += [p for b in state.boards for p in _unrecorded_pids(b) if p not in pids]
     stop_pids(pids)
     problems = []
     for board in state.boards:
@@ -445,6 +470,28 @@ def down(run_dir: Path = DEFAULT_RUN_DIR) -> list[str]:
         raise EdvitError("; ".join(problems))
     state_path(run_dir).unlink()
     return [b.spec.id for b in state.boards]
+
+
+def _unrecorded_pids(board: BoardState) -> list[int]:
+    """Processes of the board: in its network namespace or its cgroup, or the proxy
+    listening on its link (`edvit fleet proxy --listen HOST_IP:PORT`)."""
+    found: set[int] = set()
+    if emulation.netns_exists(board.link.netns):
+        with contextlib.suppress(emulation.EmulationError):
+            listed = emulation.run("ip", "netns", "pids", board.link.netns)
+            found |= {int(p) for p in listed.split()}
+    for folder in map(Path, board.cgroups):
+        with contextlib.suppress(OSError, ValueError):
+            found |= {int(p) for p in (folder / "cgroup.procs").read_text().split()}
+    if board.proxy_port is not None:
+        listen = f"{board.link.host_ip}:{board.proxy_port}".encode()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                args = cmdline.read_bytes().split(b"\0")
+                if b"proxy" in args and listen in args:
+                    found.add(int(cmdline.parent.name))
+    found.discard(os.getpid())
+    return sorted(found)
 
 
 def board_status(board: BoardState) -> dict[str, Any]:

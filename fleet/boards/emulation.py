@@ -140,23 +140,23 @@ def _write(path: Path, value: str) -> None:
         raise EmulationError(f"cannot write {value!r} to {path}: {exc}") from None
 
 
-def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[Path]:
-    """A cgroup with `cpu` cores of quota and `memory_mb` of memory, swap included."""
+def create_cgroup(version: str, folders: list[Path], cpu: float, memory_mb: int) -> None:
+    """The cgroup of `cgroup_dirs` with `cpu` cores of quota and `memory_mb` of memory, swap
+    included."""
     quota, period = cpu_quota(cpu)
     limit = str(memory_mb * 1024 * 1024)
     if version == "v2":
-        parent = CGROUP_ROOT / CGROUP_PARENT
-        parent.mkdir(exist_ok=True)
+        (folder,) = folders
+        folder.parent.mkdir(exist_ok=True)
         _write(CGROUP_ROOT / "cgroup.subtree_control", "+cpu +memory")
-        _write(parent / "cgroup.subtree_control", "+cpu +memory")
-        (folder,) = cgroup_dirs(version, name)
+        _write(folder.parent / "cgroup.subtree_control", "+cpu +memory")
         folder.mkdir()
         _write(folder / "cpu.max", f"{quota} {period}")
         _write(folder / "memory.max", limit)
         if (folder / "memory.swap.max").exists():
             _write(folder / "memory.swap.max", "0")
-        return [folder]
-    cpu_dir, memory_dir = cgroup_dirs(version, name)
+        return
+    cpu_dir, memory_dir = folders
     for folder in (cpu_dir, memory_dir):
         folder.mkdir(parents=True)
     _write(cpu_dir / "cpu.cfs_period_us", str(period))
@@ -164,7 +164,6 @@ def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[P
     _write(memory_dir / "memory.limit_in_bytes", limit)
     if (memory_dir / "memory.memsw.limit_in_bytes").exists():
         _write(memory_dir / "memory.memsw.limit_in_bytes", limit)
-    return [cpu_dir, memory_dir]
 
 
 def cpu_quota(cpu: float) -> tuple[int, int]:

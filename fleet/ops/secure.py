@@ -8,6 +8,9 @@ One run writes, under DIR (README, "Security"):
     broker/passwd                        mosquitto_passwd format, one line per identity
     broker/acl                           what each identity may read and write
     broker/mosquitto.conf                TLS listener, no anonymous access, packet limit
+    nats/users.conf, mqtt-tls.conf,      the same users and rules for a NATS cluster, MQTT
+      cluster-tls.conf, route.crt/key,   over TLS, TLS between its nodes, and one node's
+      node.conf.example                  config that includes them
     clients/<identity>/client.crt, client.key, password
     signing/plan.key, plan.pub           Ed25519 plan-signing key pair (used by a later step)
 
@@ -17,7 +20,7 @@ camera's identity is its id, and the ACL grants it its own topics only.
 
 Keys, certificates and passwords are never overwritten unless `force`: running again with
 one more node adds that node's files and leaves the others. The password file, the ACL and
-the broker config are derived from the identities and are rewritten on every run.
+the broker configs are derived from the identities and are rewritten on every run.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edvit.aggregator.ha import acl_topics, check_ha_prefix
 from edvit.broker.local import secure_mosquitto_config
+from edvit.broker.nats_cluster import SecureNatsFiles, nats_authorization
 from edvit.errors import ConfigError
 from edvit.mqtt import Connection
 from edvit.topics import DEFAULT_HA_PREFIX, Topics
@@ -58,6 +62,17 @@ SALT_BYTES = 12
 CA_DAYS, LEAF_DAYS = 3650, 825
 # A username becomes an ACL topic level and a passwd line: letters, digits, '.', '_', '-'.
 IDENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# nats/node.conf.example: NATS's usual route and client ports, three made-up node names.
+NATS_ROUTE_PORT, NATS_CLIENT_PORT = 6222, 4222
+NATS_EXAMPLE_NODES = ("nats-0.lan", "nats-1.lan", "nats-2.lan")
+NATS_EXAMPLE_HEADER = """\
+# One node of a secured NATS cluster (docs/operations/brokers.md, "NATS cluster"): copy it
+# per node, next to the files it includes (their paths are relative to this file's folder),
+# change server_name, the store, the listen addresses and the routes (every node's name must
+# be in the certificates: `edvit secure init --hostname NAME`). The TLS files name DIR's
+# certificates and keys by absolute path: give each node DIR at the same path. The client
+# port (`listen`) has no TLS: keep it on loopback. Run: nats-server -c node.conf
+"""
 
 
 @dataclass(frozen=True)
@@ -93,101 +108,101 @@ def password_line(username: str, password: str, salt: bytes | None = None) -> st
     return f"{username}:$7${PBKDF2_ITERATIONS}${b64(salt).decode()}${b64(digest).decode()}"
 
 
-def acl_text(
+Rules = dict[str, list[tuple[str, str]]]
+"""identity -> [(access, topic filter)], access one of `read`, `write`, `readwrite`."""
+
+
+def acl_rules(
     identities: Identities, topics: Topics, dashboard_sees_frames: bool = False,
     ha_prefix: str = DEFAULT_HA_PREFIX,
-) -> str:  # fmt: skip
-    """mosquitto ACL, one `user` section per identity (README, "Security"); `ha_prefix` is
-    Home Assistant's discovery prefix (the aggregator's --ha-prefix).
+) -> Rules:  # fmt: skip
+    """What each identity may read and write (README, "Security"): one set of rules, which
+    `acl_text` writes for mosquitto and `nats_authorization` for a NATS cluster; `ha_prefix`
+    is Home Assistant's discovery prefix (the aggregator's --ha-prefix).
 
-    Node and camera sections name their own id, not a `%u` pattern: mosquitto applies a
+    Node and camera rules name their own id, not a `%u` pattern: mosquitto applies a
     `pattern` line to every user, so `pattern write .../nodes/%u/status` would let a camera
     or the dashboard publish the status of a phantom node named after itself, and the
-    planner would place sub-models on it. The sections are written by this function, so
-    adding a node is running `edvit secure init` again, not editing the ACL.
+    planner would place sub-models on it. The rules are written by this function, so adding
+    a node is running `edvit secure init` again, not editing the ACL.
     """
     t = topics.prefix
-
-    def section(user: str, lines: Iterable[str]) -> list[str]:
-        return [f"user {user}", *lines, ""]
-
-    out = ["# Written by `edvit secure init`; rewritten on every run.", ""]
+    rules: Rules = {}
     # deploy publishes the plan and model files; reads them back (`--clear`, checks).
-    out += section("deploy", [f"topic readwrite {t}/plan", f"topic readwrite {t}/models/#"])
+    rules["deploy"] = [("readwrite", f"{t}/plan"), ("readwrite", f"{t}/models/#")]
     # The aggregator follows the plan and fusion model, every node's status and feature, the
     # serving aggregator's status and lease, and predictions (a standby learns of answers);
     # it publishes predictions, its statuses, the lease, and - its planner - the fleet
     # health and a re-placed plan when nodes go down (aggregator/planner.py); with
     # --ha-discovery, its cameras' Home Assistant configs and states (outside the prefix,
     # under this fleet's node id only, write only).
-    out += section(
-        "aggregator",
-        [
-            f"topic readwrite {t}/plan",
-            f"topic read {t}/models/#",
-            f"topic read {t}/nodes/+/status",
-            f"topic read {t}/features/#",
-            f"topic readwrite {t}/predictions/#",
-            f"topic readwrite {t}/aggregator/#",
-            f"topic readwrite {t}/aggregators/#",
-            f"topic readwrite {t}/fleet/#",
-            f"topic write {t}/stats/aggregators/#",
-            f"topic write {acl_topics(ha_prefix, topics)}",
-        ],
-    )
+    rules["aggregator"] = [
+        ("readwrite", f"{t}/plan"),
+        ("read", f"{t}/models/#"),
+        ("read", f"{t}/nodes/+/status"),
+        ("read", f"{t}/features/#"),
+        ("readwrite", f"{t}/predictions/#"),
+        ("readwrite", f"{t}/aggregator/#"),
+        ("readwrite", f"{t}/aggregators/#"),
+        ("readwrite", f"{t}/fleet/#"),
+        ("write", f"{t}/stats/aggregators/#"),
+        ("write", acl_topics(ha_prefix, topics)),
+    ]
     dashboard = [
-        f"topic read {t}/predictions/#",
-        f"topic read {t}/plan",
-        f"topic read {t}/nodes/+/status",
-        f"topic read {t}/cameras/+/status",
-        f"topic read {t}/aggregator/#",
-        f"topic read {t}/aggregators/#",
-        f"topic read {t}/fleet/#",
-        f"topic read {t}/stats/#",
+        ("read", f"{t}/predictions/#"),
+        ("read", f"{t}/plan"),
+        ("read", f"{t}/nodes/+/status"),
+        ("read", f"{t}/cameras/+/status"),
+        ("read", f"{t}/aggregator/#"),
+        ("read", f"{t}/aggregators/#"),
+        ("read", f"{t}/fleet/#"),
+        ("read", f"{t}/stats/#"),
     ]
     if dashboard_sees_frames:
-        dashboard += [f"topic read {t}/cameras/+/frame", f"topic read {t}/cameras/+/tokens"]
-    out += section("dashboard", dashboard)
+        dashboard += [("read", f"{t}/cameras/+/frame"), ("read", f"{t}/cameras/+/tokens")]
+    rules["dashboard"] = dashboard
     # Home Assistant's MQTT integration: discovery configs and the sensors' states under the
     # discovery prefix, the serving aggregator's status (availability), and its own birth
     # and last-will messages on {ha_prefix}/status.
-    out += section(
-        "homeassistant",
-        [
-            f"topic read {ha_prefix}/#",
-            f"topic write {ha_prefix}/status",
-            f"topic read {t}/aggregator/status",
-        ],
-    )
+    rules["homeassistant"] = [
+        ("read", f"{ha_prefix}/#"),
+        ("write", f"{ha_prefix}/status"),
+        ("read", f"{t}/aggregator/status"),
+    ]
     for node in identities.nodes:
         # features/{camera}/{sub-model}/{node}: which sub-models a node serves changes with
         # the plan, so the ACL pins the node and the aggregator checks the sub-model against
         # the plan the features name.
-        out += section(
-            node,
-            [
-                f"topic read {t}/plan",
-                f"topic read {t}/models/#",
-                f"topic read {t}/cameras/+/frame",
-                f"topic read {t}/cameras/+/tokens",
-                f"topic write {t}/features/+/+/{node}",
-                f"topic write {t}/nodes/{node}/status",
-                f"topic write {t}/stats/nodes/{node}",
-            ],
-        )
+        rules[node] = [
+            ("read", f"{t}/plan"),
+            ("read", f"{t}/models/#"),
+            ("read", f"{t}/cameras/+/frame"),
+            ("read", f"{t}/cameras/+/tokens"),
+            ("write", f"{t}/features/+/+/{node}"),
+            ("write", f"{t}/nodes/{node}/status"),
+            ("write", f"{t}/stats/nodes/{node}"),
+        ]
     for camera in identities.cameras:
         # A camera with head slices follows the plan and loads the shared stem.
-        out += section(
-            camera,
-            [
-                f"topic read {t}/plan",
-                f"topic read {t}/models/#",
-                f"topic write {t}/cameras/{camera}/frame",
-                f"topic write {t}/cameras/{camera}/tokens",
-                f"topic write {t}/cameras/{camera}/status",
-                f"topic write {t}/stats/cameras/{camera}",
-            ],
-        )
+        rules[camera] = [
+            ("read", f"{t}/plan"),
+            ("read", f"{t}/models/#"),
+            ("write", f"{t}/cameras/{camera}/frame"),
+            ("write", f"{t}/cameras/{camera}/tokens"),
+            ("write", f"{t}/cameras/{camera}/status"),
+            ("write", f"{t}/stats/cameras/{camera}"),
+        ]
+    return rules
+
+
+def acl_text(
+    identities: Identities, topics: Topics, dashboard_sees_frames: bool = False,
+    ha_prefix: str = DEFAULT_HA_PREFIX,
+) -> str:  # fmt: skip
+    """The rules of `acl_rules` as a mosquitto ACL file, one `user` section per identity."""
+    out = ["# Written by `edvit secure init`; rewritten on every run.", ""]
+    for user, lines in acl_rules(identities, topics, dashboard_sees_frames, ha_prefix).items():
+        out += [f"user {user}", *(f"topic {access} {topic}" for access, topic in lines), ""]
     return "\n".join(out)
 
 
@@ -271,15 +286,19 @@ class _Authority:
         self.key = key
 
     def issue(
-        self, cert_path: Path, key_path: Path, common_name: str, *, server_names: list[str]
-    ) -> bool:
+        self, cert_path: Path, key_path: Path, common_name: str, *, server_names: list[str],
+        also_client: bool = False,
+    ) -> bool:  # fmt: skip
         """Write a certificate and key signed by this CA unless both exist (and the CA is
-        the one that was there). A server certificate gets the names as SANs."""
+        the one that was there). A server certificate gets the names as SANs; `also_client`
+        lets it prove itself as a client too (a NATS node opening a route to another)."""
         if not self.created and cert_path.exists() and key_path.exists():
             return False
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
+        usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server_names else []
+        if also_client or not server_names:
+            usage.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
@@ -289,7 +308,7 @@ class _Authority:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         )
         if server_names:
             builder = builder.add_extension(
@@ -339,7 +358,13 @@ def init(
     broker = directory / "broker"
     if ca.issue(broker / "server.crt", broker / "server.key", names[0], server_names=names):
         created += ["broker/server.crt", "broker/server.key"]
-    passwd = []
+    nats = SecureNatsFiles(directory)
+    if ca.issue(
+        nats.nats / "route.crt", nats.nats / "route.key", names[0], server_names=names,
+        also_client=True,
+    ):  # fmt: skip
+        created += ["nats/route.crt", "nats/route.key"]
+    passwd, passwords = [], {}
     for identity in identities.all():
         home = directory / "clients" / identity
         if ca.issue(home / "client.crt", home / "client.key", identity, server_names=[]):
@@ -350,6 +375,7 @@ def init(
             created.append(f"clients/{identity}/password")
         password = password_path.read_text(encoding="utf-8").rstrip("\r\n")
         passwd.append(password_line(identity, password))
+        passwords[identity] = password
     signing = directory / "signing"
     if force or not (signing / "plan.key").exists():
         key = ed25519.Ed25519PrivateKey.generate()
@@ -361,10 +387,21 @@ def init(
         created += ["signing/plan.key", "signing/plan.pub"]
     # Derived files: rewritten every run, so they always match the identities given.
     _write_secret(broker / "passwd", ("\n".join(passwd) + "\n").encode())
-    acl = acl_text(identities, topics, dashboard_sees_frames, ha_prefix)
-    _write_secret(broker / "acl", acl.encode())
+    rules = acl_rules(identities, topics, dashboard_sees_frames, ha_prefix)
+    _write_secret(broker / "acl", acl_text(identities, topics, dashboard_sees_frames,
+                                           ha_prefix).encode())  # fmt: skip
     config = secure_mosquitto_config(directory, listen, port, broker_user)
     _write_public(broker / "mosquitto.conf", config.encode())
+    _write_secret(nats.nats / "users.conf", nats_authorization(rules, passwords).encode())
+    _write_public(nats.nats / "mqtt-tls.conf", nats.mqtt_tls().encode())
+    _write_public(nats.nats / "cluster-tls.conf", nats.cluster_tls().encode())
+    example = nats.node_config(
+        "n0", mqtt_listen=f"{listen}:{port}", cluster_listen=f"{listen}:{NATS_ROUTE_PORT}",
+        routes=[f"{name}:{NATS_ROUTE_PORT}" for name in NATS_EXAMPLE_NODES],
+        client_listen=f"127.0.0.1:{NATS_CLIENT_PORT}", store_dir="/var/lib/nats/jetstream",
+        config_dir=nats.nats,
+    )  # fmt: skip
+    _write_public(nats.nats / "node.conf.example", (NATS_EXAMPLE_HEADER + example).encode())
     _hand_broker_files_to(broker, broker_user)
     stale = sorted(
         p.name for p in (directory / "clients").iterdir() if p.name not in identities.all()
@@ -471,4 +508,5 @@ def run(args: argparse.Namespace) -> int:
     for name in created:
         print(f"  {name}")
     print(f"start the broker: edvit broker --secure {directory}")
+    print(f"or a NATS cluster: one node per {directory / 'nats' / 'node.conf.example'}")
     return 0

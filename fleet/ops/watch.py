@@ -9,7 +9,7 @@ import threading
 
 from edvit.command import connection, positive_int
 from edvit.mqtt import Connection, MqttClient, unique_client_id
-from edvit.schemas import STAGES, PredictionMsg, decode
+from edvit.schemas import STAGES, PlanMsg, PredictionMsg, decode
 from edvit.service import stop_on_signals
 from edvit.topics import Topics
 
@@ -22,10 +22,17 @@ def format_timings(p: PredictionMsg) -> str:
     return " ".join(f"{s} {p.timings[s]:.2f}" for s in known) or "(no timings)"
 
 
-def format_prediction(p: PredictionMsg, timings: bool = False) -> str:
+def format_prediction(
+    p: PredictionMsg, timings: bool = False, classes: tuple[str, ...] = ()
+) -> str:
+    """One line per answer; a miss names the true class from `classes` (the plan's), or
+    gives its index when the plan is not known."""
     truth = ""
-    if p.true_label is not None:
-        truth = "  ok " if p.true_label == p.label else f"  MISS (true {p.true_label})"
+    if p.true_label is not None and p.true_label == p.label:
+        truth = "  ok "
+    elif p.true_label is not None:
+        known = 0 <= p.true_label < len(classes)
+        truth = f"  MISS (true {classes[p.true_label] if known else p.true_label})"
     degraded = f"  degraded, missing {','.join(p.missing)}" if p.degraded else ""
     untrained = "  UNTRAINED (random weights)" if p.untrained else ""
     stages = f"\n    {format_timings(p)}" if timings else ""
@@ -44,12 +51,21 @@ class PredictionStream:
         self.topics = topics or Topics()
         self.queue: queue.Queue[PredictionMsg] = queue.Queue()
         self.client = MqttClient(unique_client_id("watch"), broker, logger=log)
+        # The plans' class names, by plan id: what a true label (an index) is called. The
+        # plan is subscribed first, so its retained message comes before any prediction.
+        self.classes: dict[str, tuple[str, ...]] = {}
+        self.client.route(self.topics.plan(), self._on_plan, qos=1)
         self.client.route(self.topics.predictions(camera), self._on_prediction, qos=1)
 
     def _on_prediction(self, _topic: str, payload: bytes) -> None:
         prediction = decode(PredictionMsg, payload)
         if prediction is not None:
             self.queue.put(prediction)
+
+    def _on_plan(self, _topic: str, payload: bytes) -> None:
+        plan = decode(PlanMsg, payload)  # None for a cleared plan
+        if plan is not None:
+            self.classes[plan.plan_id] = plan.classes
 
     def start(self) -> None:
         self.client.start(required=True)
@@ -81,7 +97,9 @@ def watch(
             line = (
                 prediction.model_dump_json(by_alias=True)
                 if as_json
-                else format_prediction(prediction, timings)
+                else format_prediction(
+                    prediction, timings, stream.classes.get(prediction.plan_id, ())
+                )
             )
             print(line, flush=True)
             shown += 1
