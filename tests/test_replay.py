@@ -118,12 +118,13 @@ def test_the_planner_s_plans_follow_their_base_and_it_ignores_a_replay() -> None
 
 
 class _Statuses:
-    """The statuses a node publishes, awaited one condition at a time."""
+    """The statuses published on one topic, awaited one condition at a time."""
 
-    def __init__(self, broker: LocalBroker, topics: Topics, node: str) -> None:
+    def __init__(self, broker: LocalBroker, topic: str) -> None:
         self.queue: queue.Queue[StatusMsg] = queue.Queue()
+        self.topic = topic
         self.client = MqttClient(unique_client_id("t-replay"), broker.url)
-        self.client.route(topics.node_status(node), self._on_status, qos=1)
+        self.client.route(topic, self._on_status, qos=1)
         self.client.start(required=True)
 
     def _on_status(self, _topic: str, payload: bytes) -> None:
@@ -135,7 +136,7 @@ class _Statuses:
             try:
                 status = self.queue.get(timeout=TIMEOUT)
             except queue.Empty:
-                raise AssertionError(f"no node status with {what}") from None
+                raise AssertionError(f"no status on {self.topic} with {what}") from None
             if condition(status):
                 return status
 
@@ -148,60 +149,81 @@ def _write_pub(path: Path) -> str:
     return str(path)
 
 
+def _refused_running(status: StatusMsg) -> bool:
+    return status.counters.get("plans_replayed") == 1 and status.error is not None
+
+
+def _refused_restarted(status: StatusMsg) -> bool:
+    """A restarted process that refused the replay: it serves nothing yet (the first process
+    always served the newest plan by the time it refused)."""
+    return (
+        status.counters.get("plans_replayed") == 1
+        and status.state != "offline"
+        and status.serving_plan_id is None
+    )
+
+
 @pytest.mark.fleet
 @pytest.mark.slow
 def test_a_replayed_plan_is_refused_running_and_after_a_restart(
     mosquitto_broker: LocalBroker, tmp_path: Path
 ) -> None:
+    """A node and an aggregator with the fleet's trust key: an older plan the key signed,
+    published again, is refused (a) while they run and (b) by the restarted processes, which
+    find it retained on the broker; each counts it and serves the newest plan."""
     from edvit.fleet.ops.local import LocalFleet
 
     topics = Topics(f"r{uuid.uuid4().hex[:8]}")
     pub = _write_pub(tmp_path / "plan.pub")
-    state = tmp_path / "state"
     bundle = Bundle.load(DEFAULT_BUNDLE)
     old = deploy(bundle, mosquitto_broker.url, ["node-0", "node-1"], topics, sign_key=KEY)
     newest = deploy(bundle, mosquitto_broker.url, ["node-0"], topics, sign_key=KEY)
     assert old.seq is not None and newest.seq is not None and newest.seq > old.seq
-    statuses = _Statuses(mosquitto_broker, topics, "node-0")
+    watched = {
+        "node-0": _Statuses(mosquitto_broker, topics.node_status("node-0")),
+        "aggregator": _Statuses(mosquitto_broker, topics.aggregator_status()),
+    }
+    services = {
+        "node-0": ("node", "--id", "node-0"),
+        "aggregator": ("aggregator", "--id", "agg-0", "--no-planner"),
+    }
     publisher = MqttClient(unique_client_id("t-replayer"), mosquitto_broker.url)
     publisher.start(required=True)
-    node = ("node", "--id", "node-0", "--trust-key", pub, "--state-dir", str(state))
+
+    def spawn(fleet: LocalFleet, suffix: str) -> None:
+        for name, argv in services.items():
+            state = tmp_path / "state" / name
+            fleet.spawn(name + suffix, *argv, "--trust-key", pub, "--state-dir", str(state))
+
     try:
         with LocalFleet(mosquitto_broker.url, tmp_path / "logs", topics) as fleet:
-            fleet.spawn("node-0", *node)
-            fleet.wait_ready(newest, timeout=TIMEOUT, include_aggregator=False)
-            # (a) the old plan, signed by the fleet's key, replayed to the running node
+            spawn(fleet, "")
+            fleet.wait_ready(newest, timeout=TIMEOUT)
+            # (a) the old plan, signed by the fleet's key, replayed to the running services
             publisher.publish_and_wait(topics.plan(), encode(old), qos=1, retain=True)
-            status = statuses.until(
-                "the replay refused",
-                lambda s: s.counters.get("plans_replayed") == 1 and s.error is not None,
-            )
-            assert status.error.startswith(f"plan {old.plan_id}: replayed"), status.error
-            assert status.state == "ready" and status.serving_plan_id == newest.plan_id
-            assert status.submodels == newest.assignments["node-0"]
-            assert fleet.stop()["node-0"] == 0
-            saved = json.loads((state / STATE_NAME).read_text())
-            assert saved == {"plan_seq": newest.seq, "plan_id": newest.plan_id}
-            # (b) restarted while the broker still holds the replayed plan: the new process
-            # serves nothing yet (the first one always served the newest plan)
-            fleet.spawn("node-0-again", *node)
-            status = statuses.until(
-                "the replay refused after the restart",
-                lambda s: (
-                    s.counters.get("plans_replayed") == 1
-                    and s.state != "offline"
-                    and s.serving_plan_id is None
-                ),
-            )
-            assert status.error is not None, status
-            assert status.error.startswith(f"plan {old.plan_id}: replayed"), status.error
+            for name, statuses in watched.items():
+                status = statuses.until("the replay refused", _refused_running)
+                assert status.error.startswith(f"plan {old.plan_id}: replayed"), status.error
+                assert status.state == "ready", (name, status)
+                assert status.serving_plan_id == newest.plan_id, (name, status)
+            assert set(fleet.stop().values()) == {0}
+            for name in services:
+                saved = json.loads((tmp_path / "state" / name / STATE_NAME).read_text())
+                assert saved == {"plan_seq": newest.seq, "plan_id": newest.plan_id}, name
+            # (b) restarted while the broker still holds the replayed plan
+            spawn(fleet, "-again")
+            for statuses in watched.values():
+                status = statuses.until("the replay refused after the restart", _refused_restarted)
+                assert status.error is not None, status
+                assert status.error.startswith(f"plan {old.plan_id}: replayed"), status.error
             # the newest plan again (as deploy or the planner would publish it) is served
             publisher.publish_and_wait(topics.plan(), encode(newest), qos=1, retain=True)
-            fleet.wait_ready(newest, timeout=TIMEOUT, include_aggregator=False)
-            assert fleet.stop()["node-0-again"] == 0
+            fleet.wait_ready(newest, timeout=TIMEOUT)
+            assert set(fleet.stop().values()) == {0}
     finally:
         publisher.stop()
-        statuses.client.stop()
+        for statuses in watched.values():
+            statuses.client.stop()
 
 
 @pytest.mark.fleet
