@@ -25,7 +25,7 @@ from edvit.cli import main
 from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 from edvit.fleet.ops.deploy import deploy, make_plan, next_sequence, round_robin
 from edvit.mqtt import MqttClient, unique_client_id
-from edvit.replay import STATE_NAME, PlanSequence
+from edvit.replay import STATE_NAME, PlanSequence, default_state_dir
 from edvit.retained import PlanFollower
 from edvit.schemas import PlanMsg, StatusMsg, decode, encode
 from edvit.signing import SigningKey
@@ -71,6 +71,24 @@ def test_an_unreadable_state_file_starts_from_nothing(tmp_path: Path, caplog) ->
     sequence = PlanSequence(tmp_path)
     assert sequence.newest is None
     assert "unreadable plan state" in caplog.text
+
+
+def test_the_state_folder_defaults_under_xdg_state_home(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_dir("node", "node-0") == tmp_path / "edvit" / "node-node-0"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert default_state_dir("camera", "cam0") == (
+        Path.home() / ".local" / "state" / "edvit" / "camera-cam0"
+    )
+
+
+def test_an_unwritable_state_folder_is_named_once(tmp_path: Path, caplog) -> None:
+    (tmp_path / "file").write_text("")
+    sequence = PlanSequence(tmp_path / "file" / "state")  # under a file: never a folder
+    sequence.advance(_signed("p1", 1))
+    sequence.advance(_signed("p2", 2))
+    assert caplog.text.count("cannot write the plan state") == 1
+    assert sequence.replayed(_signed("p1", 1)) is not None  # still refused in memory
 
 
 def test_deploy_sequences_grow_past_the_retained_plan() -> None:
