@@ -5,11 +5,13 @@ A signed plan carries a sequence number (`PlanMsg.seq`) that its signature cover
 retained plan's sequence + 1 when that is larger); the aggregator's planner gives a plan it
 derives its base's sequence + 1, so the plans of one fleet are ordered.
 
-A service given a trust key keeps the newest sequence it followed in `plan.json` in its
-state folder (`--state-dir`) and refuses a signed plan whose sequence is older, including
-one the broker hands it again after a restart. A plan without a sequence (signed before
-sequences existed) counts as sequence 0. The same plan again (a reconnect, a planner that
-publishes the plan again) has the same sequence and is not older.
+A service given a trust key keeps the newest plan it followed, and its sequence, in
+`plan.json` in its state folder (`--state-dir`) and refuses a signed plan whose sequence is
+older, including one the broker hands it again after a restart: a restarted service starts
+from the kept plan (its signature checked again), so it serves the newest plan even while
+the broker holds a replayed one. A plan without a sequence (signed before sequences
+existed) counts as sequence 0. The same plan again (a reconnect, a planner that publishes
+the plan again) has the same sequence and is not older.
 
 Without a state folder, or when the state file cannot be written, the newest sequence is
 kept in memory only (the service says so once in its log).
@@ -24,7 +26,7 @@ import threading
 from pathlib import Path
 
 from edvit.errors import ConfigError
-from edvit.schemas import PlanMsg
+from edvit.schemas import PlanMsg, encode
 
 STATE_NAME = "plan.json"
 
@@ -50,6 +52,7 @@ class PlanSequence:
         self._lock = threading.Lock()
         self._newest: int | None = None
         self._newest_id: str | None = None
+        self._newest_plan: bytes | None = None
         self._write_failed = False
         if self.path is not None:
             self._read(self.path)
@@ -71,10 +74,18 @@ class PlanSequence:
             )  # fmt: skip
             return
         self._newest, self._newest_id = newest, plan_id if isinstance(plan_id, str) else None
+        plan = state.get("plan")
+        self._newest_plan = json.dumps(plan).encode() if isinstance(plan, dict) else None
 
     @property
     def newest(self) -> int | None:
         return self._newest
+
+    @property
+    def newest_plan(self) -> bytes | None:
+        """The newest plan followed before this process started, as the state file kept it
+        (the wire's JSON; its signature still to be checked), or None."""
+        return self._newest_plan
 
     def replayed(self, plan: PlanMsg) -> str | None:
         """Why `plan` is a replay (one line), or None when it is not older than the newest."""
@@ -97,7 +108,8 @@ class PlanSequence:
                 return
             self._newest, self._newest_id = seq, plan.plan_id
             if self.path is not None:
-                self._write(self.path, {"plan_seq": seq, "plan_id": plan.plan_id})
+                state = {"plan_seq": seq, "plan_id": plan.plan_id, "plan": json.loads(encode(plan))}
+                self._write(self.path, state)
 
     def _write(self, path: Path, state: dict[str, object]) -> None:
         try:

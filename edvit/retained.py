@@ -34,7 +34,9 @@ signed), is refused like a plan whose models cannot load: counted, logged once, 
 `refused`, and the old plan keeps serving. The plan pins every model file by sha256, so its
 signature covers the models too. A signed plan older than the newest the follower took
 (its sequence, edvit/replay.py, kept in a state file across restarts) is refused the same
-way as a replay, counted in `plans_replayed`.
+way as a replay, counted in `plans_replayed`. A follower whose state file keeps a plan
+starts from it (checked like any plan), so after a restart it serves the newest plan it
+knew even while the broker holds a replayed one.
 """
 
 from __future__ import annotations
@@ -175,6 +177,14 @@ class PlanFollower(Generic[R]):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        kept = self.sequence.newest_plan if self._trust is not None else None
+        if kept is not None:
+            self.log.info("starting from the newest plan followed before the restart")
+            try:
+                self._on_plan(self.topics.plan(), kept)
+            except BadPayload as exc:
+                self.log.warning("the kept plan does not decode (%s); waiting for the broker's",
+                                 exc)  # fmt: skip
         self.client.route(self.topics.plan(), self._on_plan, qos=1)
         self._worker.start()
 
