@@ -4,6 +4,7 @@ the planner that re-places the sub-models of nodes that go down."""
 from __future__ import annotations
 
 import argparse
+import socket
 
 from edvit.aggregator.planner import DOWN_CONFIRM_S, RECONNECT_GRACE_S
 from edvit.command import (
@@ -17,6 +18,8 @@ from edvit.command import (
     run_services,
     serve_metrics,
     sign_key_option,
+    state_dir,
+    state_dir_option,
     trust_key_option,
 )
 from edvit.errors import ConfigError
@@ -84,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Home Assistant's discovery prefix (default {DEFAULT_HA_PREFIX})",
     )  # fmt: skip
     trust_key_option(parser)
+    state_dir_option(parser)
     sign_key_option(
         parser, "sign the plans the planner re-places with this Ed25519 key (needed to heal a "
         "fleet that takes signed plans; trusts its public half)",
@@ -113,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         ha_prefix=ha_prefix(args),
         stats_interval_s=args.stats_interval_s,
         shard=Shard.parse(args.shard) if args.shard else None,
+        state_dir=state_dir(args, "aggregator", args.id or socket.gethostname()),
     )  # fmt: skip
     serve_metrics(aggregator.metrics, args)
     services: list[Service] = []
@@ -128,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 is_active=lambda: aggregator.answering, suspects=aggregator.suspect_nodes,
                 hold_off_s=args.hold_off_s, trust_key=trust_key, sign_key=sign_key,
                 reconnect_grace_s=args.reconnect_grace_s, down_confirm_s=args.down_confirm_s,
+                sequence=aggregator.follower.sequence,
             )
         )  # fmt: skip
     return run_services(*services, aggregator)  # the aggregator connects, last

@@ -37,6 +37,11 @@ asks the aggregator which nodes say they serve but send nothing (frozen, cut off
   signed by it). A healed plan is signed with the sign key. Without one, in a fleet that
   takes signed plans (a trust key here, or a signed deployed plan), the planner publishes
   nothing - every service would refuse the plan - and says why in the log and in health.
+- Plans are ordered (edvit/replay.py): a plan the planner derives has its base's sequence
+  + 1, so no follower takes it for a replay of the plan it was derived from, and a plan
+  `edvit deploy` publishes later (a larger sequence) wins. Given a trust key, the planner
+  ignores a plan older than the newest it followed (the aggregator's, from its state file),
+  so it never heals from, nor signs again, a replayed plan.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from edvit.errors import ConfigError
 from edvit.mqtt import Transport
 from edvit.placement.assignment import Item, assign
 from edvit.placement.devices import Device, Inventory
+from edvit.replay import PlanSequence, sequence_of
 from edvit.schemas import HealthMsg, PlanMsg, StatusMsg, decode, encode, plan_id_for, supersedes
 from edvit.service import Worker
 from edvit.signing import PlanSignatureError, SigningKey, TrustKey
@@ -152,6 +158,7 @@ class Planner:
         clock: Callable[[], float] = time.monotonic,
         trust_key: TrustKey | None = None,
         sign_key: SigningKey | None = None,
+        sequence: PlanSequence | None = None,
     ) -> None:
         if min(hold_off_s, min_interval_s, reconnect_grace_s, down_confirm_s) < 0 or tick_s <= 0:
             raise ConfigError("planner: hold-off, grace and intervals must not be negative")
@@ -163,6 +170,7 @@ class Planner:
         # Holding the sign key means trusting its public half: never re-sign a foreign plan.
         self._trust = trust_key or (sign_key.trust if sign_key is not None else None)
         self._sign = sign_key
+        self._sequence = sequence or PlanSequence(logger=log)
         self._unsigned_logged: Assignments | None = None
         self.client, self.topics, self.instance = client, topics, instance
         self.counters = client.counters
@@ -206,6 +214,11 @@ class Planner:
                 self.counters["plan_signatures_refused"] += 1
                 log.warning("ignoring plan %s: %s", plan.plan_id if plan else "(cleared)", exc)
                 return
+            # Counted by the aggregator's plan follower, which refuses it too.
+            if (replayed := self._sequence.replayed(plan)) is not None:
+                log.warning("ignoring plan %s: %s", plan.plan_id, replayed)
+                return
+            self._sequence.advance(plan)
         with self._lock:
             self._plan = plan
             self._plan_heard_on = self.client.connection_epoch
@@ -345,7 +358,9 @@ class Planner:
                 {n: s for n, s in states.items() if s != "live"}, moved, list(unplaced),
                 new_plan.plan_id,
             )  # fmt: skip
-        new_plan = new_plan.model_copy(update={"key_id": None, "signature": None})
+        new_plan = new_plan.model_copy(
+            update={"key_id": None, "signature": None, "seq": sequence_of(plan) + 1}
+        )
         if self._sign is not None:
             new_plan = self._sign.sign(new_plan)
         if not self.client.publish_now(

@@ -39,6 +39,7 @@ import time
 import zlib
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +50,7 @@ from edvit.inference import Fusion, softmax
 from edvit.lease import Lease
 from edvit.metrics import STATS_INTERVAL_S, Metrics, StatsPublisher
 from edvit.mqtt import Connection, MqttClient, Transport, unique_client_id
+from edvit.replay import PlanSequence
 from edvit.retained import PlanFollower
 from edvit.schemas import (
     FUSION_MODEL_ID,
@@ -233,6 +235,7 @@ class Aggregator:
         ha_prefix: str | None = None,
         stats_interval_s: float = STATS_INTERVAL_S,
         shard: Shard | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.topics = topics or Topics()
         self.shard = shard
@@ -272,6 +275,7 @@ class Aggregator:
                 self.threads,
             ),
             check=check_fusion, on_update=self._on_update, logger=log, trust_key=trust_key,
+            sequence=PlanSequence(state_dir, log),
         )  # fmt: skip
         # Plans whose fusion is loaded, newest last: plan id -> (plan, fusion).
         self._fusions: OrderedDict[str, tuple[PlanMsg, Fusion]] = OrderedDict()

@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import IO, Literal
 
 from edvit.errors import BrokerError
 from edvit.limits import MAX_PACKET_BYTES
-from edvit.process import stop_process
+from edvit.process import python_module, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +321,7 @@ class LocalBroker:
                 text = f"{text.rstrip()}\n{self._extra_config}\n"
             conf.write_text(text, encoding="utf-8")
             return [binary, "-c", str(conf)]
-        return [
-            sys.executable,
-            "-m",
+        return python_module(
             "edvit.broker.embedded",
             "--host",
             self._host,
@@ -332,7 +329,7 @@ class LocalBroker:
             str(self._port),
             "--log-level",
             "INFO",
-        ]
+        )
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -107,6 +107,7 @@ class Camera:
         tokens_dtype: FeatureDtype = "float32",
         trust_key: TrustKey | None = None,
         stats_interval_s: float = STATS_INTERVAL_S,
+        state_dir: Path | None = None,
     ) -> None:
         try:
             self.camera_id = validate_id("camera", camera_id)
@@ -135,7 +136,9 @@ class Camera:
         )  # fmt: skip
         self._shots = open_source(source, data_dir)  # fail fast on a bad source
         self._head = (
-            HeadSlices(head_slices, tokens_dtype, trust_key=trust_key) if head_slices else None
+            HeadSlices(head_slices, tokens_dtype, trust_key=trust_key, state_dir=state_dir)
+            if head_slices
+            else None
         )
 
     def _frames(self) -> Iterator[Shot]:

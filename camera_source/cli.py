@@ -11,6 +11,8 @@ from edvit.command import (
     positive_float,
     positive_int,
     serve_metrics,
+    state_dir,
+    state_dir_option,
     trust_key_option,
 )
 from edvit.service import ignore_stop_signals, stop_on_signals
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--tokens-dtype", choices=["float32", "float16"], default="float32")
     trust_key_option(parser)
+    state_dir_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         enc=args.enc, data_dir=args.data_dir, topics=Topics(args.prefix),
         head_slices=args.head_slices, tokens_dtype=args.tokens_dtype,
         trust_key=plan_keys(args)[0], stats_interval_s=args.stats_interval_s,
+        state_dir=state_dir(args, "camera", args.id),
     )  # fmt: skip
     serve_metrics(camera.metrics, args)
     try:

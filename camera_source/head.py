@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +24,7 @@ from edvit.errors import ConfigError
 from edvit.inference import make_session
 from edvit.mqtt import Transport
 from edvit.preprocess import to_model_input
+from edvit.replay import PlanSequence
 from edvit.retained import PlanFollower
 from edvit.schemas import FeatureDtype, PlanMsg, StemRef
 from edvit.signing import TrustKey
@@ -46,11 +48,13 @@ class HeadSlices:
         dtype: FeatureDtype = "float32",
         threads: int = 1,
         trust_key: TrustKey | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         if count < 1:
             raise ConfigError("--head-slices must be at least 1 to send tokens")
         self.count, self.dtype, self.threads = count, dtype, threads
         self.trust_key = trust_key
+        self.state_dir = state_dir
         self.follower: PlanFollower[_Sessions] | None = None
 
     def follow(
@@ -59,7 +63,7 @@ class HeadSlices:
         """Follow the plan; `on_update` is called whenever what is served, or why not, changes."""
         self.follower = PlanFollower(
             client, topics, self._model_ids, self._load, logger=log, trust_key=self.trust_key,
-            on_update=on_update,
+            on_update=on_update, sequence=PlanSequence(self.state_dir, log),
         )  # fmt: skip
         self.follower.start()
 

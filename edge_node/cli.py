@@ -14,6 +14,8 @@ from edvit.command import (
     positive_int,
     run_services,
     serve_metrics,
+    state_dir,
+    state_dir_option,
     trust_key_option,
 )
 from edvit.topics import Topics
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "hostname is the container id: distinct per replica, kept across restarts)",
     )  # fmt: skip
     trust_key_option(parser)
+    state_dir_option(parser)
     parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime threads")
     parser.add_argument(
         "--queue-size", type=positive_int, default=64,
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         queue_size=args.queue_size, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         newest_only=not args.keep_all_frames, batch_wait=args.batch_wait, strategy=args.strategy,
         memory_mb=args.memory_mb, speed=args.speed, trust_key=plan_keys(args)[0],
-        stats_interval_s=args.stats_interval_s,
+        stats_interval_s=args.stats_interval_s, state_dir=state_dir(args, "node", node_id),
     )  # fmt: skip
     serve_metrics(node.metrics, args)
     return run_services(node)

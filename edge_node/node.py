@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from edvit.mqtt import (
     unique_client_id,
 )
 from edvit.preprocess import check_frame, decode_frame, to_model_input
+from edvit.replay import PlanSequence
 from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
     NODE_STRATEGIES,
@@ -181,6 +183,7 @@ class EdgeNode:
         speed: float = 1.0,
         trust_key: TrustKey | None = None,
         stats_interval_s: float = STATS_INTERVAL_S,
+        state_dir: Path | None = None,
     ) -> None:
         try:
             self.node_id = validate_id("node", node_id)
@@ -219,6 +222,7 @@ class EdgeNode:
         self.follower: PlanFollower[Share] = PlanFollower(
             self.client, self.topics, self._model_ids, self._load, check=self._check,
             on_update=self._on_update, logger=log, trust_key=trust_key,
+            sequence=PlanSequence(state_dir, log),
         )  # fmt: skip
         # Stem slices of the plans seen lately (plan id -> slice id -> sha256): tokens a camera
         # computed under another plan are served when their blocks are the same files.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edvit.errors import ConfigError
@@ -116,6 +117,25 @@ def trust_key_option(parser: argparse.ArgumentParser) -> None:
         "signing/plan.pub); others are refused and the old plan keeps serving "
         "(env EDVIT_TRUST_KEY)",
     )  # fmt: skip
+
+
+def state_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", default=os.environ.get("EDVIT_STATE_DIR") or None, metavar="DIR",
+        help="folder for what the service keeps across restarts: with --trust-key, the "
+        "newest signed plan it followed, so a replayed older plan is refused (env "
+        "EDVIT_STATE_DIR; default $XDG_STATE_HOME/edvit/SERVICE-ID, else "
+        "~/.local/state/edvit/SERVICE-ID)",
+    )  # fmt: skip
+
+
+def state_dir(args: argparse.Namespace, service: str, instance: str) -> Path:
+    """The --state-dir given, or the service's default one (edvit/replay.py)."""
+    from edvit.replay import check_state_dir, default_state_dir
+
+    if args.state_dir:
+        return check_state_dir(args.state_dir)
+    return default_state_dir(service, instance)
 
 
 def sign_key_option(parser: argparse.ArgumentParser, text: str) -> None:

@@ -75,6 +75,7 @@ COUNTER_HELP = {
     "broker_failovers": "Reconnections to another broker of the list given to --broker",
     "plans_refused": "Plans refused (models that do not fit, bad signature, memory)",
     "plan_signatures_refused": "Plans refused for a missing or wrong Ed25519 signature",
+    "plans_replayed": "Signed plans refused as older than the newest the service followed",
     "models_refused": "Model files whose sha256 is not the one their plan names",
     "models_for_other_plan": "Sound model files that belong to another plan than the current",
     "requests_not_serving": "Frames or tokens that arrived while the node served no plan",

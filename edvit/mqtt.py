@@ -58,6 +58,14 @@ MAX_INFLIGHT = 1000
 MQTT_VERSIONS = ("auto", "5", "3.1.1")
 # CONNACK codes meaning "not this protocol version": 3.1.1's 1 and MQTT 5's 0x84.
 _UNSUPPORTED_VERSION = (1, 0x84)
+# CONNACK refusals (MQTT 5 reason codes; paho maps 3.1.1's return codes 4 and 5 onto them)
+# named by their cause. mosquitto answers a wrong password with "not authorised".
+_REFUSALS = {
+    0x86: "login refused (bad username or password)",
+    0x87: "not authorised (a wrong username or password, or an identity the broker does "
+    "not let in)",
+    0x8C: "login refused (the broker does not take this authentication method)",
+}
 # --mqtt-version auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried.
 CONNACK_WAIT_S = 2.0
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
@@ -329,6 +337,21 @@ def unique_client_id(kind: str) -> str:
     return raw.replace(".", "_")
 
 
+_RECV_FAILED = "failed to receive on socket: "
+
+
+def _tls_failure_text(error: str) -> str:
+    """A TLS error's text (`[SSL: CODE] reason (_ssl.c:N)`) as its cause, in words."""
+    if "CERTIFICATE_REQUIRED" in error.upper().replace(" ", "_"):
+        return "certificate required: the broker wants this client's certificate (--cert, --key)"
+    reason = error.split("]", 1)[-1].split(" (_ssl.c", 1)[0].strip() or error
+    return f"TLS handshake failed: {reason}"
+
+
+def _tls_failure(exc: ssl.SSLError) -> str:
+    return _tls_failure_text(f"[SSL: {exc.reason}] {exc.reason}" if exc.reason else str(exc))
+
+
 def _disable_nagle(_client: paho.Client, _userdata: object, sock: object) -> None:
     # paho leaves Nagle on; small messages (features, predictions) then wait for the
     # peer's delayed ACK, adding up to ~40 ms per hop even on loopback.
@@ -385,6 +408,7 @@ class MqttClient:
         self._socket_opened = False
         self._falling_back = False
         self._shared_available = False
+        self._socket_error: str | None = None  # why the socket failed before any CONNACK
 
         # mid -> topic of QoS>0 publishes awaiting their ack, mid -> filter of subscribes
         # awaiting theirs; mid -> reason of publishes the broker refused (MQTT 5 only).
@@ -417,6 +441,8 @@ class MqttClient:
         client.on_socket_open = self._on_socket_open
         client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
+        # Until the first connection only: paho formats every log line once on_log is set.
+        client.on_log = None if self._ever_connected else self._on_paho_log
         if self.connection.username:
             client.username_pw_set(self.connection.username, self.connection.password())
         if self.address.tls:
@@ -541,7 +567,7 @@ class MqttClient:
                 self._client.loop_stop()
                 who = f" as {self.connection.username}" if self.connection.username else ""
                 raise ConfigError(
-                    f"the broker {self.address} refused the login{who}: {self._refused}"
+                    f"the broker {self.address} refused the connection{who}: {self._refused}"
                 )
             if time.monotonic() >= deadline:
                 break
@@ -549,6 +575,9 @@ class MqttClient:
             return True
         if required:
             self._client.loop_stop()
+            if self._refused is not None:  # refused at the last moment
+                raise ConfigError(f"the broker {self.address} refused the connection: "
+                                  f"{self._refused}")  # fmt: skip
             raise BrokerError(f"no MQTT broker answered at {self.connection} within {wait:.0f} s")
         self.log.warning("broker %s not reachable yet; retrying in the background", self.connection)
         return False
@@ -573,7 +602,9 @@ class MqttClient:
                 f" (--ca {self.connection.ca or '(system CAs)'})"
             ) from None
         except ssl.SSLError as exc:
-            raise ConfigError(f"TLS handshake with {self.address} failed: {exc.reason}") from None
+            raise ConfigError(
+                f"the broker {self.address} refused the connection: {_tls_failure(exc)}"
+            ) from None
         except OSError:
             return False
         return True
@@ -716,12 +747,15 @@ class MqttClient:
                     return
                 reason = f"{reason_code}: the broker does not speak MQTT 5 (--mqtt-version 3.1.1)"
             else:
-                reason = str(reason_code)
+                reason = _REFUSALS.get(reason_code.value, str(reason_code))
+            if reason != self._refused:  # paho retries: say it once
+                self.log.error("broker %s refused the connection: %s", self.address, reason)
             self._refused = reason
-            self.log.error("broker %s refused connection: %s", self.address, reason)
             return
         self.counters["connects"] += 1
         self._ever_connected = True
+        client.on_log = None
+        self._socket_error = None
         with self._epoch_lock:
             self._epoch += 1
         # MQTT 5's CONNACK says whether the broker takes `$share/...` (absent: it does). Over
@@ -863,7 +897,45 @@ class MqttClient:
         except (OSError, ValueError) as exc:
             self.log.error("cannot aim at broker %s: %s", self.address, exc)
 
+    def _on_paho_log(self, _client: paho.Client, _userdata: object, level: int, text: str) -> None:
+        """Before the first connection: keep why the socket failed (paho only logs it), so
+        that a TLS alert (the broker wants a client certificate) is named, not taken for a
+        broker that does not speak MQTT 5."""
+        if level == paho.MQTT_LOG_ERR and text.startswith(_RECV_FAILED):
+            self._socket_error = text.removeprefix(_RECV_FAILED)
+
+    def _refusal_from_socket(self) -> str | None:
+        """A refusal told by the socket's TLS error before any CONNACK: an alert (the broker
+        wants a client certificate, or refused this one), or a TLS connection cut without a
+        TLS close (what mosquitto does, too, when it refuses a certificate or lacks one). A
+        broker that merely does not speak MQTT 5 closes cleanly or answers. None for
+        anything else."""
+        error = self._socket_error
+        if error is None or not self.address.tls or "_ssl.c" not in error:
+            return None
+        if "EOF occurred" in error:  # cut without a TLS close: the TLS layer refused
+            if self.connection.cert is not None:
+                return (
+                    "TLS handshake failed: the broker cut the TLS connection before "
+                    "answering (does it accept this client's certificate, --cert?)"
+                )
+            return (
+                "certificate required: the broker closed the TLS connection, as one that "
+                "requires a client certificate does without one (--cert, --key)"
+            )
+        return _tls_failure_text(error)
+
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        if not self._ever_connected and self._refused is None:
+            refusal = self._refusal_from_socket()
+            if refusal is not None:
+                self._refused = refusal
+                self.log.error("broker %s refused the connection: %s", self.address, refusal)
+        if not self._ever_connected and self._refused is not None:
+            # Refused (the login, a certificate): another protocol version cannot fix it.
+            with self._epoch_lock:
+                self._connected.clear()
+            return
         if self._socket_opened and not self._ever_connected and self._may_fall_back():
             # Other 3.1.1-only brokers close the connection on an MQTT 5 CONNECT.
             self._start_fall_back()

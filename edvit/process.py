@@ -1,5 +1,11 @@
-"""Child processes: the one SIGINT -> SIGTERM -> SIGKILL escalation every caller uses to stop
-them, and what a running process uses (its memory and CPU time, read from /proc).
+"""Child processes: the one way to start an edvit child (`python_module`), the one SIGINT ->
+SIGTERM -> SIGKILL escalation every caller uses to stop them, and what a running process
+uses (its memory and CPU time, read from /proc).
+
+A child runs `python -m edvit ...` with the current folder left out of its import path
+(`-P`, Python 3.11 and later; a small runner that drops it on 3.10): started from a folder
+that holds a directory named `edvit` (the parent of a fresh clone, say), it still imports
+the installed edvit, not that directory.
 
 SIGINT first, because every edvit service (and mosquitto) treats it as a clean stop: it
 publishes its offline status and exits 0. A child still running `grace_s` seconds later gets
@@ -14,6 +20,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +29,26 @@ log = logging.getLogger(__name__)
 
 # Seconds to wait after SIGINT and again after SIGTERM, unless a caller says otherwise.
 DEFAULT_GRACE_S = 5.0
+# `python -c` runner for Pythons without -P: drops the current folder ('' for -c) from the
+# import path, then runs the module named by the first argument as __main__.
+SAFE_PATH_RUNNER = (
+    "import runpy, sys; del sys.path[0]; module = sys.argv.pop(1); "
+    "runpy.run_module(module, run_name='__main__', alter_sys=True)"
+)
+HAS_SAFE_PATH_FLAG = sys.version_info >= (3, 11)
+
+
+def python_module(module: str, *args: str, safe_path_flag: bool = HAS_SAFE_PATH_FLAG) -> list[str]:
+    """The command line running `python -m MODULE ARGS` in this interpreter, importing
+    nothing from the folder it starts in (`-P`; without it, `SAFE_PATH_RUNNER`)."""
+    if safe_path_flag:
+        return [sys.executable, "-P", "-m", module, *args]
+    return [sys.executable, "-c", SAFE_PATH_RUNNER, module, *args]
+
+
+def edvit_command(*args: str) -> list[str]:
+    """The command line running `edvit ARGS` as a child of this process."""
+    return python_module("edvit", *args)
 
 
 def stop_processes(

@@ -32,7 +32,11 @@ Given a trust key (`--trust-key`), the follower takes only plans that key signed
 (edvit/signing.py): an unsigned or wrongly signed plan, or a cleared one (a clear cannot be
 signed), is refused like a plan whose models cannot load: counted, logged once, named in
 `refused`, and the old plan keeps serving. The plan pins every model file by sha256, so its
-signature covers the models too.
+signature covers the models too. A signed plan older than the newest the follower took
+(its sequence, edvit/replay.py, kept in a state file across restarts) is refused the same
+way as a replay, counted in `plans_replayed`. A follower whose state file keeps a plan
+starts from it (checked like any plan), so after a restart it serves the newest plan it
+knew even while the broker holds a replayed one.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from typing import Generic, TypeVar
 from edvit.bundle import sha256_bytes
 from edvit.errors import BadPayload, ConfigError, IntegrityError
 from edvit.mqtt import Transport
+from edvit.replay import PlanSequence
 from edvit.schemas import ModelMsg, PlanMsg, decode
 from edvit.service import Worker
 from edvit.signing import PlanSignatureError, TrustKey
@@ -97,6 +102,7 @@ class PlanFollower(Generic[R]):
         on_update: Callable[[], None] | None = None,
         logger: logging.Logger | None = None,
         trust_key: TrustKey | None = None,
+        sequence: PlanSequence | None = None,
         keep_mb: float = KEEP_MB,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -109,6 +115,9 @@ class PlanFollower(Generic[R]):
         self._check = check or (lambda _plan, _runtime: None)
         self._on_update = on_update or (lambda: None)
         self._trust = trust_key
+        # The newest signed plan taken; kept in memory only unless the service gives one
+        # with a state file.
+        self.sequence = sequence or PlanSequence(logger=self.log)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._target: PlanMsg | None = None  # the newest plan accepted
@@ -168,6 +177,14 @@ class PlanFollower(Generic[R]):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        kept = self.sequence.newest_plan if self._trust is not None else None
+        if kept is not None:
+            self.log.info("starting from the newest plan followed before the restart")
+            try:
+                self._on_plan(self.topics.plan(), kept)
+            except BadPayload as exc:
+                self.log.warning("the kept plan does not decode (%s); waiting for the broker's",
+                                 exc)  # fmt: skip
         self.client.route(self.topics.plan(), self._on_plan, qos=1)
         self._worker.start()
 
@@ -190,6 +207,11 @@ class PlanFollower(Generic[R]):
                 self.counters["plan_signatures_refused"] += 1
                 self._refuse(plan.plan_id if plan else "(cleared)", reason)
                 return
+            replayed = self.sequence.replayed(plan) if plan is not None else None
+            if plan is not None and replayed is not None:
+                self.counters["plans_replayed"] += 1
+                self._refuse(plan.plan_id, replayed)
+                return
         wanted: dict[str, str] = {}
         if plan is not None:
             try:
@@ -197,6 +219,8 @@ class PlanFollower(Generic[R]):
             except ConfigError as exc:
                 self._refuse(plan.plan_id, str(exc))
                 return
+            if self._trust is not None:
+                self.sequence.advance(plan)
         with self._lock:
             target = self._target
             same = plan is not None and target is not None and plan.plan_id == target.plan_id

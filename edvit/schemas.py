@@ -175,6 +175,10 @@ class PlanMsg(_Message):
     # v1 addition: the bundle was built with `edvit build --untrained` (random weights): its
     # answers are for measuring, not for use. Signed only when true (edvit/signing.py).
     untrained: bool = False
+    # v1 addition, on signed plans: the plan's place in the order of plans (edvit/replay.py).
+    # A follower with a trust key refuses a plan whose sequence is older than the newest it
+    # followed, so a signed plan cannot be replayed. Signed only when set (edvit/signing.py).
+    seq: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanMsg:
@@ -291,7 +295,7 @@ class StatusMsg(_Message):
     # one) and its number within that connection. A Will has no `seq`: it is the last word
     # of its connection (see `supersedes`).
     session: Timestamp | None = None
-    seq: int | None = Field(default=None, ge=0)
+    seq: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
     @property
     def final(self) -> bool:

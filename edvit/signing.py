@@ -36,7 +36,7 @@ class PlanSignatureError(IntegrityError):
 
 # Fields added after signing existed, left out of the signed bytes while at their default: a
 # plan signed before a field existed still verifies, and one that sets it is signed with it.
-LATER_FIELDS = ("untrained",)
+LATER_FIELDS = ("untrained", "seq")
 
 
 def signed_bytes(plan: PlanMsg) -> bytes:

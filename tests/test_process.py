@@ -9,10 +9,11 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pytest
 
-from edvit.process import stop_process, stop_processes
+from edvit.process import HAS_SAFE_PATH_FLAG, python_module, stop_process, stop_processes
 
 pytestmark = pytest.mark.fleet  # real child processes
 
@@ -113,3 +114,41 @@ def test_many_processes_are_stopped_in_parallel_each_with_its_own_code() -> None
     }
     # Both grace periods once for all (2 s), not once per process (5 s in turn).
     assert 2.0 <= elapsed < 3.5
+
+
+# -- starting children: a stray `edvit` folder in the current folder is not imported ---------
+
+STRAY = "raise ImportError('the stray edvit folder in the current folder was imported')\n"
+
+
+@pytest.fixture
+def stray_edvit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The current folder holds a directory named `edvit` that is not edvit (the parent of a
+    fresh clone, say)."""
+    (tmp_path / "edvit").mkdir()
+    (tmp_path / "edvit" / "__init__.py").write_text(STRAY)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("safe_path_flag", [True, False], ids=["-P", "runner"])
+def test_a_child_imports_the_installed_edvit(stray_edvit: Path, safe_path_flag: bool) -> None:
+    if safe_path_flag and not HAS_SAFE_PATH_FLAG:
+        pytest.skip("-P needs Python 3.11")
+    command = python_module("edvit", "deploy", "--help", safe_path_flag=safe_path_flag)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: edvit deploy" in done.stdout
+    # The stray folder is there to be found: a plain `python -m edvit` takes it.
+    plain = subprocess.run([sys.executable, "-m", "edvit", "--help"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert plain.returncode != 0 and "stray edvit folder" in plain.stderr
+
+
+def test_a_fleet_spawns_its_services_past_a_stray_edvit(stray_edvit: Path) -> None:
+    from edvit.fleet.ops.local import LocalFleet
+
+    fleet = LocalFleet("mqtt://127.0.0.1:1", stray_edvit / "logs")
+    process = fleet.spawn("probe", "node", "--help")
+    assert process.wait(timeout=60) == 0, fleet.log_tail("probe")
+    assert "usage: edvit node" in fleet.log_path("probe").read_text()

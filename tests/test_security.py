@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import queue
 import secrets
@@ -746,6 +747,46 @@ def test_auto_falls_back_to_3_1_1_and_5_says_why(
     strict = MqttClient("t-v5", Connection(embedded_broker.url, mqtt_version="5"))
     with pytest.raises(ConfigError, match=r"does not speak MQTT 5 \(--mqtt-version 3.1.1\)"):
         strict.start(wait=TIMEOUT, required=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "cause"),
+    [
+        ("no client certificate", "certificate required"),
+        ("wrong password", "not authorised (a wrong username or password"),
+        ("unknown user", "not authorised (a wrong username or password"),
+        ("a certificate from another CA", "TLS handshake failed: "),
+    ],
+)
+def test_a_refused_client_is_told_why_and_stays_on_mqtt_5(
+    secured: SecureBroker, tmp_path: Path, caplog, case: str, cause: str
+) -> None:
+    """A refusal is not a broker that lacks MQTT 5: no fall back to 3.1.1, and the error
+    names the cause, not "no MQTT broker answered"."""
+    caplog.set_level(logging.INFO, logger="edvit")
+    good = _connection(secured, "node-0")
+    (tmp_path / "password").write_text("not-it\n")
+    if case == "a certificate from another CA":
+        secure.init(tmp_path / "other", secure.parse_identities(["node-0"], []))
+        other = tmp_path / "other" / "clients" / "node-0"
+    settings = {
+        "no client certificate": lambda: dataclasses.replace(good, cert=None, key=None),
+        "wrong password": lambda: dataclasses.replace(
+            good, password_file=str(tmp_path / "password")
+        ),
+        "unknown user": lambda: dataclasses.replace(good, username="nobody"),
+        "a certificate from another CA": lambda: dataclasses.replace(
+            good, cert=str(other / "client.crt"), key=str(other / "client.key")
+        ),
+    }[case]()
+    client = MqttClient(f"t-refused-{uuid.uuid4().hex[:6]}", settings)
+    with pytest.raises(ConfigError) as refused:
+        client.start(wait=TIMEOUT, required=True)
+    message = str(refused.value)
+    assert message.startswith(f"the broker {good.address} refused the connection"), message
+    assert cause in message, message
+    assert client.mqtt_version == "5"
+    assert "does not speak MQTT 5" not in caplog.text
 
 
 @pytest.mark.broker

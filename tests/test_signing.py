@@ -355,10 +355,11 @@ def test_a_plan_from_the_password_without_the_key_is_refused_by_the_node(
             fleet.spawn("aggregator", "aggregator", "--sign-key", str(key_path),
                         env=_login(directory, "aggregator"))  # fmt: skip
             fleet.wait_ready(first, timeout=90)
-            # The deploy identity's own login (password, certificate), but no signing key;
+            # The deploy identity's own login (password, certificate), but no signing key
+            # (--force: deploy itself refuses to put an unsigned plan over a signed one);
             # then a key that is not the fleet's. Both would move every sub-model off node-0.
             for sign_key, reason in ((None, "unsigned"), (OTHER, "bad signature")):
-                rogue = deploy(bundle, deployer, ["node-1"], topics, sign_key=sign_key)
+                rogue = deploy(bundle, deployer, ["node-1"], topics, sign_key=sign_key, force=True)
                 status = node_status_says(f"plan {rogue.plan_id}: {reason}")
                 assert status.state == "ready" and status.plan_id == first.plan_id
                 assert status.serving_plan_id == first.plan_id

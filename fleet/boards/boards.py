@@ -28,7 +28,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from edvit.broker.local import find_free_port, wait_for_port
 from edvit.errors import ConfigError, EdvitError
 from edvit.fleet.boards import emulation
 from edvit.fleet.boards.emulation import Link
-from edvit.process import cpu_seconds, rss_mb
+from edvit.process import cpu_seconds, edvit_command, rss_mb
 from edvit.topics import Topics, validate_id
 
 DEFAULT_RUN_DIR = Path("/tmp/edvit-fleet")
@@ -380,10 +379,10 @@ def _make_board(run_dir: Path, state: RunState, board: BoardState, fleet: FleetS
     board.proxy_port = find_free_port(link.host_ip)
     save_state(run_dir, state)
     board.proxy_pid = _spawn(
-        [sys.executable, "-m", "edvit", "fleet", "proxy",
-         "--listen", f"{link.host_ip}:{board.proxy_port}",
+        edvit_command(
+         "fleet", "proxy", "--listen", f"{link.host_ip}:{board.proxy_port}",
          "--target", f"{fleet.broker_host}:{fleet.broker_port}",
-         "--delay-ms", f"{spec.delay_ms:g}"],
+         "--delay-ms", f"{spec.delay_ms:g}"),
         board.proxy_log,
     )  # fmt: skip
     save_state(run_dir, state)
@@ -393,9 +392,9 @@ def _make_board(run_dir: Path, state: RunState, board: BoardState, fleet: FleetS
             f"log {board.proxy_log})"
         )
     board.node_pid = _spawn(
-        ["ip", "netns", "exec", link.netns, sys.executable, "-m", "edvit", "node",
-         "--id", spec.id, "--broker", board.node_broker, "--prefix", state.prefix,
-         "--memory-mb", str(spec.memory_mb), *node_args],
+        ["ip", "netns", "exec", link.netns, *edvit_command(
+         "node", "--id", spec.id, "--broker", board.node_broker, "--prefix", state.prefix,
+         "--memory-mb", str(spec.memory_mb), *node_args)],
         Path(board.log), folders,
     )  # fmt: skip
     save_state(run_dir, state)

@@ -2,7 +2,14 @@
 
 Models go out first and the plan last, so a node that sees the plan finds every model
 it names already retained on the broker. With a signing key the plan is signed
-(edvit/signing.py); it pins every model by sha256, so the signature covers them too.
+(edvit/signing.py); it pins every model by sha256, so the signature covers them too, and
+it gets a sequence (edvit/replay.py) above the retained plan's: the time in milliseconds, or
+the retained plan's sequence + 1 when that is larger.
+
+Before publishing anything, deploy reads the broker's retained plan. When that plan is
+signed and deploy has no signing key, it stops with one line saying so (exit 2): the
+fleet's followers would refuse an unsigned plan, and a silent deploy would change nothing
+they serve. `--force` publishes the unsigned plan anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from edvit.command import (
 )
 from edvit.errors import ConfigError
 from edvit.mqtt import Connection, MqttClient, unique_client_id
+from edvit.replay import sequence_of
 from edvit.schemas import (
     FUSION_MODEL_ID,
     ModelMsg,
@@ -38,6 +46,10 @@ from edvit.signing import SigningKey
 from edvit.topics import Topics, validate_id
 
 log = logging.getLogger("edvit.fleet.ops.deploy")
+
+# How long deploy waits for the retained plan once its subscription is granted: the broker
+# sends a retained message right behind the grant, so its absence by then means none.
+RETAINED_PLAN_WAIT_S = 0.5
 
 UNTRAINED_WARNING = (
     "bundle %s is UNTRAINED (edvit build --untrained: random weights): its predictions mean "
@@ -190,14 +202,18 @@ def deploy(
     replicas: int = 1,
     wait_nodes: int | None = None,
     wait_timeout: float = 120.0,
+    force: bool = False,
 ) -> PlanMsg:
     """Publish the bundle with the plan. With `wait_nodes`, first wait up to `wait_timeout`
     seconds until that many nodes have announced a status that is not offline, and place
-    the sub-models over every node announced by then (`over_nodes`, instead of `nodes`)."""
+    the sub-models over every node announced by then (`over_nodes`, instead of `nodes`).
+    ConfigError when the retained plan is signed and there is no `sign_key`, unless `force`."""
     topics = topics or Topics()
     if bundle.manifest.untrained:
         log.warning(UNTRAINED_WARNING, bundle.root)
     client = MqttClient(unique_client_id("deploy"), broker, logger=log)
+    retained = RetainedPlan()
+    client.route(topics.plan(), retained.on_plan, qos=1)
     if wait_nodes is not None:
         if nodes:
             raise ConfigError("name the nodes or wait for them, not both")
@@ -207,12 +223,23 @@ def deploy(
         client.route(topics.all_node_statuses(), announced.on_status, qos=1)
     client.start(wait=timeout, required=True)
     try:
+        current = retained.wait(client, topics, timeout)
+        if current is not None and current.signature is not None and sign_key is None:
+            if not force:
+                raise ConfigError(
+                    f"the broker's plan {current.plan_id} is signed (key {current.key_id}) and "
+                    "this deploy has no --sign-key: the fleet would refuse an unsigned plan; "
+                    "give --sign-key (or --force to publish it unsigned anyway)"
+                )
+            log.warning("publishing an unsigned plan over the signed plan %s (--force)",
+                        current.plan_id)  # fmt: skip
         if wait_nodes is None:
             assignments = bundle_assignments(bundle, nodes)
         else:
             ids = [s.id for s in bundle.manifest.submodels]
             assignments = over_nodes(ids, announced.wait_for(wait_nodes, wait_timeout))
         plan = make_plan(bundle, with_replicas(assignments, replicas))
+        plan = plan.model_copy(update={"seq": next_sequence(current)})
         if sign_key is not None:
             plan = sign_key.sign(plan)
         publish_bundle(
@@ -224,6 +251,34 @@ def deploy(
     finally:
         client.stop()
     return plan
+
+
+def next_sequence(current: PlanMsg | None, now_s: float | None = None) -> int:
+    """A new plan's sequence: the time in milliseconds, or above the current plan's."""
+    now_ms = int((time.time() if now_s is None else now_s) * 1000)
+    return now_ms if current is None else max(now_ms, sequence_of(current) + 1)
+
+
+class RetainedPlan:
+    """The plan the broker holds, read once before deploying."""
+
+    def __init__(self) -> None:
+        self.plan: PlanMsg | None = None
+        self._heard = threading.Event()
+
+    def on_plan(self, _topic: str, payload: bytes) -> None:
+        self._heard.set()
+        self.plan = decode(PlanMsg, payload)  # BadPayload: dropped and logged, as no plan
+
+    def wait(self, client: MqttClient, topics: Topics, timeout: float) -> PlanMsg | None:
+        """The retained plan, None when the broker holds none (or only a bad one)."""
+        deadline = time.monotonic() + timeout
+        while not client.subscribed(topics.plan()):
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"the broker granted no subscription to {topics.plan()}")
+            time.sleep(0.01)
+        self._heard.wait(RETAINED_PLAN_WAIT_S)
+        return self.plan
 
 
 class NodeStatuses:
@@ -317,6 +372,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--clear", action="store_true", help="remove the plan and models instead")
     sign_key_option(parser, "sign the plan (it pins every model by sha256) with this Ed25519 key")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="publish an unsigned plan even over a signed one (the fleet's followers that "
+        "take signed plans only refuse it)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -330,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     sign_key = plan_keys(args)[1]
     plan = deploy(
         bundle, connection(args), nodes, topics, sign_key=sign_key, replicas=args.replicas,
-        wait_nodes=args.wait_nodes, wait_timeout=args.wait_timeout,
+        wait_nodes=args.wait_nodes, wait_timeout=args.wait_timeout, force=args.force,
     )  # fmt: skip
     signed = f", signed by key {sign_key.key_id}" if sign_key is not None else ""
     print(f"deployed plan {plan.plan_id} to {args.broker}{signed}")

@@ -7,14 +7,13 @@ import logging
 import os
 import queue
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from edvit.errors import EdvitError
 from edvit.mqtt import Connection, MqttClient, unique_client_id
-from edvit.process import stop_processes
+from edvit.process import edvit_command, stop_processes
 from edvit.schemas import PlanMsg, StatusMsg, decode
 from edvit.topics import Topics
 
@@ -49,10 +48,9 @@ class LocalFleet:
         """Start `edvit ARGS` as `name`, on this fleet's broker (or `broker_url`, e.g. a
         proxy in front of it), with `env` added (e.g. EDVIT_USERNAME and the other login
         variables: the password stays in its file, off the command line)."""
-        command = [
-            sys.executable, "-m", "edvit", *args,
-            "--broker", str(broker_url or self.broker_url), "--prefix", self.topics.prefix,
-        ]  # fmt: skip
+        command = edvit_command(
+            *args, "--broker", str(broker_url or self.broker_url), "--prefix", self.topics.prefix
+        )
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         with open(self.log_path(name), "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
