@@ -19,9 +19,16 @@ from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError, EdvitError
+from edvit.fleet.bench.boards import check_cores, parse_pipelines, plan_runs
 from edvit.fleet.bench.common import camera_message, frame_samples
 from edvit.fleet.boards import boards, emulation
-from edvit.fleet.boards.boards import PRESETS, load_fleet, parse_fleet
+from edvit.fleet.boards.boards import (
+    PRESETS,
+    BoardOutOfMemory,
+    board_spec,
+    load_fleet,
+    parse_fleet,
+)
 from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 from edvit.fleet.ops.deploy import deploy
 from edvit.fleet.ops.local import LocalFleet
@@ -210,3 +217,90 @@ def test_fleet_up_serves_through_shaped_boards_and_down_leaves_nothing(
             assert not any(Path(f).exists() for f in board.cgroups)
             assert not boards.alive(board.node_pid) and not boards.alive(board.proxy_pid)
         assert boards.load_state(run_dir) is None
+
+
+# -- `edvit bench boards` -------------------------------------------------------------------
+
+
+def test_a_board_killed_by_its_memory_limit_is_an_error_naming_it() -> None:
+    error = BoardOutOfMemory("node-3", 512)
+    assert isinstance(error, EdvitError)
+    assert (error.board_id, error.memory_mb) == ("node-3", 512)
+    assert str(error) == "node-3: the node was killed by the board's 512 MB limit"
+
+
+def test_bench_boards_runs_whole_once_then_split_and_replicas_per_bundle() -> None:
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    runs = plan_runs([bundle, bundle], ("whole", "split", "replicas"))
+    assert [(r.pipeline, len(r.nodes)) for r in runs] == [
+        ("whole", 1), ("split", 3), ("replicas", 3), ("split", 3), ("replicas", 3)
+    ]  # fmt: skip
+    assert runs[2].nodes == ("node-0", "node-0-r1", "node-0-r2") and runs[2].replicas == 3
+    assert parse_pipelines("split, replicas") == ("split", "replicas")
+    with pytest.raises(ConfigError, match="choose from whole,split,replicas"):
+        parse_pipelines("whole,sharded")
+
+
+def test_bench_boards_refuses_more_quota_than_the_machine_has_in_one_line() -> None:
+    runs = plan_runs([Bundle.load(DEFAULT_BUNDLE)], ("whole", "split"))
+    rpi4 = board_spec({"id": "node-0", "preset": "rpi4"}, "test")
+    check_cores(runs, rpi4, cores=1)  # 3 x 0.29 fits one core
+    heavy = board_spec({"id": "node-0", "preset": "rpi4", "cpu": 0.9}, "test")
+    with pytest.raises(ConfigError) as caught:
+        check_cores(runs, heavy, cores=2)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "3 boards x 0.9 core = 2.7 cores of quota, over this machine's 2" in message
+    assert "at most 2 boards" in message
+
+
+def _bench_boards(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "boards.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "edvit", "bench", "boards", "--seconds", "2",
+         "--json", str(out), *args],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture
+def boards_machine() -> None:
+    missing = emulation.missing_features()
+    if missing:
+        pytest.skip(f"emulated boards need {', '.join(missing)}")
+    if mosquitto_path() is None:
+        pytest.skip("needs mosquitto")
+    pytest.importorskip("onnx", reason="the whole model's bundle is made with onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+@pytest.mark.fleet
+def test_bench_boards_replicas_share_the_frames_of_the_whole_model(
+    boards_machine: None, tmp_path: Path
+) -> None:
+    report = _bench_boards(tmp_path, "--pipelines", "replicas")
+    (row,) = report["runs"]
+    assert (row["pipeline"], row["boards"], row["fits"]) == ("replicas", 3, True), row
+    assert [b["id"] for b in row["per_board"]] == ["node-0", "node-0-r1", "node-0-r2"]
+    # Every replica serves the whole model (the same file) and takes a share of the frames.
+    assert len({b["model_mb"] for b in row["per_board"]}) == 1
+    assert all(b["cpu_cores"] > 0 and not b["oom_killed"] for b in row["per_board"]), row
+    assert row["answered"] == row["sent"] > 0 and row["served_fps"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+@pytest.mark.fleet
+def test_bench_boards_reports_a_board_its_memory_limit_kills_and_goes_on(
+    boards_machine: None, tmp_path: Path
+) -> None:
+    report = _bench_boards(tmp_path, "--pipelines", "whole,split", "--memory-mb", "40")
+    rows = {r["pipeline"]: r for r in report["runs"]}
+    for pipeline in ("whole", "split"):
+        row = rows[pipeline]
+        assert not row["fits"] and row["oom_killed"], row
+        assert "killed by the board's 40 MB limit" in row["note"]
+        assert row["served_fps"] == 0

@@ -49,7 +49,6 @@ MAX_BOARDS = 64  # /30s in one /24
 STOP_GRACE_S = 5.0
 
 
-@dataclass(frozen=True)
 class BoardOutOfMemory(EdvitError):
     """A board's memory limit killed its node: what it serves does not fit the board."""
 
@@ -274,9 +273,16 @@ def alive(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+# waitpid statuses of this process's children reaped here, by pid: how a node ended is read
+# after the fact (killed_by_memory_limit).
+_EXITS: dict[int, int] = {}
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            _EXITS[pid] = status
 
 
 def stop_pids(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
@@ -408,10 +414,31 @@ def check_board(board: BoardState) -> None:
     anything else; nothing while it runs."""
     if alive(board.node_pid):
         return
-    if emulation.oom_kills([Path(f) for f in board.cgroups]):
+    if killed_by_memory_limit(board):
         raise BoardOutOfMemory(board.spec.id, board.spec.memory_mb)
     tail = "\n".join(Path(board.log).read_text().splitlines()[-10:])
     raise EdvitError(f"{board.spec.id}: the node exited:\n{tail}")
+
+
+def killed_by_memory_limit(board: BoardState) -> bool:
+    """Whether the board's memory limit killed its node: the cgroup counts an OOM kill, or
+    (a kernel that does not count them) the node, a child of this process, ended by SIGKILL
+    after the cgroup hit its limit (memory.failcnt)."""
+    folders = [Path(f) for f in board.cgroups]
+    if not folders or not all(f.exists() for f in folders):
+        return False
+    if emulation.oom_kills(folders):
+        return True
+    if board.node_pid is None or alive(board.node_pid):
+        return False
+    _reap(board.node_pid)
+    status = _EXITS.get(board.node_pid)
+    return (
+        status is not None
+        and os.WIFSIGNALED(status)
+        and os.WTERMSIG(status) == signal.SIGKILL
+        and (emulation.memory_failcnt(folders) or 0) > 0
+    )
 
 
 def _connected(board: BoardState) -> bool:

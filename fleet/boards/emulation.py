@@ -217,6 +217,22 @@ def oom_kills(folders: list[Path]) -> int:
     return 0
 
 
+def memory_failcnt(folders: list[Path]) -> int | None:
+    """How many times the cgroup's memory use hit its limit (v1 memory.failcnt, v2 the
+    `max` count of memory.events); None where neither is there."""
+    for folder in folders:
+        path = folder / "memory.failcnt"
+        if path.exists():
+            return int(path.read_text())
+        path = folder / "memory.events"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    return int(value)
+    return None
+
+
 def memory_peak_mb(folders: list[Path]) -> float | None:
     """The cgroup's peak memory use (v1 max_usage, v2 memory.peak where the kernel has it)."""
     for folder in folders:
