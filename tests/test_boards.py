@@ -304,3 +304,20 @@ def test_bench_boards_reports_a_board_its_memory_limit_kills_and_goes_on(
         assert not row["fits"] and row["oom_killed"], row
         assert "killed by the board's 40 MB limit" in row["note"]
         assert row["served_fps"] == 0
+
+
+@pytest.mark.fleet
+def test_a_model_file_loads_alone_under_a_boards_limits_or_says_why_not(
+    boards_machine: None, tmp_path: Path
+) -> None:
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    model = bundle.path(bundle.manifest.submodels[0].file)
+    rpi4 = board_spec({"id": "probe", "preset": "rpi4"}, "test")
+    probe = boards.load_on_board(rpi4, model, timeout=60)
+    assert probe.loaded and not probe.oom_killed, probe
+    assert probe.cgroup_peak_mb is not None and probe.cgroup_peak_mb > 0
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model.read_bytes()[:1000])
+    probe = boards.load_on_board(rpi4, broken, timeout=60)
+    assert not probe.loaded and not probe.oom_killed, probe
+    assert "ONNX Runtime cannot load the model" in probe.detail

@@ -94,6 +94,9 @@ class PipelineResult:
     served_fps: float = 0.0  # complete (not degraded) predictions per second
     degraded: int = 0
     oom_killed: list[str] = field(default_factory=list)  # boards whose limit killed the node
+    # A run that did not serve for another reason (a model the broker or the node refused):
+    # its largest model file loaded alone on one board (boards.load_on_board).
+    load_probe: dict[str, Any] | None = None
     per_board: list[BoardResult] = field(default_factory=list)
 
 
@@ -292,6 +295,14 @@ def run_pipeline(run: Run, served: Bundle, board: BoardSpec, broker: LocalBroker
             result.oom_killed = sorted(killed | set(result.oom_killed))
         if state is not None or boards.load_state(run_dir) is not None:
             boards.down(run_dir)
+    if not result.fits and not result.oom_killed:
+        files = [served.path(sm.file) for sm in served.manifest.submodels]
+        largest = max(files, key=lambda f: f.stat().st_size)
+        probe = boards.load_on_board(board, largest, ready_timeout)
+        result.load_probe = asdict(probe)
+        result.note += f"; {largest.name} alone on one board: {probe.detail}"
+        if probe.oom_killed:
+            result.oom_killed = [f"{largest.name} loaded alone"]
     return result
 
 

@@ -441,6 +441,80 @@ def killed_by_memory_limit(board: BoardState) -> bool:
     )
 
 
+# What `load_on_board` runs: the node's own loader on the file's bytes (as a node gets them),
+# then one frame of zeros through the session.
+_LOAD_CODE = (
+    "import sys; from pathlib import Path; import numpy as np; "
+    "from edvit.inference import make_session; "
+    "s = make_session(Path(sys.argv[1]).read_bytes()); i = s.get_inputs()[0]; "
+    "s.run(None, {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], "
+    "np.float32)})"
+)
+
+
+@dataclass(frozen=True)
+class LoadProbe:
+    """How loading one model file went in a cgroup of a board's CPU quota and memory."""
+
+    loaded: bool
+    oom_killed: bool
+    cgroup_peak_mb: float | None
+    failcnt: int | None
+    seconds: float
+    detail: str  # one line: what happened
+
+
+def load_on_board(spec: BoardSpec, model: Path, timeout: float = 300.0) -> LoadProbe:
+    """Load `model` with ONNX Runtime and run it once, in a process held to the board's CPU
+    quota and memory limit (no network, no broker): whether the model fits the board
+    whatever the way it is delivered. The cgroup is removed afterwards."""
+    missing = emulation.missing_features()
+    if missing:
+        raise EdvitError(unavailable_message(missing))
+    version = emulation.cgroup_version()
+    assert version is not None
+    name = f"probe-{os.getpid()}-{secrets.token_hex(2)}"
+    folders = emulation.create_cgroup(version, name, spec.cpu, spec.memory_mb)
+
+    def enter_cgroup() -> None:
+        for folder in folders:
+            (folder / "cgroup.procs").write_text(str(os.getpid()))
+
+    started = time.monotonic()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _LOAD_CODE, str(model)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=enter_cgroup,
+        )  # fmt: skip
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            stderr = f"not loaded within {timeout:g} s"
+        seconds = round(time.monotonic() - started, 1)
+        oom = emulation.oom_kills(folders) > 0 or (
+            process.returncode == -signal.SIGKILL and (emulation.memory_failcnt(folders) or 0) > 0
+        )
+        peak = emulation.memory_peak_mb(folders)
+        failcnt = emulation.memory_failcnt(folders)
+    finally:
+        emulation.delete_cgroup(folders)
+    loaded = process.returncode == 0
+    if loaded:
+        detail = f"loaded and ran in {seconds:g} s"
+    elif oom:
+        detail = f"killed by the board's {spec.memory_mb} MB limit after {seconds:g} s"
+    else:
+        lines = [line for line in (stderr or "").splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit status {process.returncode}"
+    return LoadProbe(
+        loaded=loaded, oom_killed=oom, cgroup_peak_mb=None if peak is None else round(peak, 1),
+        failcnt=failcnt, seconds=seconds, detail=detail,
+    )  # fmt: skip
+
+
 def _connected(board: BoardState) -> bool:
     """The proxy has accepted a connection from the board's address."""
     out = subprocess.run(
