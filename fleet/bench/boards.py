@@ -64,6 +64,9 @@ if TYPE_CHECKING:
 SATURATE_CAMERAS = 4
 PIPELINES = ("whole", "split", "replicas")
 NEEDS_MONOLITHIC = ("whole", "replicas")
+# The aggregator's own default: how long a frame waits for the features of the split's
+# slowest board before it is answered degraded (whole and replicas send one feature each).
+AGGREGATOR_TIMEOUT_MS = 250.0
 
 
 @dataclass
@@ -217,7 +220,9 @@ def board_row(board: BoardState, model_mb: float, cpu_cores: float | None = None
 
 def run_pipeline(run: Run, served: Bundle, board: BoardSpec, broker: LocalBroker,
                  samples: list[Sample], fps: float, saturate_fps: float, seconds: float,
-                 ready_timeout: float, work_dir: Path) -> PipelineResult:  # fmt: skip
+                 ready_timeout: float, work_dir: Path,
+                 aggregator_timeout_ms: float = AGGREGATOR_TIMEOUT_MS,
+                 ) -> PipelineResult:  # fmt: skip
     name = f"{run.pipeline}-{run.bundle.manifest.name}-{len(run.nodes)}"
     topics = Topics(f"boards-{run.pipeline}-{len(run.nodes)}-{os.getpid()}")
     fleet_spec = FleetSpec(
@@ -235,7 +240,7 @@ def run_pipeline(run: Run, served: Bundle, board: BoardSpec, broker: LocalBroker
         plan = deploy(served, broker.url, nodes=nodes, topics=topics, replicas=run.replicas)
         placed = {node: _model_mb(served, ids) for node, ids in plan.assignments.items()}
         with LocalFleet(broker.url, run_dir / "host", topics) as fleet:
-            fleet.spawn("aggregator", "aggregator")
+            fleet.spawn("aggregator", "aggregator", "--timeout-ms", f"{aggregator_timeout_ms:g}")
             stream = PredictionStream(broker.url, topics=topics)
             stream.start()
             try:
@@ -342,10 +347,14 @@ def format_report(board: BoardSpec, results: list[PipelineResult], fps: float) -
 def bench_boards(bundle_dirs: list[Path], board: BoardSpec, fps: float, saturate_fps: float,
                  seconds: float, json_out: Path | None = None,
                  make_monolithic: MakeMonolithic | None = None,
-                 pipelines: tuple[str, ...] = PIPELINES,
-                 ready_timeout: float = 120.0) -> dict[str, Any]:  # fmt: skip
-    if not (fps > 0 and saturate_fps > 0 and seconds > 0 and ready_timeout > 0):
-        raise ConfigError("--fps, --saturate-fps, --seconds and --ready-timeout must be positive")
+                 pipelines: tuple[str, ...] = PIPELINES, ready_timeout: float = 120.0,
+                 aggregator_timeout_ms: float = AGGREGATOR_TIMEOUT_MS,
+                 ) -> dict[str, Any]:  # fmt: skip
+    if not all(v > 0 for v in (fps, saturate_fps, seconds, ready_timeout, aggregator_timeout_ms)):
+        raise ConfigError(
+            "--fps, --saturate-fps, --seconds, --ready-timeout and --aggregator-timeout-ms "
+            "must be positive"
+        )
     missing = emulation.missing_features()
     if missing:
         raise EdvitError(boards.unavailable_message(missing))
@@ -381,7 +390,8 @@ def bench_boards(bundle_dirs: list[Path], board: BoardSpec, fps: float, saturate
             say(f"boards: {run.pipeline} of {run.bundle.manifest.name} on {len(run.nodes)} "
                 f"board(s) ...")  # fmt: skip
             result = run_pipeline(run, served, board, broker, samples, fps, saturate_fps,
-                                  seconds, ready_timeout, work_dir)  # fmt: skip
+                                  seconds, ready_timeout, work_dir,
+                                  aggregator_timeout_ms)  # fmt: skip
             say(f"  fits: {result.fits} {result.note}; p50 {result.p50_ms:g} ms, "
                 f"served {result.served_fps:g} fps")  # fmt: skip
             results.append(result)
@@ -397,6 +407,7 @@ def bench_boards(bundle_dirs: list[Path], board: BoardSpec, fps: float, saturate
             "saturate_cameras": SATURATE_CAMERAS,
             "seconds": seconds,
             "ready_timeout": ready_timeout,
+            "aggregator_timeout_ms": aggregator_timeout_ms,
         },
         "monolithic_skipped": skipped,
         "runs": [asdict(r) for r in results],

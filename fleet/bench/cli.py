@@ -123,6 +123,11 @@ def _boards_arguments(parser: argparse.ArgumentParser) -> None:
         "--ready-timeout", type=float, default=120.0,
         help="seconds for the boards to load their models (default %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--aggregator-timeout-ms", type=float, default=250.0,
+        help="the aggregator's --timeout-ms: how long a frame waits for the split's slowest "
+        "board before it is answered degraded (default %(default)s, the aggregator's)",
+    )  # fmt: skip
     _json_option(parser)
     parser.set_defaults(log_level="WARNING")
 
@@ -140,6 +145,7 @@ def _boards(args: argparse.Namespace) -> int:
     bench_boards(
         [bundle_path(b) for b in args.bundle or [None]], board, args.fps, args.saturate_fps,
         args.seconds, _json_path(args), args.monolithic_maker(), pipelines, args.ready_timeout,
+        args.aggregator_timeout_ms,
     )  # fmt: skip
     return 0
 
