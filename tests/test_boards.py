@@ -34,6 +34,7 @@ from edvit.fleet.ops.deploy import deploy
 from edvit.fleet.ops.local import LocalFleet
 from edvit.fleet.ops.watch import PredictionStream
 from edvit.mqtt import MqttClient, unique_client_id
+from edvit.process import cpu_seconds
 from edvit.topics import Topics
 
 # -- BOARDS.yaml ----------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def test_fleet_up_serves_through_shaped_boards_and_down_leaves_nothing(
             stream.stop()
             assert seqs == set(range(FRAMES))
             # A burst: the board with a tenth of a core is held to it (a single frame is
-            # shorter than its 1 ms slice, so the quota shows under load, not per frame).
+            # shorter than its 10 ms slice, so the quota shows under load, not per frame).
             before = {r["id"]: r for r in boards.status(run_dir)}
             started = time.monotonic()
             _burst(broker.url, topics, seconds=2.0)
@@ -321,3 +322,33 @@ def test_a_model_file_loads_alone_under_a_boards_limits_or_says_why_not(
     probe = boards.load_on_board(rpi4, broken, timeout=60)
     assert not probe.loaded and not probe.oom_killed, probe
     assert "ONNX Runtime cannot load the model" in probe.detail
+
+
+@pytest.mark.fleet
+def test_a_board_gets_its_cpu_quota_while_the_host_is_busy(boards_machine: None) -> None:
+    """The boards' cgroups outweigh the host's other processes: a board held to half a core
+    gets about half a core while four processes outside keep both of the host's cores busy
+    (at the default weight the boards' group had one process's share)."""
+    version = emulation.cgroup_version()
+    assert version is not None
+    name = f"test-{os.getpid()}"
+    folders = emulation.create_cgroup(version, name, 0.5, 256)
+    spin = [sys.executable, "-c", "while True: pass"]
+    hogs = [subprocess.Popen(spin) for _ in range(2 * (os.cpu_count() or 1))]
+
+    def enter() -> None:
+        emulation.join_cgroup(folders, os.getpid())
+
+    board = subprocess.Popen(spin, preexec_fn=enter)
+    try:
+        time.sleep(1.0)
+        before, started = cpu_seconds(board.pid), time.monotonic()
+        time.sleep(3.0)
+        used = (cpu_seconds(board.pid) or 0.0) - (before or 0.0)
+        cores = used / (time.monotonic() - started)
+    finally:
+        for process in (board, *hogs):
+            process.kill()
+            process.wait()
+        emulation.delete_cgroup(folders)
+    assert 0.35 < cores < 0.6, cores

@@ -20,8 +20,17 @@ from edvit.errors import EdvitError
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "edvit-boards"  # every board's cgroup lives under this one
 # CFS hands out `cpu` of each period as one slice: a job shorter than the slice runs at full
-# speed. The shortest period with the kernel's smallest quota (1 ms) keeps that slice short.
-MIN_QUOTA_US = 1000
+# speed, so the slice should be short. But a throttled group waits for the scheduler once its
+# period restarts, and on a busy host that wait eats a 1 ms slice: with four busy processes
+# beside it, a board of 0.5 core got 0.34 with 1 ms slices and 0.50 with 10 ms ones.
+QUOTA_SLICE_US = 10_000
+# A board's CPU is its own: the host's other work must not take it. A cgroup's quota only caps
+# it; under contention CFS divides the CPU by weight, and the boards' parent group, at the
+# default weight, would get one process's share for all the boards together. So the parent
+# gets the highest weight (the quotas, whose sum `bench boards` keeps within the host's
+# cores, still cap it) and each board a weight in proportion to its quota.
+V1_MAX_SHARES = 262144
+V2_MAX_WEIGHT = 10000
 TBF_BURST = "64kb"  # a few full-size frames: enough for the rate, small enough to shape
 TBF_LATENCY = "100ms"  # how long a packet may wait in the bucket before it is dropped
 
@@ -141,7 +150,8 @@ def _write(path: Path, value: str) -> None:
 
 
 def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[Path]:
-    """A cgroup with `cpu` cores of quota and `memory_mb` of memory, swap included."""
+    """A cgroup with `cpu` cores of quota, a weight that lets it have them on a busy host,
+    and `memory_mb` of memory, swap included."""
     quota, period = cpu_quota(cpu)
     limit = str(memory_mb * 1024 * 1024)
     if version == "v2":
@@ -149,9 +159,11 @@ def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[P
         parent.mkdir(exist_ok=True)
         _write(CGROUP_ROOT / "cgroup.subtree_control", "+cpu +memory")
         _write(parent / "cgroup.subtree_control", "+cpu +memory")
+        _write(parent / "cpu.weight", str(V2_MAX_WEIGHT))
         (folder,) = cgroup_dirs(version, name)
         folder.mkdir()
         _write(folder / "cpu.max", f"{quota} {period}")
+        _write(folder / "cpu.weight", str(max(1, min(V2_MAX_WEIGHT, round(cpu * 100)))))
         _write(folder / "memory.max", limit)
         if (folder / "memory.swap.max").exists():
             _write(folder / "memory.swap.max", "0")
@@ -159,6 +171,8 @@ def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[P
     cpu_dir, memory_dir = cgroup_dirs(version, name)
     for folder in (cpu_dir, memory_dir):
         folder.mkdir(parents=True)
+    _write(cpu_dir.parent / "cpu.shares", str(V1_MAX_SHARES))
+    _write(cpu_dir / "cpu.shares", str(max(2, round(cpu * 1024))))
     _write(cpu_dir / "cpu.cfs_period_us", str(period))
     _write(cpu_dir / "cpu.cfs_quota_us", str(quota))
     _write(memory_dir / "memory.limit_in_bytes", limit)
@@ -168,10 +182,10 @@ def create_cgroup(version: str, name: str, cpu: float, memory_mb: int) -> list[P
 
 
 def cpu_quota(cpu: float) -> tuple[int, int]:
-    """(quota, period) in µs for `cpu` cores: 1 ms of quota per period below one core."""
+    """(quota, period) in µs for `cpu` cores: 10 ms of quota per period below one core."""
     if cpu >= 1:
-        return round(cpu * MIN_QUOTA_US), MIN_QUOTA_US
-    return MIN_QUOTA_US, min(1_000_000, round(MIN_QUOTA_US / cpu))
+        return round(cpu * QUOTA_SLICE_US), QUOTA_SLICE_US
+    return QUOTA_SLICE_US, min(1_000_000, round(QUOTA_SLICE_US / cpu))
 
 
 def throttled(folders: list[Path]) -> int:
