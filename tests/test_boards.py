@@ -317,10 +317,11 @@ def test_a_model_file_loads_alone_under_a_boards_limits_or_says_why_not(
     probe = boards.load_on_board(rpi4, model, timeout=60)
     assert probe.loaded and not probe.oom_killed, probe
     assert probe.cgroup_peak_mb is not None and probe.cgroup_peak_mb > 0
+    assert probe.frame_ms is not None and probe.frame_ms > 0
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(model.read_bytes()[:1000])
     probe = boards.load_on_board(rpi4, broken, timeout=60)
-    assert not probe.loaded and not probe.oom_killed, probe
+    assert not probe.loaded and not probe.oom_killed and probe.frame_ms is None, probe
     assert "ONNX Runtime cannot load the model" in probe.detail
 
 

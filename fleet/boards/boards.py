@@ -442,13 +442,18 @@ def killed_by_memory_limit(board: BoardState) -> bool:
 
 
 # What `load_on_board` runs: the node's own loader on the file's bytes (as a node gets them),
-# then one frame of zeros through the session.
+# then frames of zeros through the session, one at a time; prints the median of the timed
+# frames' wall time in ms.
+PROBE_FRAMES = 3  # timed, after one untimed
 _LOAD_CODE = (
-    "import sys; from pathlib import Path; import numpy as np; "
+    "import sys, time, statistics; from pathlib import Path; import numpy as np; "
     "from edvit.inference import make_session; "
     "s = make_session(Path(sys.argv[1]).read_bytes()); i = s.get_inputs()[0]; "
-    "s.run(None, {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], "
-    "np.float32)})"
+    "x = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)}; "
+    "s.run(None, x); t = []\n"
+    "for _ in range(int(sys.argv[2])):\n"
+    "    a = time.perf_counter(); s.run(None, x); t.append(time.perf_counter() - a)\n"
+    "print(round(1000 * statistics.median(t), 1))"
 )
 
 
@@ -461,6 +466,7 @@ class LoadProbe:
     cgroup_peak_mb: float | None
     failcnt: int | None
     seconds: float
+    frame_ms: float | None  # median wall time of one frame on the board, once loaded
     detail: str  # one line: what happened
 
 
@@ -483,16 +489,16 @@ def load_on_board(spec: BoardSpec, model: Path, timeout: float = 300.0) -> LoadP
     started = time.monotonic()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-c", _LOAD_CODE, str(model)], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", _LOAD_CODE, str(model), str(PROBE_FRAMES)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=enter_cgroup,
         )  # fmt: skip
         try:
-            _, stderr = process.communicate(timeout=timeout)
+            stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
-            _, stderr = process.communicate()
-            stderr = f"not loaded within {timeout:g} s"
+            stdout, _ = process.communicate()
+            stderr = f"not loaded and run within {timeout:g} s"
         seconds = round(time.monotonic() - started, 1)
         oom = emulation.oom_kills(folders) > 0 or (
             process.returncode == -signal.SIGKILL and (emulation.memory_failcnt(folders) or 0) > 0
@@ -502,8 +508,9 @@ def load_on_board(spec: BoardSpec, model: Path, timeout: float = 300.0) -> LoadP
     finally:
         emulation.delete_cgroup(folders)
     loaded = process.returncode == 0
+    frame_ms = float(stdout.split()[-1]) if loaded and stdout.split() else None
     if loaded:
-        detail = f"loaded and ran in {seconds:g} s"
+        detail = f"loaded and ran in {seconds:g} s, {frame_ms:g} ms a frame"
     elif oom:
         detail = f"killed by the board's {spec.memory_mb} MB limit after {seconds:g} s"
     else:
@@ -511,7 +518,7 @@ def load_on_board(spec: BoardSpec, model: Path, timeout: float = 300.0) -> LoadP
         detail = lines[-1] if lines else f"exit status {process.returncode}"
     return LoadProbe(
         loaded=loaded, oom_killed=oom, cgroup_peak_mb=None if peak is None else round(peak, 1),
-        failcnt=failcnt, seconds=seconds, detail=detail,
+        failcnt=failcnt, seconds=seconds, frame_ms=frame_ms, detail=detail,
     )  # fmt: skip
 
 
