@@ -91,6 +91,7 @@ class PipelineResult:
     note: str = ""
     sent: int = 0
     answered: int = 0
+    answered_degraded: int = 0  # of the latency run's answers
     p50_ms: float = float("nan")
     p95_ms: float = float("nan")
     offered_fps: float = 0.0
@@ -263,6 +264,7 @@ def run_pipeline(run: Run, served: Bundle, board: BoardSpec, broker: LocalBroker
                 check()
                 latencies = [p.latency_ms for p in predictions]
                 result.sent, result.answered = sent, len({p.seq for p in predictions})
+                result.answered_degraded = sum(p.degraded for p in predictions)
                 result.p50_ms, result.p95_ms = (
                     percentile(latencies, 50),
                     percentile(latencies, 95),

@@ -232,19 +232,21 @@ def oom_kills(folders: list[Path]) -> int:
 
 
 def memory_failcnt(folders: list[Path]) -> int | None:
-    """How many times the cgroup's memory use hit its limit (v1 memory.failcnt, v2 the
-    `max` count of memory.events); None where neither is there."""
+    """How many times the cgroup's memory use hit its limit (v1: memory.failcnt, or
+    memory.memsw.failcnt where the limit includes swap; v2: the `max` count of
+    memory.events); None where none of them is there."""
+    counts = []
     for folder in folders:
-        path = folder / "memory.failcnt"
-        if path.exists():
-            return int(path.read_text())
+        for name in ("memory.failcnt", "memory.memsw.failcnt"):
+            if (folder / name).exists():
+                counts.append(int((folder / name).read_text()))
         path = folder / "memory.events"
         if path.exists():
             for line in path.read_text().splitlines():
                 key, _, value = line.partition(" ")
                 if key == "max":
-                    return int(value)
-    return None
+                    counts.append(int(value))
+    return max(counts) if counts else None
 
 
 def memory_peak_mb(folders: list[Path]) -> float | None:
