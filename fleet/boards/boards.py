@@ -507,6 +507,9 @@ def load_on_board(spec: BoardSpec, model: Path, timeout: float = 300.0) -> LoadP
         failcnt = emulation.memory_failcnt(folders)
     finally:
         emulation.delete_cgroup(folders)
+        for parent in {f.parent for f in folders}:
+            with contextlib.suppress(OSError):  # another fleet's boards may still be in it
+                parent.rmdir()
     loaded = process.returncode == 0
     frame_ms = float(stdout.split()[-1]) if loaded and stdout.split() else None
     if loaded:
