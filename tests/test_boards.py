@@ -22,14 +22,22 @@ from edvit.broker.local import LocalBroker, mosquitto_path
 from edvit.bundle import Bundle
 from edvit.datasets import load_dataset
 from edvit.errors import ConfigError, EdvitError
+from edvit.fleet.bench.boards import check_cores, parse_pipelines, plan_runs
 from edvit.fleet.bench.common import camera_message, frame_samples
 from edvit.fleet.boards import boards, emulation
-from edvit.fleet.boards.boards import PRESETS, load_fleet, parse_fleet
+from edvit.fleet.boards.boards import (
+    PRESETS,
+    BoardOutOfMemory,
+    board_spec,
+    load_fleet,
+    parse_fleet,
+)
 from edvit.fleet.ops.demo import DEFAULT_BUNDLE
 from edvit.fleet.ops.deploy import deploy
 from edvit.fleet.ops.local import LocalFleet
 from edvit.fleet.ops.watch import PredictionStream
 from edvit.mqtt import MqttClient, unique_client_id
+from edvit.process import cpu_seconds
 from edvit.topics import Topics
 
 # -- BOARDS.yaml ----------------------------------------------------------------------------
@@ -195,7 +203,7 @@ def test_fleet_up_serves_through_shaped_boards_and_down_leaves_nothing(
             stream.stop()
             assert seqs == set(range(FRAMES))
             # A burst: the board with a tenth of a core is held to it (a single frame is
-            # shorter than its 1 ms slice, so the quota shows under load, not per frame).
+            # shorter than its 10 ms slice, so the quota shows under load, not per frame).
             before = {r["id"]: r for r in boards.status(run_dir)}
             started = time.monotonic()
             _burst(broker.url, topics, seconds=2.0)
@@ -306,3 +314,142 @@ def test_down_sweeps_what_a_killed_up_left(
     assert not any(boards.alive(pid) for pid in pids)
     assert _leftovers(isolated, run_dir) == []
     assert real_down(run_dir) == []
+
+
+# -- `edvit bench boards` -------------------------------------------------------------------
+
+
+def test_a_board_killed_by_its_memory_limit_is_an_error_naming_it() -> None:
+    error = BoardOutOfMemory("node-3", 512)
+    assert isinstance(error, EdvitError)
+    assert (error.board_id, error.memory_mb) == ("node-3", 512)
+    assert str(error) == "node-3: the node was killed by the board's 512 MB limit"
+
+
+def test_bench_boards_runs_whole_once_then_split_and_replicas_per_bundle() -> None:
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    runs = plan_runs([bundle, bundle], ("whole", "split", "replicas"))
+    assert [(r.pipeline, len(r.nodes)) for r in runs] == [
+        ("whole", 1), ("split", 3), ("replicas", 3), ("split", 3), ("replicas", 3)
+    ]  # fmt: skip
+    assert runs[2].nodes == ("node-0", "node-0-r1", "node-0-r2") and runs[2].replicas == 3
+    assert parse_pipelines("split, replicas") == ("split", "replicas")
+    with pytest.raises(ConfigError, match="choose from whole,split,replicas"):
+        parse_pipelines("whole,sharded")
+
+
+def test_bench_boards_refuses_more_quota_than_the_machine_has_in_one_line() -> None:
+    runs = plan_runs([Bundle.load(DEFAULT_BUNDLE)], ("whole", "split"))
+    rpi4 = board_spec({"id": "node-0", "preset": "rpi4"}, "test")
+    check_cores(runs, rpi4, cores=1)  # 3 x 0.29 fits one core
+    heavy = board_spec({"id": "node-0", "preset": "rpi4", "cpu": 0.9}, "test")
+    with pytest.raises(ConfigError) as caught:
+        check_cores(runs, heavy, cores=2)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "3 boards x 0.9 core = 2.7 cores of quota, over this machine's 2" in message
+    assert "at most 2 boards" in message
+
+
+def _bench_boards(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "boards.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "edvit", "bench", "boards", "--seconds", "2",
+         "--json", str(out), *args],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture
+def boards_machine() -> None:
+    missing = emulation.missing_features()
+    if missing:
+        pytest.skip(f"emulated boards need {', '.join(missing)}")
+    if mosquitto_path() is None:
+        pytest.skip("needs mosquitto")
+    pytest.importorskip("onnx", reason="the whole model's bundle is made with onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+@pytest.mark.fleet
+def test_bench_boards_replicas_share_the_frames_of_the_whole_model(
+    boards_machine: None, tmp_path: Path
+) -> None:
+    report = _bench_boards(tmp_path, "--pipelines", "replicas")
+    (row,) = report["runs"]
+    assert (row["pipeline"], row["boards"], row["fits"]) == ("replicas", 3, True), row
+    assert [b["id"] for b in row["per_board"]] == ["node-0", "node-0-r1", "node-0-r2"]
+    # Every replica serves the whole model (the same file) and takes a share of the frames.
+    assert len({b["model_mb"] for b in row["per_board"]}) == 1
+    assert all(b["cpu_cores"] > 0 and not b["oom_killed"] for b in row["per_board"]), row
+    assert row["answered"] == row["sent"] > 0 and row["served_fps"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+@pytest.mark.fleet
+def test_bench_boards_reports_a_board_its_memory_limit_kills_and_goes_on(
+    boards_machine: None, tmp_path: Path
+) -> None:
+    report = _bench_boards(tmp_path, "--pipelines", "whole,split", "--memory-mb", "40")
+    rows = {r["pipeline"]: r for r in report["runs"]}
+    for pipeline in ("whole", "split"):
+        row = rows[pipeline]
+        assert not row["fits"] and row["oom_killed"], row
+        assert "killed by the board's 40 MB limit" in row["note"]
+        assert row["served_fps"] == 0
+
+
+@pytest.mark.fleet
+def test_a_model_file_loads_alone_under_a_boards_limits_or_says_why_not(
+    boards_machine: None, tmp_path: Path
+) -> None:
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    model = bundle.path(bundle.manifest.submodels[0].file)
+    rpi4 = board_spec({"id": "probe", "preset": "rpi4"}, "test")
+    probe = boards.load_on_board(rpi4, model, timeout=60)
+    assert probe.loaded and not probe.oom_killed, probe
+    assert probe.cgroup_peak_mb is not None and probe.cgroup_peak_mb > 0
+    assert probe.frame_ms is not None and probe.frame_ms > 0
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model.read_bytes()[:1000])
+    probe = boards.load_on_board(rpi4, broken, timeout=60)
+    assert not probe.loaded and not probe.oom_killed and probe.frame_ms is None, probe
+    assert "ONNX Runtime cannot load the model" in probe.detail
+
+
+@pytest.mark.fleet
+def test_a_board_gets_its_cpu_quota_while_the_host_is_busy(boards_machine: None) -> None:
+    """The boards' cgroups outweigh the host's other processes: a board held to half a core
+    gets about half a core while four processes outside keep both of the host's cores busy
+    (at the default weight the boards' group had one process's share)."""
+    version = emulation.cgroup_version()
+    assert version is not None
+    name = f"test-{os.getpid()}"
+    folders = emulation.cgroup_dirs(version, name)
+    emulation.create_cgroup(version, folders, 0.5, 256)
+    spin = [sys.executable, "-c", "while True: pass"]
+    hogs = [subprocess.Popen(spin) for _ in range(2 * (os.cpu_count() or 1))]
+
+    def enter() -> None:
+        emulation.join_cgroup(folders, os.getpid())
+
+    board = subprocess.Popen(spin, preexec_fn=enter)
+    try:
+        time.sleep(1.0)
+        before, started = cpu_seconds(board.pid), time.monotonic()
+        time.sleep(3.0)
+        used = (cpu_seconds(board.pid) or 0.0) - (before or 0.0)
+        cores = used / (time.monotonic() - started)
+    finally:
+        for process in (board, *hogs):
+            process.kill()
+            process.wait()
+        emulation.delete_cgroup(folders)
+        for parent in {f.parent for f in folders}:
+            with contextlib.suppress(OSError):  # another fleet's boards may still be in it
+                parent.rmdir()
+    assert 0.35 < cores < 0.6, cores

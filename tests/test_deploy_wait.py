@@ -67,3 +67,26 @@ def test_nodes_beyond_the_submodels_are_replicas() -> None:
     make_plan(Bundle.load(DEFAULT_BUNDLE), five)  # identical shares: a valid plan
     with pytest.raises(ConfigError, match="unique"):
         over_nodes(ids, ["a", "b", "c", "a"])
+
+
+def test_a_model_too_large_for_its_message_is_refused_before_anything_is_published(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edvit.fleet.ops import deploy as deploy_module
+
+    bundle = Bundle.load(DEFAULT_BUNDLE)
+    plan = make_plan(bundle, deploy_module.bundle_assignments(bundle, None))
+    sizes = [bundle.path(s.file).stat().st_size for s in bundle.manifest.submodels]
+    # A limit below the largest sub-model file, as ViT-B whole (344 MB) is over the real one.
+    monkeypatch.setattr(
+        deploy_module, "max_payload_bytes", lambda kind: max(sizes) - 1, raising=False
+    )
+    published: list[str] = []
+    with pytest.raises(ConfigError) as caught:
+        deploy_module.publish_bundle(
+            lambda topic, payload: published.append(topic), bundle, plan, Topics("t")
+        )
+    assert published == []
+    message = str(caught.value)
+    assert "\n" not in message and "a model message carries at most" in message
+    assert "edvit build --num-devices" in message

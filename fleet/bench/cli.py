@@ -97,7 +97,17 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _boards_arguments(parser: argparse.ArgumentParser) -> None:
-    bundle_option(parser)
+    parser.add_argument(
+        "--bundle", action="append",
+        help="bundle folder, repeatable: a split and a replicas run of each (default: the "
+        "shipped Fashion-MNIST bundle)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pipelines", default="whole,split,replicas",
+        help="comma-separated, run in this order: whole (the original on one board), split "
+        "(N sub-models on N boards), replicas (the original on N boards sharing the frames); "
+        "default %(default)s",
+    )  # fmt: skip
     parser.add_argument("--preset", default="rpi4", help="the board type (default %(default)s)")
     parser.add_argument("--cpu", type=float, help="override: cores of this machine")
     parser.add_argument("--memory-mb", type=int, help="override: the board's memory limit")
@@ -109,23 +119,33 @@ def _boards_arguments(parser: argparse.ArgumentParser) -> None:
         help="per camera, 4 cameras, for the throughput run (default %(default)s)",
     )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=5.0, help="camera time per run")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=120.0,
+        help="seconds for the boards to load their models (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--aggregator-timeout-ms", type=float, default=250.0,
+        help="the aggregator's --timeout-ms: how long a frame waits for the split's slowest "
+        "board before it is answered degraded (default %(default)s, the aggregator's)",
+    )  # fmt: skip
     _json_option(parser)
     parser.set_defaults(log_level="WARNING")
 
 
 def _boards(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench.boards import bench_boards
+    from edvit.fleet.bench.boards import bench_boards, parse_pipelines
     from edvit.fleet.boards.boards import board_spec
 
-    make_monolithic = args.monolithic_maker()
+    pipelines = parse_pipelines(args.pipelines)
     overrides = {
         key: getattr(args, key) for key in ("cpu", "memory_mb", "rate_mbit", "delay_ms")
         if getattr(args, key) is not None
     }  # fmt: skip
     board = board_spec({"id": "node-0", "preset": args.preset, **overrides}, "bench boards")
     bench_boards(
-        bundle_path(args.bundle), board, args.fps, args.saturate_fps, args.seconds,
-        _json_path(args), make_monolithic,
+        [bundle_path(b) for b in args.bundle or [None]], board, args.fps, args.saturate_fps,
+        args.seconds, _json_path(args), args.monolithic_maker(), pipelines, args.ready_timeout,
+        args.aggregator_timeout_ms,
     )  # fmt: skip
     return 0
 
@@ -187,11 +207,12 @@ BENCHES = (
         chaos_cli.add_arguments, chaos_cli.run,
     ),
     Bench(
-        "boards", "whole on one emulated board vs split on N",
-        "the original served whole on one emulated board against the split bundle "
-        "on N boards of the same type (N: the bundle's sub-model count; the shipped bundle has "
-        "3, --bundle for another): latency, served fps under saturation, memory, CPU, and "
-        "whether the model fits the board (needs root; README, \"Emulated boards\")",
+        "boards", "whole on one emulated board vs split on N vs N replicas",
+        "the original served whole on one emulated board, the split bundle on N boards of "
+        "the same type and the original on N replica boards (N: the bundle's sub-model count; "
+        "the shipped bundle has 3, --bundle for others): latency, served fps under "
+        "saturation, memory, CPU, and whether the model fits the board (needs root; README, "
+        "\"Emulated boards\")",
         _boards_arguments, _boards,
     ),
     Bench(

@@ -33,6 +33,7 @@ SAMPLE_IMAGES = 64
 WARMUP_S = 2.0  # of camera load before a bench starts counting
 WARMUP_FRAMES = 5  # per run, before the cameras start: first ONNX Runtime calls are slow
 WARMUP_CAMERA = "warmup"
+WARMUP_TIMEOUT_S = 30.0  # for each warm-up frame's answer
 QUIET_S = 3.0  # after the cameras stop, give up once no prediction came for this long
 DRAIN_S = 20.0  # and in any case after this long
 
@@ -106,26 +107,31 @@ def generate_load(broker_url: str, prefix: str, cameras: int, fps: float, mix: C
 
 
 def warm_up(broker_url: str, topics: Topics, samples: list[Sample], stream: PredictionStream,
-            fleet: LocalFleet) -> None:  # fmt: skip
-    """A few frames through the whole fleet before the cameras start, answered and dropped."""
+            fleet: LocalFleet, timeout: float = WARMUP_TIMEOUT_S) -> None:  # fmt: skip
+    """A few frames through the whole fleet before the cameras start, answered and dropped.
+    One at a time, each sent once the one before is answered: a node slower than the gap
+    between two frames keeps only the newest waiting one, and would drop the rest."""
     client = MqttClient(unique_client_id("e2e-warmup"), broker_url)
     client.start(required=True)
     try:
         for seq in range(WARMUP_FRAMES):
             client.publish(*camera_message(samples[seq % len(samples)], WARMUP_CAMERA, seq, topics))
-            time.sleep(0.05)
+            deadline = time.monotonic() + timeout
+            while True:
+                fleet.check_alive()
+                if time.monotonic() > deadline:
+                    raise EdvitError(
+                        f"the fleet answered {seq} of {WARMUP_FRAMES} warm-up frames "
+                        f"(none within {timeout:g} s of frame {seq})"
+                    )
+                try:
+                    prediction = stream.queue.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if prediction.camera == WARMUP_CAMERA and prediction.seq == seq:
+                    break
     finally:
         client.stop()
-    answered: set[int] = set()
-    deadline = time.monotonic() + 30.0
-    while len(answered) < WARMUP_FRAMES and time.monotonic() < deadline:
-        fleet.check_alive()
-        try:
-            answered.add(stream.queue.get(timeout=0.25).seq)
-        except queue.Empty:
-            continue
-    if len(answered) < WARMUP_FRAMES:
-        raise EdvitError(f"the fleet answered {len(answered)} of {WARMUP_FRAMES} warm-up frames")
 
 
 def collect_predictions(stream: PredictionStream, sent: int,

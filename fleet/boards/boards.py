@@ -28,6 +28,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +49,6 @@ MAX_BOARDS = 64  # /30s in one /24
 STOP_GRACE_S = 5.0
 
 
-@dataclass(frozen=True)
 class BoardOutOfMemory(EdvitError):
     """A board's memory limit killed its node: what it serves does not fit the board."""
 
@@ -277,9 +277,16 @@ def alive(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+# waitpid statuses of this process's children reaped here, by pid: how a node ended is read
+# after the fact (killed_by_memory_limit).
+_EXITS: dict[int, int] = {}
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            _EXITS[pid] = status
 
 
 def stop_pids(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
@@ -429,10 +436,116 @@ def check_board(board: BoardState) -> None:
     anything else; nothing while it runs."""
     if alive(board.node_pid):
         return
-    if emulation.oom_kills([Path(f) for f in board.cgroups]):
+    if killed_by_memory_limit(board):
         raise BoardOutOfMemory(board.spec.id, board.spec.memory_mb)
     tail = "\n".join(Path(board.log).read_text().splitlines()[-10:])
     raise EdvitError(f"{board.spec.id}: the node exited:\n{tail}")
+
+
+def killed_by_memory_limit(board: BoardState) -> bool:
+    """Whether the board's memory limit killed its node: the cgroup counts an OOM kill, or
+    (a kernel that does not count them) the node, a child of this process, ended by SIGKILL
+    after the cgroup hit its limit (memory.failcnt)."""
+    folders = [Path(f) for f in board.cgroups]
+    if not folders or not all(f.exists() for f in folders):
+        return False
+    if emulation.oom_kills(folders):
+        return True
+    if board.node_pid is None or alive(board.node_pid):
+        return False
+    _reap(board.node_pid)
+    status = _EXITS.get(board.node_pid)
+    return (
+        status is not None
+        and os.WIFSIGNALED(status)
+        and os.WTERMSIG(status) == signal.SIGKILL
+        and (emulation.memory_failcnt(folders) or 0) > 0
+    )
+
+
+# What `load_on_board` runs: the node's own loader on the file's bytes (as a node gets them),
+# then frames of zeros through the session, one at a time; prints the median of the timed
+# frames' wall time in ms.
+PROBE_FRAMES = 3  # timed, after one untimed
+_LOAD_CODE = (
+    "import sys, time, statistics; from pathlib import Path; import numpy as np; "
+    "from edvit.inference import make_session; "
+    "s = make_session(Path(sys.argv[1]).read_bytes()); i = s.get_inputs()[0]; "
+    "x = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)}; "
+    "s.run(None, x); t = []\n"
+    "for _ in range(int(sys.argv[2])):\n"
+    "    a = time.perf_counter(); s.run(None, x); t.append(time.perf_counter() - a)\n"
+    "print(round(1000 * statistics.median(t), 1))"
+)
+
+
+@dataclass(frozen=True)
+class LoadProbe:
+    """How loading one model file went in a cgroup of a board's CPU quota and memory."""
+
+    loaded: bool
+    oom_killed: bool
+    cgroup_peak_mb: float | None
+    failcnt: int | None
+    seconds: float
+    frame_ms: float | None  # median wall time of one frame on the board, once loaded
+    detail: str  # one line: what happened
+
+
+def load_on_board(spec: BoardSpec, model: Path, timeout: float = 300.0) -> LoadProbe:
+    """Load `model` with ONNX Runtime and run it once, in a process held to the board's CPU
+    quota and memory limit (no network, no broker): whether the model fits the board
+    whatever the way it is delivered. The cgroup is removed afterwards."""
+    missing = emulation.missing_features()
+    if missing:
+        raise EdvitError(unavailable_message(missing))
+    version = emulation.cgroup_version()
+    assert version is not None
+    name = f"probe-{os.getpid()}-{secrets.token_hex(2)}"
+    folders = emulation.cgroup_dirs(version, name)
+    emulation.create_cgroup(version, folders, spec.cpu, spec.memory_mb)
+
+    def enter_cgroup() -> None:
+        for folder in folders:
+            (folder / "cgroup.procs").write_text(str(os.getpid()))
+
+    started = time.monotonic()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _LOAD_CODE, str(model), str(PROBE_FRAMES)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=enter_cgroup,
+        )  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, _ = process.communicate()
+            stderr = f"not loaded and run within {timeout:g} s"
+        seconds = round(time.monotonic() - started, 1)
+        oom = emulation.oom_kills(folders) > 0 or (
+            process.returncode == -signal.SIGKILL and (emulation.memory_failcnt(folders) or 0) > 0
+        )
+        peak = emulation.memory_peak_mb(folders)
+        failcnt = emulation.memory_failcnt(folders)
+    finally:
+        emulation.delete_cgroup(folders)
+        for parent in {f.parent for f in folders}:
+            with contextlib.suppress(OSError):  # another fleet's boards may still be in it
+                parent.rmdir()
+    loaded = process.returncode == 0
+    frame_ms = float(stdout.split()[-1]) if loaded and stdout.split() else None
+    if loaded:
+        detail = f"loaded and ran in {seconds:g} s, {frame_ms:g} ms a frame"
+    elif oom:
+        detail = f"killed by the board's {spec.memory_mb} MB limit after {seconds:g} s"
+    else:
+        lines = [line for line in (stderr or "").splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit status {process.returncode}"
+    return LoadProbe(
+        loaded=loaded, oom_killed=oom, cgroup_peak_mb=None if peak is None else round(peak, 1),
+        failcnt=failcnt, seconds=seconds, frame_ms=frame_ms, detail=detail,
+    )  # fmt: skip
 
 
 def _connected(board: BoardState) -> bool:

@@ -20,8 +20,17 @@ from edvit.errors import EdvitError
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "edvit-boards"  # every board's cgroup lives under this one
 # CFS hands out `cpu` of each period as one slice: a job shorter than the slice runs at full
-# speed. The shortest period with the kernel's smallest quota (1 ms) keeps that slice short.
-MIN_QUOTA_US = 1000
+# speed, so the slice should be short. But a throttled group waits for the scheduler once its
+# period restarts, and on a busy host that wait eats a 1 ms slice: with four busy processes
+# beside it, a board of 0.5 core got 0.34 with 1 ms slices and 0.50 with 10 ms ones.
+QUOTA_SLICE_US = 10_000
+# A board's CPU is its own: the host's other work must not take it. A cgroup's quota only caps
+# it; under contention CFS divides the CPU by weight, and the boards' parent group, at the
+# default weight, would get one process's share for all the boards together. So the parent
+# gets the highest weight (the quotas, whose sum `bench boards` keeps within the host's
+# cores, still cap it) and each board a weight in proportion to its quota.
+V1_MAX_SHARES = 262144
+V2_MAX_WEIGHT = 10000
 TBF_BURST = "64kb"  # a few full-size frames: enough for the rate, small enough to shape
 TBF_LATENCY = "100ms"  # how long a packet may wait in the bucket before it is dropped
 
@@ -141,8 +150,8 @@ def _write(path: Path, value: str) -> None:
 
 
 def create_cgroup(version: str, folders: list[Path], cpu: float, memory_mb: int) -> None:
-    """The cgroup of `cgroup_dirs` with `cpu` cores of quota and `memory_mb` of memory, swap
-    included."""
+    """The cgroup of `cgroup_dirs` with `cpu` cores of quota, a weight that lets it have them
+    on a busy host, and `memory_mb` of memory, swap included."""
     quota, period = cpu_quota(cpu)
     limit = str(memory_mb * 1024 * 1024)
     if version == "v2":
@@ -150,8 +159,10 @@ def create_cgroup(version: str, folders: list[Path], cpu: float, memory_mb: int)
         folder.parent.mkdir(exist_ok=True)
         _write(CGROUP_ROOT / "cgroup.subtree_control", "+cpu +memory")
         _write(folder.parent / "cgroup.subtree_control", "+cpu +memory")
+        _write(folder.parent / "cpu.weight", str(V2_MAX_WEIGHT))
         folder.mkdir()
         _write(folder / "cpu.max", f"{quota} {period}")
+        _write(folder / "cpu.weight", str(max(1, min(V2_MAX_WEIGHT, round(cpu * 100)))))
         _write(folder / "memory.max", limit)
         if (folder / "memory.swap.max").exists():
             _write(folder / "memory.swap.max", "0")
@@ -159,6 +170,8 @@ def create_cgroup(version: str, folders: list[Path], cpu: float, memory_mb: int)
     cpu_dir, memory_dir = folders
     for folder in (cpu_dir, memory_dir):
         folder.mkdir(parents=True)
+    _write(cpu_dir.parent / "cpu.shares", str(V1_MAX_SHARES))
+    _write(cpu_dir / "cpu.shares", str(max(2, round(cpu * 1024))))
     _write(cpu_dir / "cpu.cfs_period_us", str(period))
     _write(cpu_dir / "cpu.cfs_quota_us", str(quota))
     _write(memory_dir / "memory.limit_in_bytes", limit)
@@ -167,10 +180,10 @@ def create_cgroup(version: str, folders: list[Path], cpu: float, memory_mb: int)
 
 
 def cpu_quota(cpu: float) -> tuple[int, int]:
-    """(quota, period) in µs for `cpu` cores: 1 ms of quota per period below one core."""
+    """(quota, period) in µs for `cpu` cores: 10 ms of quota per period below one core."""
     if cpu >= 1:
-        return round(cpu * MIN_QUOTA_US), MIN_QUOTA_US
-    return MIN_QUOTA_US, min(1_000_000, round(MIN_QUOTA_US / cpu))
+        return round(cpu * QUOTA_SLICE_US), QUOTA_SLICE_US
+    return QUOTA_SLICE_US, min(1_000_000, round(QUOTA_SLICE_US / cpu))
 
 
 def throttled(folders: list[Path]) -> int:
@@ -214,6 +227,24 @@ def oom_kills(folders: list[Path]) -> int:
                     if key == "oom_kill":
                         return int(value)
     return 0
+
+
+def memory_failcnt(folders: list[Path]) -> int | None:
+    """How many times the cgroup's memory use hit its limit (v1: memory.failcnt, or
+    memory.memsw.failcnt where the limit includes swap; v2: the `max` count of
+    memory.events); None where none of them is there."""
+    counts = []
+    for folder in folders:
+        for name in ("memory.failcnt", "memory.memsw.failcnt"):
+            if (folder / name).exists():
+                counts.append(int((folder / name).read_text()))
+        path = folder / "memory.events"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    counts.append(int(value))
+    return max(counts) if counts else None
 
 
 def memory_peak_mb(folders: list[Path]) -> float | None:

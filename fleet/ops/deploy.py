@@ -29,6 +29,7 @@ from edvit.command import (
     sign_key_option,
 )
 from edvit.errors import ConfigError
+from edvit.limits import max_payload_bytes
 from edvit.mqtt import Connection, MqttClient, unique_client_id
 from edvit.replay import sequence_of
 from edvit.schemas import (
@@ -317,11 +318,30 @@ class NodeStatuses:
             return sorted(self._live)
 
 
+MESSAGE_OVERHEAD_BYTES = 4096  # a model message's header and hash, beside its ONNX bytes
+
+
+def check_model_sizes(bundle: Bundle, plan: PlanMsg, limit: int | None = None) -> None:
+    """ConfigError, one line, when a model file the plan names is too large for one model
+    message (edvit/limits.py), before anything is published."""
+    limit = max_payload_bytes("model") if limit is None else limit
+    files = model_files(bundle)
+    for model_id in plan.model_ids():
+        size = bundle.path(files[model_id]).stat().st_size
+        if size + MESSAGE_OVERHEAD_BYTES > limit:
+            raise ConfigError(
+                f"{files[model_id]} is {size / 2**20:.1f} MB: a model message carries at most "
+                f"{limit / 2**20:.0f} MB (MQTT caps a packet at 256 MB); split the model in "
+                f"more sub-models (edvit build --num-devices) to deploy it"
+            )
+
+
 def publish_bundle(
     publish: Callable[[str, bytes], None], bundle: Bundle, plan: PlanMsg, topics: Topics
 ) -> None:
     """Every model file the plan names, then the plan, each through `publish(topic, payload)`
-    (retained, acknowledged)."""
+    (retained, acknowledged); nothing when a model file is too large for its message."""
+    check_model_sizes(bundle, plan)
     files = model_files(bundle)
     for model_id, sha256 in plan.model_ids().items():
         relative = files[model_id]
