@@ -61,6 +61,13 @@ _UNSUPPORTED_VERSION = (1, 0x84)
 # --mqtt-version auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried.
 CONNACK_WAIT_S = 2.0
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+# --max-qos: the highest QoS a client publishes and subscribes with. Every edvit client
+# starts a clean session, so no broker redelivers a QoS 1 message lost with a connection.
+# NATS keeps each QoS 1 subscription as a JetStream consumer and stores each QoS 1 publish in
+# a JetStream stream before it acknowledges it; while JetStream elects new leaders after
+# losing a cluster node (4-9 s) those stall and fail, where QoS 0 goes on: 0 on NATS
+# (docs/operations/brokers.md).
+MAX_QOS = (0, 1)
 # With several brokers (a NATS cluster), a refused subscription may be the cluster still
 # electing the JetStream leaders that QoS 1 subscriptions need after losing a node: it is
 # tried again, SUBSCRIBE_RETRIES times at most, SUBSCRIBE_RETRY_S apart. One broker: never
@@ -121,6 +128,7 @@ class Connection:
     username: str | None = None
     password_file: str | None = None
     mqtt_version: str = "auto"
+    max_qos: int = 1
 
     @property
     def addresses(self) -> tuple[BrokerAddress, ...]:
@@ -154,6 +162,8 @@ class Connection:
             raise ConfigError(
                 f"--mqtt-version {self.mqtt_version!r}: expected one of {', '.join(MQTT_VERSIONS)}"
             )
+        if self.max_qos not in MAX_QOS:
+            raise ConfigError(f"--max-qos {self.max_qos!r}: expected 0 or 1")
         for option, path in (
             ("--ca", self.ca), ("--cert", self.cert), ("--key", self.key),
             ("--password-file", self.password_file),
@@ -430,7 +440,7 @@ class MqttClient:
         will = self._will_topic or self._status_topic
         if will:
             offline = OFFLINE_STATUS.model_copy(update={"session": self._session or None})
-            client.will_set(will, encode(offline), qos=1, retain=True)
+            client.will_set(will, encode(offline), qos=self._qos(1), retain=True)
 
     def _on_pre_connect(self, client: paho.Client, _userdata: object) -> None:
         """Before every connection attempt: a new session, and a Will that names it."""
@@ -443,6 +453,10 @@ class MqttClient:
     def address(self) -> BrokerAddress:
         """The broker this client is connected to, or trying next."""
         return self.addresses[self._broker_index]
+
+    def _qos(self, qos: int) -> int:
+        """The QoS used for one asked for: at most --max-qos."""
+        return min(qos, self.connection.max_qos)
 
     @property
     def mqtt_version(self) -> str:
@@ -582,7 +596,7 @@ class MqttClient:
         if self._status_topic and self._connected.is_set():
             offline = encode(self._stamped(self._status or OFFLINE_STATUS, state="offline"))
             for topic in filter(None, (self._mirror_topic, self._status_topic)):
-                info = self._client.publish(topic, offline, 1, True)
+                info = self._client.publish(topic, offline, self._qos(1), True)
             # If the connection drops meanwhile, the broker sends the Will instead.
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
@@ -614,7 +628,7 @@ class MqttClient:
         """Publish; frames and tokens carry their message expiry (MQTT 5). A QoS 1/2 publish
         the broker refuses (MQTT 5: not authorised, quota...) is logged and counted as
         `publishes_refused` when its ack comes back."""
-        client = self._client
+        client, qos = self._client, self._qos(qos)
         expiry = _EXPIRY.get(kind_of(topic) or "") if self.mqtt_version == "5" else None
         info = client.publish(topic, payload, qos, retain, properties=expiry)
         if qos > 0 and info.rc == paho.MQTT_ERR_SUCCESS:
@@ -691,14 +705,14 @@ class MqttClient:
         previous, self._mirror_topic = self._mirror_topic, topic
         if previous and previous != topic and self._connected.is_set():
             offline = self._stamped(self._status or OFFLINE_STATUS, state="offline")
-            self._client.publish(previous, encode(offline), qos=1, retain=True)
+            self._client.publish(previous, encode(offline), qos=self._qos(1), retain=True)
         self._publish_status()
 
     def _publish_status(self) -> None:
         if self._status_topic and self._status is not None and self._connected.is_set():
             payload = encode(self._stamped(self._status))
             for topic in filter(None, (self._status_topic, self._mirror_topic)):
-                self._client.publish(topic, payload, qos=1, retain=True)
+                self._client.publish(topic, payload, qos=self._qos(1), retain=True)
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(self._status_interval_s):
@@ -746,7 +760,7 @@ class MqttClient:
         self.log.info("connected to %s as %s", self.address, self.client_id)
 
     def _subscribe(self, client: paho.Client, topic_filter: str, qos: int) -> None:
-        _rc, mid = client.subscribe(topic_filter, qos)
+        _rc, mid = client.subscribe(topic_filter, self._qos(qos))
         if mid is not None:
             with self._acks_lock:
                 self._pending_subscribes[mid] = topic_filter
