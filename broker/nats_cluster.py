@@ -27,6 +27,15 @@ MIN_VERSION = (2, 10)
 # Model files travel as retained messages: the NATS default payload limit (1 MB) is below
 # the largest of them (original.onnx of the shipped bundle, 1.3 MB).
 MAX_PAYLOAD = "8MB"
+# MQTT options. js_api_timeout (default 5 s) bounds each JetStream request a node makes for
+# an MQTT client, in that client's read loop: loading its session record at CONNECT, storing
+# a retained message, loading retained messages at SUBSCRIBE. While JetStream elects new
+# leaders after a cluster node is lost (4-9 s) such a request waits the whole timeout and
+# fails, and the client's other packets (QoS 0 features, PINGREQ) wait behind it: at 5 s a
+# camera or node missed its keepalive and a node its planner's grace. At 2 s a failed
+# CONNECT is tried again sooner and a read loop is held 2 s at most; requests answered by a
+# leader take milliseconds.
+MQTT_OPTIONS = ('js_api_timeout: "1s"',)
 
 
 def nats_server_path() -> tuple[str | None, str]:
@@ -101,7 +110,7 @@ class NatsCluster:
                 f"  listen: 127.0.0.1:{node.cluster_port}",
                 f"  routes: [{routes}]",
                 "}",
-                f"mqtt {{ listen: 127.0.0.1:{node.mqtt_port} }}",
+                f"mqtt {{ listen: 127.0.0.1:{node.mqtt_port}, {', '.join(MQTT_OPTIONS)} }}",
                 "",
             )
         )

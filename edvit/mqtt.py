@@ -46,7 +46,8 @@ DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 # Fleet timing (README, "Failure behaviour"): a client pings the broker after KEEPALIVE_S
 # of silence and the broker gives up on it (and sends its Will) after 1.5x that, so a board
 # that loses power or network is declared offline within ~8 s; a frozen node is caught
-# sooner by the aggregator, from its missing features. Reconnects retry every 1..5 s.
+# sooner by the aggregator, from its missing features. Reconnects retry every 1..5 s
+# (every 1 s for a client given several brokers).
 KEEPALIVE_S = 5
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 5
 # Model files travel as retained messages; paho's default of unlimited in-flight bytes is
@@ -412,7 +413,10 @@ class MqttClient:
             # MQTT 5 has clean_start on connect instead; nothing keeps a session either way.
             clean_session=None if v5 else True,
         )
-        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        # With several brokers (a cluster), a node that refuses a CONNECT while it elects
+        # leaders (NATS: "loading session record: timeout") is tried again every second.
+        slowest = RECONNECT_MAX_S if len(self.addresses) == 1 else RECONNECT_MIN_S
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=slowest)
         client.max_queued_messages_set(1000)
         # QoS 1 messages awaiting their ack (paho's default is 20): an answering aggregator
         # publishes a QoS 1 prediction per frame, and 20 in flight capped it near 20 per
