@@ -31,10 +31,11 @@ MAX_PAYLOAD = "8MB"
 # an MQTT client, in that client's read loop: loading its session record at CONNECT, storing
 # a retained message, loading retained messages at SUBSCRIBE. While JetStream elects new
 # leaders after a cluster node is lost (4-9 s) such a request waits the whole timeout and
-# fails, and the client's other packets (QoS 0 features, PINGREQ) wait behind it: at 5 s a
-# camera or node missed its keepalive and a node its planner's grace. At 2 s a failed
-# CONNECT is tried again sooner and a read loop is held 2 s at most; requests answered by a
-# leader take milliseconds.
+# fails (a request sent just before the election is not answered after it), and the
+# client's other packets (QoS 0 features, PINGREQ) wait behind it: at 5 s a camera missed
+# its keepalive and a node's statuses stalled past the planner's grace. At 1 s a refused
+# CONNECT is tried again within 2 s (edvit clients with several brokers retry every second)
+# and a read loop is held 1 s at most; a request a leader answers takes milliseconds.
 MQTT_OPTIONS = ('js_api_timeout: "1s"',)
 
 
