@@ -395,10 +395,10 @@ class MqttClient:
         self._falling_back = False
         self._shared_available = False
 
-        # mid -> topic of QoS>0 publishes awaiting their ack, mid -> filter of subscribes
+        # mid -> topic of QoS>0 publishes awaiting their ack, mid -> filters of subscribes
         # awaiting theirs; mid -> reason of publishes the broker refused (MQTT 5 only).
         self._pending_publishes: dict[int, str] = {}
-        self._pending_subscribes: dict[int, str] = {}
+        self._pending_subscribes: dict[int, list[str]] = {}
         self._refused_publishes: dict[int, str] = {}
         self._acks_lock = threading.Lock()
         first = "3.1.1" if self.connection.mqtt_version == "3.1.1" else "5"
@@ -757,17 +757,25 @@ class MqttClient:
         self._granted = set()
         with self._lock:
             routes = list(self._routes.items())
-        for topic_filter, (_handler, qos) in routes:
-            self._subscribe(client, topic_filter, qos)
+        self._subscribe_all(client, [(topic_filter, qos) for topic_filter, (_, qos) in routes])
         self._connected.set()
         self._publish_status()
         self.log.info("connected to %s as %s", self.address, self.client_id)
 
     def _subscribe(self, client: paho.Client, topic_filter: str, qos: int) -> None:
-        _rc, mid = client.subscribe(topic_filter, self._qos(qos))
+        self._subscribe_all(client, [(topic_filter, qos)])
+
+    def _subscribe_all(self, client: paho.Client, filters: list[tuple[str, int]]) -> None:
+        """Subscribe to every (filter, QoS) in one SUBSCRIBE. A broker may do per SUBSCRIBE
+        what takes time: NATS looks up the filters' retained messages in JetStream with one
+        request per SUBSCRIBE, and while JetStream elects leaders after losing a node each
+        request waits out its timeout, holding this client's packets behind it."""
+        if not filters:
+            return
+        _rc, mid = client.subscribe([(f, self._qos(qos)) for f, qos in filters])
         if mid is not None:
             with self._acks_lock:
-                self._pending_subscribes[mid] = topic_filter
+                self._pending_subscribes[mid] = [f for f, _ in filters]
 
     def _on_subscribe(
         self, _client, _userdata, mid: int, reason_codes: list[ReasonCode], _props
@@ -775,12 +783,16 @@ class MqttClient:
         """A refused subscription (the ACL) would otherwise leave a service `ready` that never
         receives a message: say so once per subscribe, and count it."""
         with self._acks_lock:
-            topic_filter = self._pending_subscribes.pop(mid, "?")
-        if not any(reason.is_failure for reason in reason_codes):
-            self._subscribe_retries.pop(topic_filter, None)
-            self._granted = self._granted | {topic_filter}
-        for reason in reason_codes:
-            if reason.is_failure:
+            filters = self._pending_subscribes.pop(mid, ["?"])
+        if not reason_codes:
+            return
+        if len(reason_codes) != len(filters):  # one code for all (not what MQTT says)
+            reason_codes = reason_codes[:1] * len(filters)
+        for topic_filter, reason in zip(filters, reason_codes, strict=True):
+            if not reason.is_failure:
+                self._subscribe_retries.pop(topic_filter, None)
+                self._granted = self._granted | {topic_filter}
+            else:
                 self.counters["subscriptions_refused"] += 1
                 who = f" as {self.connection.username}" if self.connection.username else ""
                 retry = self._retry_later(topic_filter)

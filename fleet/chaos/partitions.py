@@ -45,7 +45,7 @@ WARM_S = 4.0  # camera running before the fault
 AFTER_S = 14.0  # camera running after the fault ends
 # On the NATS cluster the camera runs longer after the fault: JetStream's leader elections
 # (4-9 s each) may delay answers past AFTER_S, and "whole again" must still be measured.
-CLUSTER_AFTER_S = 30.0
+CLUSTER_AFTER_S = 20.0
 WHOLE_WITHIN_S = 10.0
 
 
