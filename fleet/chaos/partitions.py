@@ -12,8 +12,9 @@ aggregator unless said, a camera at the bench's rate, local mosquitto).
 - failover-broker: the broker stops, the answering aggregator is killed while it is
                    down, and the broker starts again; the standby takes over.
 - cluster-switch:  on a 3-node NATS cluster (each service lists every node, starting at
-                   its own), a new placement is deployed and the cluster node the
-                   aggregator and node-2 are connected to is killed 0.2 s later.
+                   its own, and runs with --max-qos 0), a new placement is deployed and
+                   the cluster node the aggregator and node-2 are connected to is killed
+                   0.2 s later; the camera runs 20 s past the kill.
 
 For each: when answers are whole again (every frame from then on answered, none
 degraded), degraded, unanswered and duplicate answers, the plans published, and the plan
