@@ -35,6 +35,16 @@ MIN_VERSION = (2, 10)
 # Model files travel as retained messages: the NATS default payload limit (1 MB) is below
 # the largest of them (original.onnx of the shipped bundle, 1.3 MB).
 MAX_PAYLOAD = "8MB"
+# MQTT options. js_api_timeout (default 5 s) bounds each JetStream request a node makes for
+# an MQTT client, in that client's read loop: loading its session record at CONNECT, storing
+# a retained message, loading retained messages at SUBSCRIBE. While JetStream elects new
+# leaders after a cluster node is lost (4-9 s) such a request waits the whole timeout and
+# fails (a request sent just before the election is not answered after it), and the
+# client's other packets (QoS 0 features, PINGREQ) wait behind it: at 5 s a camera missed
+# its keepalive and a node's statuses stalled past the planner's grace. At 1 s a refused
+# CONNECT is tried again within 2 s (edvit clients with several brokers retry every second)
+# and a read loop is held 1 s at most; a request a leader answers takes milliseconds.
+MQTT_OPTIONS = ('js_api_timeout: "1s"',)
 
 
 def nats_server_path() -> tuple[str | None, str]:
@@ -271,7 +281,7 @@ class NatsCluster:
                 f"  listen: 127.0.0.1:{node.cluster_port}",
                 f"  routes: [{routes}]",
                 "}",
-                f"mqtt {{ listen: 127.0.0.1:{node.mqtt_port} }}",
+                f"mqtt {{ listen: 127.0.0.1:{node.mqtt_port}, {', '.join(MQTT_OPTIONS)} }}",
                 "",
             )
         )

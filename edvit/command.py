@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from edvit.errors import ConfigError
 from edvit.metrics import STATS_INTERVAL_S, Metrics
-from edvit.mqtt import DEFAULT_BROKER, MQTT_VERSIONS, Connection
+from edvit.mqtt import DEFAULT_BROKER, MAX_QOS, MQTT_VERSIONS, Connection
 from edvit.service import ignore_stop_signals, wait_for_stop_signal
 from edvit.topics import DEFAULT_PREFIX
 
@@ -88,6 +88,13 @@ def shared_options() -> argparse.ArgumentParser:
         "(env EDVIT_MQTT_VERSION; default %(default)s)",
     )  # fmt: skip
     common.add_argument(
+        "--max-qos", type=int, choices=MAX_QOS,
+        default=int(os.environ.get("EDVIT_MAX_QOS") or 1),
+        help="the highest QoS this client publishes and subscribes with: 0 on a NATS "
+        "cluster, where QoS 1 needs JetStream, which stalls for seconds while it elects "
+        "leaders after a node is lost (env EDVIT_MAX_QOS; default %(default)s)",
+    )  # fmt: skip
+    common.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help="topic prefix (default %(default)s)"
     )
     common.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
@@ -150,6 +157,7 @@ def connection(args: argparse.Namespace) -> Connection:
     settings = Connection(
         args.broker, ca=args.ca, cert=args.cert, key=args.key, username=args.username,
         password_file=args.password_file, mqtt_version=args.mqtt_version,
+        max_qos=args.max_qos,
     )  # fmt: skip
     settings.check()
     return settings

@@ -46,7 +46,8 @@ DEFAULT_PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883, "ssl": 8883}
 # Fleet timing (README, "Failure behaviour"): a client pings the broker after KEEPALIVE_S
 # of silence and the broker gives up on it (and sends its Will) after 1.5x that, so a board
 # that loses power or network is declared offline within ~8 s; a frozen node is caught
-# sooner by the aggregator, from its missing features. Reconnects retry every 1..5 s.
+# sooner by the aggregator, from its missing features. Reconnects retry every 1..5 s
+# (every 1 s for a client given several brokers).
 KEEPALIVE_S = 5
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 5
 # Model files travel as retained messages; paho's default of unlimited in-flight bytes is
@@ -69,6 +70,13 @@ _REFUSALS = {
 # --mqtt-version auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried.
 CONNACK_WAIT_S = 2.0
 _PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+# --max-qos: the highest QoS a client publishes and subscribes with. Every edvit client
+# starts a clean session, so no broker redelivers a QoS 1 message lost with a connection.
+# NATS keeps each QoS 1 subscription as a JetStream consumer and stores each QoS 1 publish in
+# a JetStream stream before it acknowledges it; while JetStream elects new leaders after
+# losing a cluster node (4-9 s) those stall and fail, where QoS 0 goes on: 0 on NATS
+# (docs/operations/brokers.md).
+MAX_QOS = (0, 1)
 # With several brokers (a NATS cluster), a refused subscription may be the cluster still
 # electing the JetStream leaders that QoS 1 subscriptions need after losing a node: it is
 # tried again, SUBSCRIBE_RETRIES times at most, SUBSCRIBE_RETRY_S apart. One broker: never
@@ -129,6 +137,7 @@ class Connection:
     username: str | None = None
     password_file: str | None = None
     mqtt_version: str = "auto"
+    max_qos: int = 1
 
     @property
     def addresses(self) -> tuple[BrokerAddress, ...]:
@@ -162,6 +171,8 @@ class Connection:
             raise ConfigError(
                 f"--mqtt-version {self.mqtt_version!r}: expected one of {', '.join(MQTT_VERSIONS)}"
             )
+        if self.max_qos not in MAX_QOS:
+            raise ConfigError(f"--max-qos {self.max_qos!r}: expected 0 or 1")
         for option, path in (
             ("--ca", self.ca), ("--cert", self.cert), ("--key", self.key),
             ("--password-file", self.password_file),
@@ -410,10 +421,10 @@ class MqttClient:
         self._shared_available = False
         self._socket_error: str | None = None  # why the socket failed before any CONNACK
 
-        # mid -> topic of QoS>0 publishes awaiting their ack, mid -> filter of subscribes
+        # mid -> topic of QoS>0 publishes awaiting their ack, mid -> filters of subscribes
         # awaiting theirs; mid -> reason of publishes the broker refused (MQTT 5 only).
         self._pending_publishes: dict[int, str] = {}
-        self._pending_subscribes: dict[int, str] = {}
+        self._pending_subscribes: dict[int, list[str]] = {}
         self._refused_publishes: dict[int, str] = {}
         self._acks_lock = threading.Lock()
         first = "3.1.1" if self.connection.mqtt_version == "3.1.1" else "5"
@@ -428,7 +439,10 @@ class MqttClient:
             # MQTT 5 has clean_start on connect instead; nothing keeps a session either way.
             clean_session=None if v5 else True,
         )
-        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
+        # With several brokers (a cluster), a node that refuses a CONNECT while it elects
+        # leaders (NATS: "loading session record: timeout") is tried again every second.
+        slowest = RECONNECT_MAX_S if len(self.addresses) == 1 else RECONNECT_MIN_S
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=slowest)
         client.max_queued_messages_set(1000)
         # QoS 1 messages awaiting their ack (paho's default is 20): an answering aggregator
         # publishes a QoS 1 prediction per frame, and 20 in flight capped it near 20 per
@@ -458,7 +472,7 @@ class MqttClient:
         will = self._will_topic or self._status_topic
         if will:
             offline = OFFLINE_STATUS.model_copy(update={"session": self._session or None})
-            client.will_set(will, encode(offline), qos=1, retain=True)
+            client.will_set(will, encode(offline), qos=self._qos(1), retain=True)
 
     def _on_pre_connect(self, client: paho.Client, _userdata: object) -> None:
         """Before every connection attempt: a new session, and a Will that names it."""
@@ -471,6 +485,10 @@ class MqttClient:
     def address(self) -> BrokerAddress:
         """The broker this client is connected to, or trying next."""
         return self.addresses[self._broker_index]
+
+    def _qos(self, qos: int) -> int:
+        """The QoS used for one asked for: at most --max-qos."""
+        return min(qos, self.connection.max_qos)
 
     @property
     def mqtt_version(self) -> str:
@@ -615,7 +633,7 @@ class MqttClient:
         if self._status_topic and self._connected.is_set():
             offline = encode(self._stamped(self._status or OFFLINE_STATUS, state="offline"))
             for topic in filter(None, (self._mirror_topic, self._status_topic)):
-                info = self._client.publish(topic, offline, 1, True)
+                info = self._client.publish(topic, offline, self._qos(1), True)
             # If the connection drops meanwhile, the broker sends the Will instead.
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
@@ -647,7 +665,7 @@ class MqttClient:
         """Publish; frames and tokens carry their message expiry (MQTT 5). A QoS 1/2 publish
         the broker refuses (MQTT 5: not authorised, quota...) is logged and counted as
         `publishes_refused` when its ack comes back."""
-        client = self._client
+        client, qos = self._client, self._qos(qos)
         expiry = _EXPIRY.get(kind_of(topic) or "") if self.mqtt_version == "5" else None
         info = client.publish(topic, payload, qos, retain, properties=expiry)
         if qos > 0 and info.rc == paho.MQTT_ERR_SUCCESS:
@@ -724,14 +742,14 @@ class MqttClient:
         previous, self._mirror_topic = self._mirror_topic, topic
         if previous and previous != topic and self._connected.is_set():
             offline = self._stamped(self._status or OFFLINE_STATUS, state="offline")
-            self._client.publish(previous, encode(offline), qos=1, retain=True)
+            self._client.publish(previous, encode(offline), qos=self._qos(1), retain=True)
         self._publish_status()
 
     def _publish_status(self) -> None:
         if self._status_topic and self._status is not None and self._connected.is_set():
             payload = encode(self._stamped(self._status))
             for topic in filter(None, (self._status_topic, self._mirror_topic)):
-                self._client.publish(topic, payload, qos=1, retain=True)
+                self._client.publish(topic, payload, qos=self._qos(1), retain=True)
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(self._status_interval_s):
@@ -775,17 +793,25 @@ class MqttClient:
         self._granted = set()
         with self._lock:
             routes = list(self._routes.items())
-        for topic_filter, (_handler, qos) in routes:
-            self._subscribe(client, topic_filter, qos)
+        self._subscribe_all(client, [(topic_filter, qos) for topic_filter, (_, qos) in routes])
         self._connected.set()
         self._publish_status()
         self.log.info("connected to %s as %s", self.address, self.client_id)
 
     def _subscribe(self, client: paho.Client, topic_filter: str, qos: int) -> None:
-        _rc, mid = client.subscribe(topic_filter, qos)
+        self._subscribe_all(client, [(topic_filter, qos)])
+
+    def _subscribe_all(self, client: paho.Client, filters: list[tuple[str, int]]) -> None:
+        """Subscribe to every (filter, QoS) in one SUBSCRIBE. A broker may do per SUBSCRIBE
+        what takes time: NATS looks up the filters' retained messages in JetStream with one
+        request per SUBSCRIBE, and while JetStream elects leaders after losing a node each
+        request waits out its timeout, holding this client's packets behind it."""
+        if not filters:
+            return
+        _rc, mid = client.subscribe([(f, self._qos(qos)) for f, qos in filters])
         if mid is not None:
             with self._acks_lock:
-                self._pending_subscribes[mid] = topic_filter
+                self._pending_subscribes[mid] = [f for f, _ in filters]
 
     def _on_subscribe(
         self, _client, _userdata, mid: int, reason_codes: list[ReasonCode], _props
@@ -793,12 +819,16 @@ class MqttClient:
         """A refused subscription (the ACL) would otherwise leave a service `ready` that never
         receives a message: say so once per subscribe, and count it."""
         with self._acks_lock:
-            topic_filter = self._pending_subscribes.pop(mid, "?")
-        if not any(reason.is_failure for reason in reason_codes):
-            self._subscribe_retries.pop(topic_filter, None)
-            self._granted = self._granted | {topic_filter}
-        for reason in reason_codes:
-            if reason.is_failure:
+            filters = self._pending_subscribes.pop(mid, ["?"])
+        if not reason_codes:
+            return
+        if len(reason_codes) != len(filters):  # one code for all (not what MQTT says)
+            reason_codes = reason_codes[:1] * len(filters)
+        for topic_filter, reason in zip(filters, reason_codes, strict=True):
+            if not reason.is_failure:
+                self._subscribe_retries.pop(topic_filter, None)
+                self._granted = self._granted | {topic_filter}
+            else:
                 self.counters["subscriptions_refused"] += 1
                 who = f" as {self.connection.username}" if self.connection.username else ""
                 retry = self._retry_later(topic_filter)

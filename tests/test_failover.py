@@ -15,7 +15,8 @@ import pytest
 from edvit.broker.local import LocalBroker, find_free_port, mosquitto_path
 from edvit.errors import BrokerError, ConfigError
 from edvit.mqtt import BrokerAddress, Connection, MqttClient
-from helpers import tier
+from edvit.schemas import StatusMsg
+from helpers import MqttProbe, tier
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
 
@@ -111,3 +112,35 @@ def test_no_broker_of_the_list_answering_names_them_all() -> None:
     client = MqttClient(f"none-{uuid.uuid4().hex[:6]}", urls)
     with pytest.raises(BrokerError, match=f"no MQTT broker answered at {urls}"):
         client.start(wait=2, required=True)
+
+
+def test_max_qos_0_publishes_what_asks_for_qos_1_at_qos_0(
+    two_brokers: tuple[LocalBroker, LocalBroker],
+) -> None:
+    """--max-qos 0 (a NATS cluster, docs/operations/brokers.md): a QoS 1 publish and the
+    retained status go out at QoS 0; a subscriber asking for QoS 1 gets them at QoS 0."""
+    first, _ = two_brokers
+    first.start()
+    topic = f"t{uuid.uuid4().hex[:6]}"
+    client = MqttClient(
+        f"qos0-{uuid.uuid4().hex[:6]}",
+        Connection(first.url, max_qos=0),
+        status_topic=f"{topic}/status",
+    )
+    try:
+        with MqttProbe(first.host, first.port, f"{topic}/#", qos=1) as probe:
+            assert client.start(wait=10, required=True)
+            client.set_status(StatusMsg(state="ready"))
+            client.publish(f"{topic}/data", b"x", qos=1)
+            got = {}
+            while len(got) < 2:
+                message = probe.messages.get(timeout=10)
+                got[message.topic] = message.qos
+        assert got == {f"{topic}/status": 0, f"{topic}/data": 0}
+    finally:
+        client.stop()
+
+
+def test_max_qos_takes_0_or_1() -> None:
+    with pytest.raises(ConfigError, match=r"--max-qos 2: expected 0 or 1"):
+        Connection("mqtt://127.0.0.1:1883", max_qos=2).check()
