@@ -18,7 +18,7 @@ import numpy as np
 
 from edvit.bundle import Bundle
 from edvit.inference import measure_latency_ms
-from edvit.preprocess import decode_frame, to_model_input
+from edvit.preprocess import frame_to_model_input
 from edvit.schemas import FrameMsg
 
 JPEG_QUALITY = 90  # the camera's (camera_source.camera.encode_image)
@@ -53,11 +53,11 @@ def frame_path_ms(bundle: Bundle, frame: FrameMsg, runs: int) -> float:
     """Median time of decode_frame + to_model_input for ``frame`` with the bundle's input."""
     pp = bundle.manifest.preprocessing
     for _ in range(3):
-        to_model_input(decode_frame(frame), pp)
+        frame_to_model_input(frame, pp)
     times = []
     for _ in range(runs):
         start = time.perf_counter_ns()
-        to_model_input(decode_frame(frame), pp)
+        frame_to_model_input(frame, pp)
         times.append(time.perf_counter_ns() - start)
     return statistics.median(times) / 1e6
 

@@ -130,6 +130,36 @@ def _boards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frame_arguments(parser: argparse.ArgumentParser) -> None:
+    from edvit.fleet.bench.frame import DEFAULT_SIZES
+
+    parser.add_argument(
+        "--sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="WxH",
+        help="camera frame sizes (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bundle", help="take the model's input from this bundle (default: 224x224 RGB)"
+    )
+    parser.add_argument(
+        "--inference-ms", type=float, nargs="*", default=[], metavar="MS",
+        help="sub-model latencies to give each frame path's share of",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=50, help="timed runs per figure")
+    parser.add_argument("--no-mqtt", action="store_true", help="skip the broker trip")
+    _json_option(parser)
+    parser.set_defaults(log_level="WARNING")
+
+
+def _frame(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench.frame import bench_frame, parse_size
+
+    bench_frame(
+        [parse_size(s) for s in args.sizes], Path(args.bundle) if args.bundle else None,
+        args.inference_ms, args.repeats, not args.no_mqtt, _json_path(args),
+    )  # fmt: skip
+    return 0
+
+
 def _e2e_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "bundle", nargs="?", help="bundle folder (default: the shipped Fashion-MNIST bundle)"
@@ -193,6 +223,13 @@ BENCHES = (
         "3, --bundle for another): latency, served fps under saturation, memory, CPU, and "
         "whether the model fits the board (needs root; README, \"Emulated boards\")",
         _boards_arguments, _boards,
+    ),
+    Bench(
+        "frame", "what decoding one camera JPEG frame costs a node",
+        "per camera frame size: the message, the JPEG decode, resize and normalisation into "
+        "the model's input in full and on the node's path (large JPEGs decoded only as large "
+        "as the input needs), and the frame's one-way trip through a local mosquitto",
+        _frame_arguments, _frame,
     ),
     Bench(
         "e2e", "pipeline latency against its floor, split and whole",
