@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -17,8 +18,9 @@ import cv2
 import numpy as np
 
 from edvit.bundle import Bundle
-from edvit.inference import measure_latency_ms
+from edvit.inference import ShapeArg, make_session, measure_latency_ms, random_feed
 from edvit.preprocess import frame_to_model_input
+from edvit.process import rss_mb
 from edvit.schemas import FrameMsg
 
 JPEG_QUALITY = 90  # the camera's (camera_source.camera.encode_image)
@@ -62,13 +64,42 @@ def frame_path_ms(bundle: Bundle, frame: FrameMsg, runs: int) -> float:
     return statistics.median(times) / 1e6
 
 
+def measure_memory(bundle: Bundle, files: dict[str, ShapeArg]) -> dict[str, object]:
+    """{"runtime_mb", "memory_mb": {file: MB}}: for each file in turn, how far loading it
+    from bytes (as a node gets it) and running it once raised the process's peak above what
+    it held before; the sessions are kept until all are measured, so no model reuses memory
+    another freed. The first file loaded also pays for ONNX Runtime's own start: its memory
+    is counted in ``runtime_mb``, the process's after it. MB = 10^6 bytes."""
+    pid = os.getpid()
+    sessions = []
+    memory = {}
+    runtime = 0.0
+    for index, (file, shape) in enumerate(files.items()):
+        before = _mb(rss_mb(pid))
+        session = make_session(bundle.path(file).read_bytes())
+        session.run(None, random_feed(session, shape))
+        memory[file] = max(_mb(rss_mb(pid, "VmHWM")) - before, 0.0)
+        sessions.append(session)
+        if index == 0:
+            runtime = _mb(rss_mb(pid))
+    return {"runtime_mb": runtime, "memory_mb": memory}
+
+
+def _mb(mib: float | None) -> float:
+    assert mib is not None  # this process is alive
+    return mib * 2**20 / 1e6
+
+
 def measure_bundle(bundle: Bundle, runs: int) -> dict[str, object]:
-    """{"frame_ms": ..., "latency_ms": {file: ms}} for every sub-model, the original and the
-    fusion; the frame is a JPEG at the model's input size (a camera that sends what the
-    model takes)."""
+    """{"frame_ms": ..., "latency_ms": {file: ms}, "runtime_mb", "memory_mb"} for every
+    sub-model, the original and the fusion; the frame is a JPEG at the model's input size
+    (a camera that sends what the model takes)."""
     m = bundle.manifest
     cv2.setNumThreads(1)
     shape = (1, *m.input_shape)
+    files: dict[str, ShapeArg] = {m.fusion.file: None}  # the smallest first; None: batch 1
+    files |= {spec.file: shape for spec in m.submodels} | {m.original.file: shape}
+    memory = measure_memory(bundle, files)
     latencies = {
         spec.file: measure_latency_ms(bundle.path(spec.file), shape, runs=runs)
         for spec in m.submodels
@@ -79,6 +110,7 @@ def measure_bundle(bundle: Bundle, runs: int) -> dict[str, object]:
     return {
         "frame_ms": frame_path_ms(bundle, frame, runs * FRAME_RUNS_PER_MODEL_RUN),
         "latency_ms": latencies,
+        **memory,
     }
 
 

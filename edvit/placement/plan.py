@@ -137,8 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the calibration file (default: the bundle's {CALIBRATION_NAME})",
     )  # fmt: skip
     parser.add_argument(
-        "--overhead-mb", type=float, default=DEFAULT_OVERHEAD_MB,
-        help="a node's memory before any model (default %(default)g)",
+        "--overhead-mb", type=float,
+        help="a node's memory before any model (default: the calibration's, else "
+        f"{DEFAULT_OVERHEAD_MB:g})",
     )  # fmt: skip
 
 
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
     if args.slo_ms is not None and not args.slo_ms > 0:
         raise ConfigError(f"--slo-ms must be positive, not {args.slo_ms:g}")
-    if args.overhead_mb < 0:
+    if args.overhead_mb is not None and args.overhead_mb < 0:
         raise ConfigError(f"--overhead-mb must not be negative, not {args.overhead_mb:g}")
     calibration_path = Path(args.calibration or bundle.path(CALIBRATION_NAME))
     if args.calibrate:

@@ -18,9 +18,11 @@ link twice (the frame in, the features out): ``2 * delay_ms`` plus its bytes at 
 rate. The fusion runs where the aggregator runs, at its calibrated host latency.
 Throughput: a board serves ``1000 / time per frame`` frames per second; a sub-model served
 by several boards serves the sum; the fleet serves what its least served sub-model does.
-Memory: a node's runtime (``overhead_mb``: the Python process with ONNX Runtime loaded) plus
-the ONNX files it holds. The latency is the one of a lone frame (no queueing); what the
-prediction misses (broker hops, message encoding) is measured in docs, "Real scale".
+Memory: a node's runtime (the Python process with ONNX Runtime loaded) plus, per model it
+holds, what loading it from bytes and running it once added to the process's peak; both
+measured with the calibration, or else ``DEFAULT_OVERHEAD_MB`` plus the ONNX files' sizes.
+The latency is the one of a lone frame (no queueing, no batching); how far the predictions
+are from `edvit bench boards` is measured in docs, "Real scale".
 No torch here.
 """
 
@@ -61,6 +63,8 @@ class TypeCalibration(BaseModel):
     runs: int = Field(ge=1)
     frame_ms: float = Field(ge=0, allow_inf_nan=False)
     latency_ms: dict[str, float]
+    runtime_mb: float | None = None  # the process before any model
+    memory_mb: dict[str, float] = {}  # file -> peak growth of loading and running it
 
 
 class Calibration(BaseModel):
@@ -138,7 +142,7 @@ class Predictor:
         models: BundleModels,
         boards: Sequence[Board],
         calibration: Calibration,
-        overhead_mb: float = DEFAULT_OVERHEAD_MB,
+        overhead_mb: float | None = None,
         fusion_type: str | None = None,
     ) -> None:
         if not boards:
@@ -184,13 +188,24 @@ class Predictor:
         rate = 0.0 if board.rate_mbit is None else wire * 8 / (board.rate_mbit * 1000)
         return 2 * board.delay_ms + rate
 
-    def memory_need(self, files: Sequence[str]) -> float:
-        return self.overhead_mb + sum(self.models.size_mb[f] for f in files)
+    def runtime_mb(self, board_type: str) -> float:
+        """A node's memory before any model: given, else calibrated, else the default."""
+        if self.overhead_mb is not None:
+            return self.overhead_mb
+        measured = self._type(board_type).runtime_mb
+        return DEFAULT_OVERHEAD_MB if measured is None else measured
+
+    def file_mb(self, board_type: str, file: str) -> float:
+        """A model's memory on a node: calibrated, else its file's size."""
+        return self._type(board_type).memory_mb.get(file, self.models.size_mb[file])
+
+    def memory_need(self, board: Board, files: Sequence[str]) -> float:
+        return self.runtime_mb(board.type) + sum(self.file_mb(board.type, f) for f in files)
 
     def items(self, board_type: str) -> list[Item]:
         """The sub-models as placement items, latencies on ``board_type``."""
         return [
-            Item(id=sid, memory_mb=self.models.size_mb[file],
+            Item(id=sid, memory_mb=self.file_mb(board_type, file),
                  latency_ms=self._latency(board_type, file))
             for sid, file in self.models.submodels.items()
         ]  # fmt: skip
@@ -200,7 +215,7 @@ class Predictor:
         first board (the items' latencies are the first board's type's)."""
         reference = self._total_ms(boards[0])
         return Inventory(devices=tuple(
-            Device(id=b.id, memory_mb=max(b.memory_mb - self.overhead_mb, 1e-6),
+            Device(id=b.id, memory_mb=max(b.memory_mb - self.runtime_mb(b.type), 1e-6),
                    speed=reference / self._total_ms(b))
             for b in boards
         ))  # fmt: skip
@@ -262,18 +277,21 @@ class Predictor:
         used = {bid: ids for bid, ids in placed.items() if ids}
         return Option(
             name, fits=True, boards_used=len(used), p50_ms=p50 + self.fusion_ms, fps=fps,
-            memory_mb={bid: self.memory_need([files[s] for s in ids]) for bid, ids in used.items()},
+            memory_mb={
+                bid: self.memory_need(self.by_id[bid], [files[s] for s in ids])
+                for bid, ids in used.items()
+            },
             assignments=placed,
         )  # fmt: skip
 
     def replicas(self) -> Option:
         original = self.models.original
-        need = self.memory_need([original])
-        fitting = [b for b in self.boards if b.memory_mb >= need]
-        left_out = [b for b in self.boards if b.memory_mb < need]
+        need = {b.id: self.memory_need(b, [original]) for b in self.boards}
+        fitting = [b for b in self.boards if b.memory_mb >= need[b.id]]
         note = "; ".join(
-            f"{b.id} ({b.memory_mb:g} MB) cannot hold the original (needs {need:.0f} MB)"
-            for b in left_out
+            f"{b.id} ({b.memory_mb:g} MB) cannot hold the original (needs {need[b.id]:.0f} MB)"
+            for b in self.boards
+            if b.memory_mb < need[b.id]
         )
         if not fitting:
             return Option("replicas", fits=False, note=note)
@@ -282,7 +300,7 @@ class Predictor:
             "replicas", fits=True, boards_used=len(fitting),
             p50_ms=statistics.median(times[b.id] + self.link_ms(b) for b in fitting),
             fps=sum(1000.0 / t for t in times.values()),
-            memory_mb={b.id: need for b in fitting}, note=note,
+            memory_mb={b.id: need[b.id] for b in fitting}, note=note,
         )  # fmt: skip
 
     def options(self) -> list[Option]:
@@ -292,7 +310,7 @@ class Predictor:
         board = self.by_id[exc.device_id]
         return (
             f"{board.id} ({board.memory_mb:g} MB) cannot hold {exc.item_id} "
-            f"(needs {exc.needed_mb + self.overhead_mb:.0f} MB with the runtime)"
+            f"(needs {exc.needed_mb + self.runtime_mb(board.type):.0f} MB with the runtime)"
         )
 
 
