@@ -194,3 +194,30 @@ def test_calibrate_on_this_machine_writes_every_model(bundle_copy: Path, tmp_pat
     assert host.method == "host" and host.frame_ms > 0
     assert set(host.latency_ms) == {*SUBMODELS.values(), "original.onnx", "fusion.onnx"}
     assert all(ms > 0 for ms in host.latency_ms.values())
+
+
+@pytest.mark.fleet
+def test_calibrate_board_types_then_plan_for_them(bundle_copy: Path, tmp_path: Path) -> None:
+    """Each board type of BOARDS.yaml measured once (under its quota where this machine
+    emulates boards), then the plan for those boards."""
+    from edvit.fleet.boards import emulation
+
+    boards = tmp_path / "boards.yaml"
+    boards.write_text(
+        "boards:\n  - {id: pi-a, preset: rpi4}\n  - {id: pi-b, preset: rpi4}\n"
+        "  - {id: zero, preset: rpi-zero2, cpu: 0.2}\n"
+    )
+    path = tmp_path / "calibration.json"
+    done = _plan(bundle_copy, "--boards", str(boards), "--calibrate", "--runs", "3",
+                 "--calibration", str(path))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    types = Calibration.model_validate_json(path.read_text()).board_types
+    assert set(types) == {"host", "rpi4", "cpu-0.2"}  # an overridden cpu is a type of its own
+    method = "scaled" if emulation.missing_features() else "cgroup"
+    assert (types["rpi4"].method, types["rpi4"].cpu) == (method, 0.29)
+    assert types["cpu-0.2"].cpu == 0.2 and types["rpi4"].runtime_mb > 0
+    assert set(types["rpi4"].memory_mb) == set(types["rpi4"].latency_ms)
+    planned = _plan(bundle_copy, "--boards", str(boards), "--calibration", str(path),
+                    "--slo-ms", "100000")  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    assert "recommended:" in planned.stdout and "| split | 3 |" in planned.stdout
