@@ -10,9 +10,10 @@
    ``dataset_to_model_input`` and ``fit``).
 2. Its weights are the checkpoint of two builds, `edvit build --model deit_tiny_patch16_224
    --checkpoint ...` for N = 3 and N = 10 (``build_bundle``), on the same subset.
-3. Each bundle is evaluated (``evaluate_bundle``): original and fused accuracy on the test
-   subset, the size cut (original parameters over the largest sub-model's) and the latency
-   cut (ONNX Runtime, batch 1, one thread, on the machine's CPU).
+3. Each build evaluates its bundle (``evaluate_bundle``, in the build's report): original
+   and fused accuracy on the test subset, the size cut (original parameters over the
+   largest sub-model's) and the latency cut (ONNX Runtime, batch 1, one thread, on the
+   machine's CPU).
 
 Writes real_scale_gpu.json and real_scale_gpu.md to --out-dir. The subset is the first
 images of each split (Fashion-MNIST's files are shuffled), written as IDX files that the
@@ -33,12 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from edvit.bundle import Bundle
 from edvit.datasets import Dataset, load_dataset
 from edvit.models.build import build_bundle
 from edvit.models.build_data import model_preprocessing
 from edvit.models.build_settings import BuildSettings, default_settings, train_config
-from edvit.models.evaluate import evaluate_bundle
 from edvit.models.train import fit, resolve_device, set_threads
 from edvit.models.vit import count_params, untrained_timm_model
 from edvit.preprocess import dataset_to_model_input
@@ -180,11 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.num_devices:
             started = time.time()
             bundle_dir = work / f"n{n}"
-            build_bundle(settings_for(args, n, subset, checkpoint), bundle_dir, force=True)
-            seconds = time.time() - started
-            figures = evaluate_bundle(Bundle.load(bundle_dir), data_dir=subset,
-                                      latency_runs=args.latency_runs)  # fmt: skip
-            builds.append(row(n, figures, seconds))
+            figures = build_bundle(
+                settings_for(args, n, subset, checkpoint), bundle_dir, force=True
+            )
+            builds.append(row(n, figures, time.time() - started))
     report = {
         "model": MODEL, "img_size": args.img_size, "smoke": args.smoke,
         "train_images": args.train_images, "test_images": args.test_images,

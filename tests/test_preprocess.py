@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from edvit.errors import BadPayload
+from edvit.broker.local import LocalBroker
+from edvit.camera_source.camera import Camera
+from edvit.errors import BadPayload, ConfigError
 from edvit.placement.calibrate import synthetic_frame
 from edvit.preprocess import (
     decode_frame,
@@ -19,7 +23,9 @@ from edvit.preprocess import (
     normalize,
     to_model_input,
 )
-from edvit.schemas import FrameMsg, Preprocessing
+from edvit.schemas import FrameMsg, Preprocessing, decode
+from edvit.topics import Topics
+from helpers import MqttProbe
 
 RGB = Preprocessing(channels=3, height=224, width=224, mean=(0.485, 0.456, 0.406),
                     std=(0.229, 0.224, 0.225))  # fmt: skip
@@ -97,6 +103,22 @@ def test_bench_frame_prints_each_path_and_refuses_a_bad_size() -> None:
     bad = subprocess.run([*command, "--sizes", "640by480"], capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert bad.returncode == 2
-    assert bad.stderr.strip() == (
-        "edvit bench: error: a frame size is WIDTHxHEIGHT, like 640x480, not '640by480'"
-    )
+    assert "argument --sizes: expected WIDTHxHEIGHT, like 224x224, not '640by480'" in bad.stderr
+
+
+def test_a_camera_sized_to_the_input_sends_frames_of_that_size(
+    mosquitto_broker: LocalBroker, tmp_path: Path
+) -> None:
+    """`edvit camera --size WxH`: every frame resized before it is encoded."""
+    probe = MqttProbe(mosquitto_broker.host, mosquitto_broker.port, Topics().frame("cam0")).start()
+    try:
+        camera = Camera("cam0", mosquitto_broker.url, "dataset:digits", fps=50.0, count=2,
+                        enc="jpeg", size=(32, 24))  # fmt: skip
+        assert camera.run(threading.Event()) == 2
+        frame = decode(FrameMsg, probe.get().payload)
+        assert frame is not None and frame.enc == "jpeg"
+        assert decode_frame(frame).shape == (24, 32)  # digits are gray; 8x8 unsized
+    finally:
+        probe.stop()
+    with pytest.raises(ConfigError, match="--size needs positive sides"):
+        Camera("cam1", mosquitto_broker.url, "dataset:digits", size=(0, 24))

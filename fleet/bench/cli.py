@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edvit.command import non_negative_int, positive_float, positive_int, shared_options
+from edvit.command import frame_size, non_negative_int, positive_float, positive_int, shared_options
 from edvit.fleet.chaos import cli as chaos_cli
 from edvit.fleet.ops.demo import bundle_option, bundle_path
 
@@ -134,11 +134,14 @@ def _frame_arguments(parser: argparse.ArgumentParser) -> None:
     from edvit.fleet.bench.frame import DEFAULT_SIZES
 
     parser.add_argument(
-        "--sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="WxH",
-        help="camera frame sizes (default %(default)s)",
+        "--sizes", type=frame_size, nargs="+", default=list(DEFAULT_SIZES), metavar="WxH",
+        help="camera frame sizes (default: "
+        + " ".join(f"{w}x{h}" for w, h in DEFAULT_SIZES) + ")",
     )  # fmt: skip
     parser.add_argument(
-        "--bundle", help="take the model's input from this bundle (default: 224x224 RGB)"
+        "--bundle",
+        help="take the model's input from this bundle (default: 224x224 RGB) and measure its "
+        "slowest sub-model in the same run",
     )
     parser.add_argument(
         "--inference-ms", type=float, nargs="*", default=[], metavar="MS",
@@ -151,10 +154,10 @@ def _frame_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _frame(args: argparse.Namespace) -> int:
-    from edvit.fleet.bench.frame import bench_frame, parse_size
+    from edvit.fleet.bench.frame import bench_frame
 
     bench_frame(
-        [parse_size(s) for s in args.sizes], Path(args.bundle) if args.bundle else None,
+        args.sizes, Path(args.bundle) if args.bundle else None,
         args.inference_ms, args.repeats, not args.no_mqtt, _json_path(args),
     )  # fmt: skip
     return 0

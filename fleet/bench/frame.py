@@ -8,7 +8,8 @@ JPEG decoded only as large as the input needs, resized before its channels are r
 normalised through a lookup table); then the frame message's one-way trip between two
 clients of a local mosquitto.
 Each figure is a median. Against ``--inference-ms`` (a sub-model's latency on the same
-kind of core) each path is also given as a share of the inference.
+kind of core), and against the slowest sub-model of ``--bundle`` measured in the same run
+(ONNX Runtime, batch 1, one thread), each path is also given as a share of the inference.
 
 The frames are synthetic photographs (``synthetic_frame``: gradients, edges, sensor noise)
 encoded as the camera encodes them (JPEG quality 90).
@@ -30,11 +31,12 @@ from edvit.bundle import Bundle
 from edvit.errors import ConfigError
 from edvit.fleet.bench.common import format_table, write_json
 from edvit.fleet.bench.e2e import measure_hop_ms
+from edvit.inference import measure_latency_ms
 from edvit.placement.calibrate import JPEG_QUALITY, synthetic_frame
 from edvit.preprocess import decode_frame, frame_to_model_input, normalize
 from edvit.schemas import FrameMsg, Preprocessing, decode, encode
 
-DEFAULT_SIZES = ("224x224", "640x480", "1280x720", "1920x1080")
+DEFAULT_SIZES = ((224, 224), (640, 480), (1280, 720), (1920, 1080))
 # A 224x224 RGB ViT's input, normalised as timm's ViT-B/16 is (mean and std 0.5).
 VIT_INPUT = Preprocessing(channels=3, height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 HOP_MESSAGES = 100
@@ -49,16 +51,6 @@ class FrameResult:
     reference_ms: float  # message, full decode, colour, resize, arithmetic normalisation
     node_ms: float  # message + frame_to_model_input
     mqtt_ms: float | None = None
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"a frame size is WIDTHxHEIGHT, like 640x480, not {text!r}") from None
-    if width < 1 or height < 1:
-        raise ConfigError(f"a frame size needs positive sides, not {text!r}")
-    return width, height
 
 
 def _median_ms(action: object, repeats: int) -> float:
@@ -113,8 +105,20 @@ def bench_frame(sizes: list[tuple[int, int]], bundle_dir: Path | None, inference
         raise ConfigError(f"--repeats must be at least 1, not {repeats}")
     if any(not ms > 0 for ms in inference_ms):
         raise ConfigError("--inference-ms takes positive latencies")
-    pp = Bundle.load(bundle_dir).manifest.preprocessing if bundle_dir else VIT_INPUT
+    bundle = Bundle.load(bundle_dir) if bundle_dir else None
+    pp = bundle.manifest.preprocessing if bundle else VIT_INPUT
     cv2.setNumThreads(1)  # a node's one thread
+    measured: dict[str, float] = {}
+    if bundle is not None:
+        print("frame: the bundle's sub-models ...", file=sys.stderr, flush=True)
+        shape = (1, *bundle.manifest.input_shape)
+        latencies = {
+            s.id: measure_latency_ms(bundle.path(s.file), shape, runs=repeats)
+            for s in bundle.manifest.submodels
+        }
+        slowest = max(latencies, key=lambda sid: latencies[sid])
+        measured[f"{slowest} {latencies[slowest]:.1f} ms"] = latencies[slowest]
+    shares = {**{f"{ms:g} ms": ms for ms in inference_ms}, **measured}
     results = []
     for width, height in sizes:
         print(f"frame: {width}x{height} ...", file=sys.stderr, flush=True)
@@ -127,14 +131,15 @@ def bench_frame(sizes: list[tuple[int, int]], bundle_dir: Path | None, inference
     rows = []
     for result in results:
         row = asdict(result)
-        for ms in inference_ms:
-            row[f"reference / {ms:g} ms"] = f"{100 * result.reference_ms / ms:.0f}%"
-            row[f"node / {ms:g} ms"] = f"{100 * result.node_ms / ms:.0f}%"
+        for name, ms in shares.items():
+            row[f"reference / {name}"] = f"{100 * result.reference_ms / ms:.0f}%"
+            row[f"node / {name}"] = f"{100 * result.node_ms / ms:.0f}%"
         rows.append(row)
     columns = tuple(rows[0]) if rows else ()
     print(f"input: {pp.channels}x{pp.height}x{pp.width}, one thread")
     print(format_table([{k: "-" if v is None else v for k, v in r.items()} for r in rows], columns))
     report = {"input": pp.model_dump(), "inference_ms": inference_ms, "repeats": repeats,
+              "bundle_slowest_submodel_ms": measured,
               "frames": [asdict(r) for r in results]}  # fmt: skip
     write_json(json_out, report)
     return report
