@@ -139,6 +139,9 @@ def row(num_devices: int, figures: dict[str, Any], seconds: float) -> dict[str, 
             max(s["latency_ms"] for s in figures["submodels"].values()), 3
         ),
         "build_seconds": round(seconds, 1),
+        "build_phases_seconds": {
+            k: round(v, 1) for k, v in figures.get("timings_seconds", {}).items()
+        },
     }
 
 

@@ -130,13 +130,15 @@ def _boards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _frame_arguments(parser: argparse.ArgumentParser) -> None:
-    from edvit.fleet.bench.frame import DEFAULT_SIZES
+# Camera frame sizes of `bench frame`: the model's input, VGA, 720p, 1080p.
+FRAME_SIZES = ((224, 224), (640, 480), (1280, 720), (1920, 1080))
 
+
+def _frame_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--sizes", type=frame_size, nargs="+", default=list(DEFAULT_SIZES), metavar="WxH",
+        "--sizes", type=frame_size, nargs="+", default=list(FRAME_SIZES), metavar="WxH",
         help="camera frame sizes (default: "
-        + " ".join(f"{w}x{h}" for w, h in DEFAULT_SIZES) + ")",
+        + " ".join(f"{w}x{h}" for w, h in FRAME_SIZES) + ")",
     )  # fmt: skip
     parser.add_argument(
         "--bundle",

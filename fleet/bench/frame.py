@@ -36,7 +36,6 @@ from edvit.placement.calibrate import JPEG_QUALITY, synthetic_frame
 from edvit.preprocess import decode_frame, frame_to_model_input, normalize
 from edvit.schemas import FrameMsg, Preprocessing, decode, encode
 
-DEFAULT_SIZES = ((224, 224), (640, 480), (1280, 720), (1920, 1080))
 # A 224x224 RGB ViT's input, normalised as timm's ViT-B/16 is (mean and std 0.5).
 VIT_INPUT = Preprocessing(channels=3, height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 HOP_MESSAGES = 100
