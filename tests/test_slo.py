@@ -220,4 +220,6 @@ def test_calibrate_board_types_then_plan_for_them(bundle_copy: Path, tmp_path: P
     planned = _plan(bundle_copy, "--boards", str(boards), "--calibration", str(path),
                     "--slo-ms", "100000")  # fmt: skip
     assert planned.returncode == 0, planned.stderr
-    assert "recommended:" in planned.stdout and "| split | 3 |" in planned.stdout
+    # Which option wins, and on how many boards, depends on the measured speeds.
+    assert "recommended:" in planned.stdout
+    assert "| split |" in planned.stdout and "| replicas |" in planned.stdout
