@@ -108,6 +108,7 @@ class Camera:
         trust_key: TrustKey | None = None,
         stats_interval_s: float = STATS_INTERVAL_S,
         state_dir: Path | None = None,
+        size: tuple[int, int] | None = None,
     ) -> None:
         try:
             self.camera_id = validate_id("camera", camera_id)
@@ -119,6 +120,11 @@ class Camera:
             raise ConfigError("--count must not be negative")
         self.source, self.data_dir = source, data_dir
         self.fps, self.count, self.loop = fps, count, loop
+        if size is not None and min(size) < 1:
+            raise ConfigError(f"--size needs positive sides, not {size[0]}x{size[1]}")
+        # (width, height) every frame is resized to before it is encoded: the model's input
+        # size spares every node the decoding and resizing of a larger frame.
+        self.size = size
         # Dataset replay defaults to lossless PNG so fleet and offline results are comparable.
         self.enc: Encoding = enc or ("png" if source.startswith("dataset:") else "jpeg")
         self.topics = topics or Topics()
@@ -203,12 +209,17 @@ class Camera:
             self.client.stop()
         return self.sent
 
+    def _sized(self, image: np.ndarray) -> np.ndarray:
+        if self.size is None or image.shape[1::-1] == self.size:
+            return image
+        return cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
+
     def _publish(self, seq: int, shot: Shot) -> None:
         ts = time.time()  # capture time: before the head slices run
         started = time.perf_counter()
         head = self._head(shot.image) if self._head is not None else None
         if head is None:
-            data, extra = encode_image(shot.image, self.enc)
+            data, extra = encode_image(self._sized(shot.image), self.enc)
             message: FrameMsg | TokensMsg = FrameMsg(
                 camera=self.camera_id, seq=seq, ts=ts, enc=self.enc, data=data,
                 label=shot.label, **extra,

@@ -6,6 +6,7 @@ import argparse
 
 from edvit.command import (
     connection,
+    frame_size,
     metrics_options,
     plan_keys,
     positive_float,
@@ -33,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enc", choices=["jpeg", "png", "raw"], help="default png for datasets")
     parser.add_argument("--data-dir", help="dataset folder (e.g. Fashion-MNIST IDX files)")
     parser.add_argument(
+        "--size", type=frame_size, metavar="WxH",
+        help="resize every frame to this before encoding it; the model's input size (e.g. "
+        "224x224) leaves the nodes nothing to resize and a small JPEG to decode",
+    )  # fmt: skip
+    parser.add_argument(
         "--head-slices", type=int, default=0, metavar="J",
         help="run the first J shared stem blocks here and send tokens (sliced bundles)",
     )  # fmt: skip
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         head_slices=args.head_slices, tokens_dtype=args.tokens_dtype,
         trust_key=plan_keys(args)[0], stats_interval_s=args.stats_interval_s,
         state_dir=state_dir(args, "camera", args.id),
+        size=args.size,
     )  # fmt: skip
     serve_metrics(camera.metrics, args)
     try:

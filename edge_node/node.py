@@ -43,7 +43,7 @@ from edvit.mqtt import (
     shared_filter,
     unique_client_id,
 )
-from edvit.preprocess import check_frame, decode_frame, to_model_input
+from edvit.preprocess import check_frame, frame_to_model_input
 from edvit.replay import PlanSequence
 from edvit.retained import Active, PlanFollower
 from edvit.schemas import (
@@ -476,7 +476,7 @@ class EdgeNode:
         assert pending.frame is not None
         started = time.perf_counter()
         try:
-            image = to_model_input(decode_frame(pending.frame), plan.preprocessing)
+            image = frame_to_model_input(pending.frame, plan.preprocessing)
         except BadPayload as exc:
             drop_bad_payload(pending.topic, pending.size, exc, self.counters, log)
             return False

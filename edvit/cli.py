@@ -26,7 +26,9 @@ from edvit.service import configure_logging
 from edvit.topics import Topics
 
 if TYPE_CHECKING:
+    from edvit.bundle import Bundle
     from edvit.fleet.bench.common import MakeMonolithic
+    from edvit.placement.slo import Board, Calibration
 
 
 def monolithic_maker() -> MakeMonolithic | None:
@@ -39,6 +41,20 @@ def monolithic_maker() -> MakeMonolithic | None:
             raise
         return None
     return monolithic_bundle
+
+
+def fleet_boards(path: str) -> list[Board]:
+    """BOARDS.yaml's boards for `edvit plan --boards` (fleet/boards reads the file)."""
+    from edvit.fleet.boards.calibrate import fleet_boards as read
+
+    return read(path)
+
+
+def calibrate_fleet(bundle: Bundle, path: str, runs: int, existing: Calibration) -> Calibration:
+    """`edvit plan --calibrate --boards`: each board type measured under its CPU quota."""
+    from edvit.fleet.boards.calibrate import calibrate_fleet as measure
+
+    return measure(bundle, path, runs, existing)
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,9 @@ COMMANDS = (
     ),
     Command(
         "plan", "edvit.placement.plan",
-        "place a bundle's sub-models on a device inventory (no retraining)",
+        "place a bundle's sub-models on a device inventory (no retraining), or with "
+        "--slo-ms choose between split and replicas for a latency target",
+        defaults={"fleet_boards": fleet_boards, "calibrate_fleet": calibrate_fleet},
     ),
     Command(
         "evaluate", "edvit.models.evaluate",

@@ -45,6 +45,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def frame_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT, like 224x224, as (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT, like 224x224, not {text!r}"
+        ) from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sides, not {text!r}")
+    return width, height
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

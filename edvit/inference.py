@@ -104,7 +104,7 @@ class OfflinePredictor:
         return self.fusion([None if i in missing else b for i, b in enumerate(blocks)])
 
 
-def _random_feed(session: ort.InferenceSession, input_feed_shape: ShapeArg) -> dict:
+def random_feed(session: ort.InferenceSession, input_feed_shape: ShapeArg) -> dict:
     inputs = session.get_inputs()
     if input_feed_shape is None or isinstance(input_feed_shape, Mapping):
         given = dict(input_feed_shape or {})
@@ -137,7 +137,7 @@ def measure_latency_ms(
     if runs < 1:
         raise ConfigError(f"latency needs at least one run, got {runs}")
     session = make_session(Path(path), threads)
-    feed = _random_feed(session, input_feed_shape)
+    feed = random_feed(session, input_feed_shape)
     for _ in range(warmup):
         session.run(None, feed)
     times = []

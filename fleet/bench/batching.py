@@ -55,7 +55,7 @@ from edvit.fleet.ops.deploy import deploy
 from edvit.fleet.ops.local import LocalFleet
 from edvit.inference import make_session
 from edvit.mqtt import MqttClient, unique_client_id
-from edvit.preprocess import dataset_to_model_input, decode_frame, to_model_input
+from edvit.preprocess import dataset_to_model_input, frame_to_model_input
 from edvit.process import cpu_seconds, rss_mb
 from edvit.schemas import FrameMsg
 from edvit.topics import Topics
@@ -310,7 +310,7 @@ def time_stem_slices(bundle: Bundle, frame_sample: Sample, repeats: int = 300) -
 
     for _ in range(repeats + 20):
         image = timed(
-            "preprocess", lambda: to_model_input(decode_frame(frame), bundle.manifest.preprocessing)
+            "preprocess", lambda: frame_to_model_input(frame, bundle.manifest.preprocessing)
         )
         tokens = timed("embed", embed.run, [TOKENS_OUTPUT], {IMAGE_INPUT: image[None]})[0]
         for i, block in enumerate(blocks):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edvit.command import non_negative_int, positive_float, positive_int, shared_options
+from edvit.command import frame_size, non_negative_int, positive_float, positive_int, shared_options
 from edvit.fleet.chaos import cli as chaos_cli
 from edvit.fleet.ops.demo import bundle_option, bundle_path
 
@@ -150,6 +150,41 @@ def _boards(args: argparse.Namespace) -> int:
     return 0
 
 
+# Camera frame sizes of `bench frame`: the model's input, VGA, 720p, 1080p.
+FRAME_SIZES = ((224, 224), (640, 480), (1280, 720), (1920, 1080))
+
+
+def _frame_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes", type=frame_size, nargs="+", default=list(FRAME_SIZES), metavar="WxH",
+        help="camera frame sizes (default: "
+        + " ".join(f"{w}x{h}" for w, h in FRAME_SIZES) + ")",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bundle",
+        help="take the model's input from this bundle (default: 224x224 RGB) and measure its "
+        "slowest sub-model in the same run",
+    )
+    parser.add_argument(
+        "--inference-ms", type=float, nargs="*", default=[], metavar="MS",
+        help="sub-model latencies to give each frame path's share of",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=50, help="timed runs per figure")
+    parser.add_argument("--no-mqtt", action="store_true", help="skip the broker trip")
+    _json_option(parser)
+    parser.set_defaults(log_level="WARNING")
+
+
+def _frame(args: argparse.Namespace) -> int:
+    from edvit.fleet.bench.frame import bench_frame
+
+    bench_frame(
+        args.sizes, Path(args.bundle) if args.bundle else None,
+        args.inference_ms, args.repeats, not args.no_mqtt, _json_path(args),
+    )  # fmt: skip
+    return 0
+
+
 def _e2e_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "bundle", nargs="?", help="bundle folder (default: the shipped Fashion-MNIST bundle)"
@@ -214,6 +249,13 @@ BENCHES = (
         "saturation, memory, CPU, and whether the model fits the board (needs root; README, "
         "\"Emulated boards\")",
         _boards_arguments, _boards,
+    ),
+    Bench(
+        "frame", "what decoding one camera JPEG frame costs a node",
+        "per camera frame size: the message, the JPEG decode, resize and normalisation into "
+        "the model's input in full and on the node's path (large JPEGs decoded only as large "
+        "as the input needs), and the frame's one-way trip through a local mosquitto",
+        _frame_arguments, _frame,
     ),
     Bench(
         "e2e", "pipeline latency against its floor, split and whole",

@@ -47,7 +47,7 @@ from edvit.fleet.ops.local import LocalFleet
 from edvit.fleet.ops.watch import PredictionStream
 from edvit.inference import measure_latency_ms
 from edvit.mqtt import MqttClient, unique_client_id
-from edvit.preprocess import decode_frame, to_model_input
+from edvit.preprocess import frame_to_model_input
 from edvit.schemas import STAGES, FrameMsg, PredictionMsg, decode, encode
 from edvit.topics import Topics
 
@@ -125,22 +125,25 @@ def check_arguments(cameras: list[int], fps: float, seconds: float) -> None:
 
 
 def measure_hop_ms(
-    broker_url: str, messages: int = HOP_MESSAGES, spacing_s: float = HOP_SPACING_S
-) -> float:
+    broker_url: str, messages: int = HOP_MESSAGES, spacing_s: float = HOP_SPACING_S,
+    padding: int = 0,
+) -> float:  # fmt: skip
     """Median one-way latency of a small message between two clients on this broker; the
-    sender stamps time.time() in the payload (one machine, one clock)."""
+    sender stamps time.time() in the payload (one machine, one clock). ``padding`` bytes
+    make the message as large as, say, a frame."""
     topic = f"edvit-bench-e2e/hop/{unique_client_id('hop')}"
     delays: list[float] = []
     done = threading.Event()
 
     def on_message(_topic: str, payload: bytes) -> None:
         now = time.time()
-        index, sent = payload.split(b" ")
+        index, sent = payload.split(b" ")[:2]
         if int(index) >= HOP_WARMUP:
             delays.append((now - float(sent)) * 1000.0)
             if len(delays) >= messages:
                 done.set()
 
+    pad = b"x" * padding
     receiver = MqttClient(unique_client_id("e2e-hop-in"), broker_url)
     receiver.route(topic, on_message)
     sender = MqttClient(unique_client_id("e2e-hop-out"), broker_url)
@@ -150,7 +153,7 @@ def measure_hop_ms(
     try:
         index = 0
         while not done.is_set() and time.monotonic() < deadline:
-            sender.publish(topic, f"{index} {time.time()!r}".encode())
+            sender.publish(topic, f"{index} {time.time()!r} ".encode() + pad)
             index += 1
             time.sleep(spacing_s)
         done.wait(timeout=2.0)
@@ -183,7 +186,7 @@ def measure_decode_ms(
             start = time.perf_counter()
             message = decode(FrameMsg, payload)
             assert message is not None
-            to_model_input(decode_frame(message), pp)
+            frame_to_model_input(message, pp)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0
 
