@@ -55,7 +55,8 @@ def _measured_in_cgroup(bundle: Bundle, spec: BoardSpec, runs: int) -> dict:
     name = f"calibrate-{os.getpid()}-{board_type(spec)}"
     # The CPU quota only: the measurement holds every model of the bundle at once, which a
     # board that serves one sub-model need not hold.
-    folders = emulation.create_cgroup(version, name, spec.cpu, CALIBRATE_MEMORY_MB)
+    folders = emulation.cgroup_dirs(version, name)
+    emulation.create_cgroup(version, folders, spec.cpu, CALIBRATE_MEMORY_MB)
 
     def enter() -> None:  # in the child, before exec: the measurement runs limited
         for folder in folders:
