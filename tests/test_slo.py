@@ -223,3 +223,17 @@ def test_calibrate_board_types_then_plan_for_them(bundle_copy: Path, tmp_path: P
     # Which option wins, and on how many boards, depends on the measured speeds.
     assert "recommended:" in planned.stdout
     assert "| split |" in planned.stdout and "| replicas |" in planned.stdout
+
+
+def test_an_original_too_large_for_a_model_message_is_never_recommended() -> None:
+    """Replicas of a ViT-B whole (344 MB of ONNX) would win this fleet on paper, but deploy
+    refuses a model file over what one model message carries: the split is recommended."""
+    big = BundleModels(
+        submodels=SUBMODELS, original="original.onnx", fusion="fusion.onnx",
+        size_mb={**MODELS.size_mb, "original.onnx": 344.0}, frame_bytes=0, features_bytes=0,
+    )  # fmt: skip
+    options = {o.name: o for o in Predictor(big, fleet(3), calibration(), 100).options()}
+    replicas = options["replicas"]
+    assert not replicas.fits
+    assert "original.onnx is 344 MB, over the 201 MB a model message carries" in replicas.note
+    assert recommend(list(options.values()), slo_ms=30).name == "split"

@@ -37,6 +37,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edvit.errors import ConfigError
+from edvit.limits import max_payload_bytes
 from edvit.placement.assignment import Assignment, Infeasible, Item, assign
 from edvit.placement.devices import Device, Inventory
 
@@ -228,7 +229,21 @@ class Predictor:
     def split_on(self, boards: Sequence[Board]) -> Assignment:
         return assign(self.items(boards[0].type), self.inventory(boards))
 
+    def undeployable(self, files: Sequence[str]) -> str:
+        """Why `edvit deploy` would refuse these files (one is over what a model message
+        carries), or ""."""
+        limit_mb = max_payload_bytes("model") / 1e6
+        too_large = [f for f in files if self.models.size_mb[f] > limit_mb]
+        return "; ".join(
+            f"{f} is {self.models.size_mb[f]:.0f} MB, over the {limit_mb:.0f} MB a model "
+            "message carries: it cannot be deployed"
+            for f in too_large
+        )
+
     def split(self) -> Option:
+        why_not = self.undeployable(list(self.models.submodels.values()))
+        if why_not:
+            return Option("split", fits=False, note=why_not)
         try:
             assignment = self.split_on(self.boards)
         except Infeasible as exc:
@@ -244,6 +259,9 @@ class Predictor:
                 note=f"needs at least {2 * n} boards (2 x {n} sub-models), the fleet has "
                 f"{len(self.boards)}",
             )  # fmt: skip
+        why_not = self.undeployable(list(self.models.submodels.values()))
+        if why_not:
+            return Option("split-groups", fits=False, note=why_not)
         placed: dict[str, tuple[str, ...]] = {}
         for g in range(k):  # strided: each group gets its share of every board type
             try:
@@ -286,6 +304,9 @@ class Predictor:
 
     def replicas(self) -> Option:
         original = self.models.original
+        why_not = self.undeployable([original])
+        if why_not:
+            return Option("replicas", fits=False, note=why_not)
         need = {b.id: self.memory_need(b, [original]) for b in self.boards}
         fitting = [b for b in self.boards if b.memory_mb >= need[b.id]]
         note = "; ".join(
