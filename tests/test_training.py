@@ -141,13 +141,13 @@ def test_sub_models_trained_side_by_side_make_the_same_bundle(tmp_path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    common = dict(size="test", num_devices=3, epochs=1, sub_steps=40, fusion_epochs=2, threads=1)
+    common = dict(size="test", num_devices=2, epochs=1, sub_steps=40, fusion_epochs=2, threads=1)
     reports = {
         jobs: build_bundle(default_settings("digits", jobs=jobs, **common), tmp_path / str(jobs))
-        for jobs in (1, 3)
+        for jobs in (1, 2)
     }
-    assert reports[1]["accuracy"] == reports[3]["accuracy"]
-    for sid in ("sub0", "sub1", "sub2"):
+    assert reports[1]["accuracy"] == reports[2]["accuracy"]
+    for sid in ("sub0", "sub1"):
         weights = [
             [
                 numpy_helper.to_array(t)
@@ -155,7 +155,7 @@ def test_sub_models_trained_side_by_side_make_the_same_bundle(tmp_path) -> None:
                     tmp_path / str(j) / "submodels" / f"{sid}.onnx"
                 ).graph.initializer
             ]
-            for j in (1, 3)
+            for j in (1, 2)
         ]
         assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
     with pytest.raises(ConfigError, match="--jobs"):
