@@ -55,7 +55,7 @@ benchmark-e2e: system-packages $(VENV)/.dev
 test-fast: system-packages $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	EDVIT_FUZZ_EXAMPLES=20 $(BIN)/pytest -m unit
+	EDVIT_FUZZ_EXAMPLES=20 $(BIN)/pytest -n 2 --dist loadfile -m unit
 
 system-packages:
 	@missing=""; \
