@@ -13,6 +13,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -51,17 +52,22 @@ def jpeg_frame(width: int, height: int) -> FrameMsg:
     return FrameMsg(camera="calibrate", seq=0, ts=time.time(), enc="jpeg", data=data.tobytes())
 
 
-def frame_path_ms(bundle: Bundle, frame: FrameMsg, runs: int) -> float:
-    """Median time of decode_frame + to_model_input for ``frame`` with the bundle's input."""
-    pp = bundle.manifest.preprocessing
-    for _ in range(3):
-        frame_to_model_input(frame, pp)
+def median_ms(action: Callable[[], object], runs: int, warmup: int = 3) -> float:
+    """Median wall time in ms of ``action()`` over ``runs`` calls, after ``warmup`` untimed."""
+    for _ in range(warmup):
+        action()
     times = []
     for _ in range(runs):
         start = time.perf_counter_ns()
-        frame_to_model_input(frame, pp)
+        action()
         times.append(time.perf_counter_ns() - start)
     return statistics.median(times) / 1e6
+
+
+def frame_path_ms(bundle: Bundle, frame: FrameMsg, runs: int) -> float:
+    """Median time of decode_frame + to_model_input for ``frame`` with the bundle's input."""
+    pp = bundle.manifest.preprocessing
+    return median_ms(lambda: frame_to_model_input(frame, pp), runs)
 
 
 def measure_memory(bundle: Bundle, files: dict[str, ShapeArg]) -> dict[str, object]:

@@ -11,15 +11,14 @@ Each figure is a median. Against ``--inference-ms`` (a sub-model's latency on th
 kind of core), and against the slowest sub-model of ``--bundle`` measured in the same run
 (ONNX Runtime, batch 1, one thread), each path is also given as a share of the inference.
 
-The frames are synthetic photographs (``synthetic_frame``: gradients, edges, sensor noise)
+The frames are synthetic photographs (``jpeg_frame``: gradients, edges, sensor noise)
 encoded as the camera encodes them (JPEG quality 90).
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from edvit.errors import ConfigError
 from edvit.fleet.bench.common import format_table, write_json
 from edvit.fleet.bench.e2e import measure_hop_ms
 from edvit.inference import measure_latency_ms
-from edvit.placement.calibrate import JPEG_QUALITY, synthetic_frame
+from edvit.placement.calibrate import jpeg_frame, median_ms
 from edvit.preprocess import decode_frame, frame_to_model_input, normalize
 from edvit.schemas import FrameMsg, Preprocessing, decode, encode
 
@@ -52,18 +51,6 @@ class FrameResult:
     mqtt_ms: float | None = None
 
 
-def _median_ms(action: object, repeats: int) -> float:
-    assert callable(action)
-    for _ in range(3):
-        action()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        action()
-        times.append(time.perf_counter_ns() - start)
-    return round(statistics.median(times) / 1e6, 3)
-
-
 def reference_path(payload: bytes, pp: Preprocessing) -> np.ndarray:
     """Every step plainly: the message, the full JPEG, colour order, area resize of all
     three channels, then ``normalize``'s arithmetic."""
@@ -81,17 +68,16 @@ def reference_path(payload: bytes, pp: Preprocessing) -> np.ndarray:
 
 
 def measure_frame(width: int, height: int, pp: Preprocessing, repeats: int) -> FrameResult:
-    ok, data = cv2.imencode(".jpg", synthetic_frame(width, height),
-                            [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])  # fmt: skip
-    assert ok
-    payload = encode(FrameMsg(camera="cam0", seq=0, ts=time.time(), enc="jpeg",
-                              data=data.tobytes()))  # fmt: skip
-    frame = decode(FrameMsg, payload)
-    assert frame is not None
-    message_ms = _median_ms(lambda: decode(FrameMsg, payload), repeats)
-    decode_ms = _median_ms(lambda: decode_frame(frame), repeats)
-    reference_ms = _median_ms(lambda: reference_path(payload, pp), repeats)
-    node_ms = _median_ms(lambda: frame_to_model_input(decode(FrameMsg, payload), pp), repeats)
+    frame = jpeg_frame(width, height)
+    payload = encode(frame)
+
+    def ms(action: Callable[[], object]) -> float:
+        return round(median_ms(action, repeats), 3)
+
+    message_ms = ms(lambda: decode(FrameMsg, payload))
+    decode_ms = ms(lambda: decode_frame(frame))
+    reference_ms = ms(lambda: reference_path(payload, pp))
+    node_ms = ms(lambda: frame_to_model_input(decode(FrameMsg, payload), pp))
     return FrameResult(
         frame=f"{width}x{height}", jpeg_kb=round(len(payload) / 1024, 1), message_ms=message_ms,
         decode_ms=decode_ms, reference_ms=reference_ms, node_ms=node_ms,
