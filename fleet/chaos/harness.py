@@ -28,6 +28,9 @@ from edvit.topics import Topics
 NODES = ("node-0", "node-1", "node-2")
 VICTIM = "node-1"
 CUT_NODE = "node-2"
+# After its camera exits, a scenario waits this long without a new answer before it counts
+# the frames still unanswered as lost (an answer is due within the aggregator's 250 ms cap).
+ANSWERS_QUIET_S = 3.0
 
 
 @dataclass
@@ -183,10 +186,18 @@ class ChaosFleet:
         return at
 
     def wait_answers(self, camera: str, frames: int, timeout: float) -> None:
+        """Until every frame of `camera` is answered, or the camera has exited and no answer
+        came for ANSWERS_QUIET_S (frames lost in a fault are never answered), or `timeout`."""
         deadline = time.monotonic() + timeout
+        answered, last_change = -1, time.monotonic()
         while time.monotonic() < deadline:
             got = {p.seq for _, p in self.observer.of_camera(camera)}
             if len(got) >= frames:
+                break
+            if len(got) != answered:
+                answered, last_change = len(got), time.monotonic()
+            camera_done = self.fleet.processes[camera].poll() is not None
+            if camera_done and time.monotonic() - last_change > ANSWERS_QUIET_S:
                 break
             time.sleep(0.2)
         time.sleep(1.0)  # anything answered twice comes now
