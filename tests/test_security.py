@@ -196,9 +196,11 @@ BROKERS = ["secured", "secured_nats"]
 
 
 def _connect(client: mqtt.Client, host: str, port: int) -> Any:
-    """Connect and return the CONNACK's reason code (or raise what the socket raised)."""
+    """Connect and return the CONNACK's reason code, None if the broker closed the
+    connection without one (or raise what the socket raised)."""
     acks: queue.Queue[Any] = queue.Queue()
     client.on_connect = lambda _c, _u, _f, rc, _p: acks.put(rc)
+    client.on_disconnect = lambda *_args: acks.put(None)
     client.connect(host, port, keepalive=10)
     client.loop_start()
     try:
