@@ -144,7 +144,15 @@ __all__ = [
 ]
 
 PARITY_SAMPLES = 64
-TINY_DIGITS = dict(size="test", epochs=15, sub_epochs=3, fusion_epochs=20, batch_size=64, lr=2e-3)
+TINY_DIGITS = dict(
+    size="test",
+    epochs=15,
+    sub_epochs=3,
+    recover_epochs=4,
+    fusion_epochs=20,
+    batch_size=64,
+    lr=2e-3,
+)
 
 
 def build_bundle(settings: BuildSettings, out: str | Path, *, force: bool = False) -> dict:

@@ -265,7 +265,8 @@ def mqtt_probe(broker: LocalBroker) -> Iterator[Callable[[str], MqttProbe]]:
 # tests (BundleBuilds) and leaves them the other core.
 DIGITS_BUILD = (
     "--dataset", "digits", "--num-devices", "3", "--size", "test", "--epochs", "15",
-    "--sub-epochs", "3", "--fusion-epochs", "20", "--batch-size", "64", "--threads", "1",
+    "--sub-epochs", "3", "--recover-epochs", "4", "--fusion-epochs", "20", "--batch-size", "64",
+    "--threads", "1",
 )  # fmt: skip
 ORIGINAL_WEIGHTS = "original.pt"  # models/build.py saves the original's weights under it
 BUILD_TIMEOUT_S = 600.0

@@ -28,7 +28,7 @@ from edvit.models.build import ORIGINAL_WEIGHTS, build_tiny_digits_bundle  # noq
 from edvit.models.vit import make_vit  # noqa: E402
 
 N = 3
-# Measured (seed 0, tiny settings): original 0.90, fused 0.91, worst missing-one 0.82 on 359
+# Measured (seed 0, tiny settings): original 0.75, fused 0.75, worst missing-one 0.70 on 359
 # test images. The tiny model is noisy across platforms, hence the loose bounds.
 MAX_FUSED_DROP = 0.15
 CHANCE = 0.1

@@ -141,7 +141,15 @@ def test_sub_models_trained_side_by_side_make_the_same_bundle(tmp_path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    common = dict(size="test", num_devices=2, epochs=1, sub_steps=40, fusion_epochs=2, threads=1)
+    common = dict(
+        size="test",
+        num_devices=2,
+        epochs=1,
+        sub_steps=40,
+        recover_steps=45,
+        fusion_epochs=2,
+        threads=1,
+    )
     reports = {
         jobs: build_bundle(default_settings("digits", jobs=jobs, **common), tmp_path / str(jobs))
         for jobs in (1, 2)
