@@ -17,7 +17,8 @@ def test_bench_batching_runs_and_reports(digits_bundle: Path, tmp_path: Path) ->
     out = tmp_path / "batching.json"
     done = subprocess.run(
         [sys.executable, "-m", "edvit", "bench", "batching", "--bundle", str(digits_bundle),
-         "--cameras", "2", "--fps", "20", "--seconds", "1.5", "--json", str(out)],
+         "--cameras", "2", "--fps", "20", "--seconds", "1.5", "--warmup-s", "0.5",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -38,7 +39,8 @@ def test_bench_slicing_runs_every_entry_block_and_strategy(
     out = tmp_path / "slicing.json"
     done = subprocess.run(
         [sys.executable, "-m", "edvit", "bench", "slicing", str(sliced_digits_bundle),
-         "--cameras", "2", "--fps", "20", "--seconds", "1.5", "--json", str(out),
+         "--cameras", "2", "--fps", "20", "--seconds", "1.5", "--warmup-s", "0.5",
+         "--json", str(out),
          "--mixed-cameras", "2", "--mixed-fps", "20", "--rounds", "2"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip

@@ -38,9 +38,9 @@ import numpy as np
 from edvit.broker.local import LocalBroker
 from edvit.bundle import FEATURES_OUTPUT, IMAGE_INPUT, TOKENS_INPUT, TOKENS_OUTPUT, Bundle
 from edvit.errors import ConfigError, EdvitError
+from edvit.fleet.bench import WARMUP_S
 from edvit.fleet.bench.common import (
     SAMPLE_IMAGES,
-    WARMUP_S,
     CameraMix,
     Sample,
     camera_message,
@@ -129,7 +129,8 @@ def samples_by_entry(bundle: Bundle) -> CameraMix:
 
 
 def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: int, fps: float,
-            seconds: float, mix: CameraMix, log_dir: Path) -> Result:  # fmt: skip
+            seconds: float, mix: CameraMix, log_dir: Path,
+            warmup_s: float = WARMUP_S) -> Result:  # fmt: skip
     entries = {samples[0][2] if samples[0][0] == "tokens" else 0 for samples in mix}
     head_slices = entries.pop() if len(entries) == 1 else None
     topics = Topics(
@@ -153,7 +154,7 @@ def run_one(broker: LocalBroker, bundle: Bundle, config: NodeConfig, cameras: in
         try:
             fleet.wait_ready(plan, timeout=60, include_aggregator=False)  # no aggregator here
             generator.start()
-            time.sleep(WARMUP_S)
+            time.sleep(warmup_s)
             with collector.lock:
                 start_count, batches_before = len(collector.done), len(collector.batches)
             started, cpu_before = time.monotonic(), cpu_seconds(node.pid)
@@ -225,12 +226,13 @@ def format_results(results: list[Result]) -> str:
 
 
 def _run_all(bundle: Bundle, runs: list[tuple[NodeConfig, int, float, CameraMix]],
-             seconds: float, quiet: bool = False) -> list[Result]:  # fmt: skip
+             seconds: float, quiet: bool = False,
+             warmup_s: float = WARMUP_S) -> list[Result]:  # fmt: skip
     log_dir = Path(mkdtemp(prefix="edvit-bench-"))
     results = []
     with LocalBroker() as broker:
         for config, cameras, fps, mix in runs:
-            result = run_one(broker, bundle, config, cameras, fps, seconds, mix, log_dir)
+            result = run_one(broker, bundle, config, cameras, fps, seconds, mix, log_dir, warmup_s)
             print(json.dumps(asdict(result)), flush=True)
             results.append(result)
     if not quiet:
@@ -246,18 +248,20 @@ def _least_cpu_run(runs: list[Result]) -> Result:
 
 
 def bench_batching(bundle_dir: Path, cameras: list[int], fps: float, seconds: float,
-                   json_out: Path | None = None) -> list[Result]:  # fmt: skip
+                   json_out: Path | None = None,
+                   warmup_s: float = WARMUP_S) -> list[Result]:  # fmt: skip
     bundle = Bundle.load(bundle_dir)
     samples = frame_samples(load_test_split(bundle))
     runs = [(config, k, fps, [samples]) for k in cameras for config in batching_configs(bundle)]
-    results = _run_all(bundle, runs, seconds)
+    results = _run_all(bundle, runs, seconds, warmup_s=warmup_s)
     write_json(json_out, {"runs": [asdict(r) for r in results]})
     return results
 
 
 def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
                   json_out: Path | None = None, mixed_cameras: int = 16,
-                  mixed_fps: float = 100.0, rounds: int = 3) -> list[Result]:  # fmt: skip
+                  mixed_fps: float = 100.0, rounds: int = 3,
+                  warmup_s: float = WARMUP_S) -> list[Result]:  # fmt: skip
     bundle = Bundle.load(bundle_dir)
     stem = bundle.manifest.stem
     if stem is None:
@@ -271,7 +275,7 @@ def bench_slicing(bundle_dir: Path, cameras: int, fps: float, seconds: float,
     # the case where the two strategies differ, in throughput and memory.
     if mixed_cameras:
         runs += [(config, mixed_cameras, mixed_fps, by_entry) for config in strategy_configs()]
-    every_run = _run_all(bundle, runs, seconds, quiet=True)
+    every_run = _run_all(bundle, runs, seconds, quiet=True, warmup_s=warmup_s)
     results = [
         _least_cpu_run(every_run[i : len(sweep) * rounds : len(sweep)]) for i in range(len(sweep))
     ] + every_run[len(sweep) * rounds :]

@@ -11,7 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edvit.command import frame_size, non_negative_int, positive_float, positive_int, shared_options
+from edvit.command import (
+    frame_size,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    shared_options,
+)
+from edvit.fleet.bench import WARMUP_S
 from edvit.fleet.chaos import cli as chaos_cli
 from edvit.fleet.ops.demo import bundle_option, bundle_path
 
@@ -24,6 +32,13 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the results here")
 
 
+def _warmup_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--warmup-s", type=non_negative_float, default=WARMUP_S,
+        help="seconds of camera load before each run starts counting (default %(default)g)",
+    )  # fmt: skip
+
+
 def _batching_arguments(parser: argparse.ArgumentParser) -> None:
     bundle_option(parser)
     parser.add_argument("--cameras", type=positive_int, nargs="+", default=[1, 4, 16, 64])
@@ -31,13 +46,17 @@ def _batching_arguments(parser: argparse.ArgumentParser) -> None:
         "--fps", type=positive_float, default=30.0, help="frames per second per camera"
     )
     parser.add_argument("--seconds", type=positive_float, default=8.0, help="measured time per run")
+    _warmup_option(parser)
     _json_option(parser)
 
 
 def _batching(args: argparse.Namespace) -> int:
     from edvit.fleet.bench.batching import bench_batching
 
-    bench_batching(bundle_path(args.bundle), args.cameras, args.fps, args.seconds, _json_path(args))
+    bench_batching(
+        bundle_path(args.bundle), args.cameras, args.fps, args.seconds, _json_path(args),
+        args.warmup_s,
+    )  # fmt: skip
     return 0
 
 
@@ -48,6 +67,7 @@ def _slicing_arguments(parser: argparse.ArgumentParser) -> None:
         "--fps", type=positive_float, default=25.0, help="frames per second per camera"
     )
     parser.add_argument("--seconds", type=positive_float, default=6.0, help="measured time per run")
+    _warmup_option(parser)
     _json_option(parser)
     parser.add_argument(
         "--mixed-cameras", type=non_negative_int, default=16,
@@ -65,7 +85,7 @@ def _slicing(args: argparse.Namespace) -> int:
 
     bench_slicing(
         Path(args.bundle), args.cameras, args.fps, args.seconds, _json_path(args),
-        args.mixed_cameras, args.mixed_fps, args.rounds,
+        args.mixed_cameras, args.mixed_fps, args.rounds, args.warmup_s,
     )  # fmt: skip
     return 0
 

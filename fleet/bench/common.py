@@ -30,7 +30,6 @@ from edvit.schemas import FrameMsg, PredictionMsg, TokensMsg, encode
 from edvit.topics import Topics
 
 SAMPLE_IMAGES = 64
-WARMUP_S = 2.0  # of camera load before a bench starts counting
 WARMUP_FRAMES = 5  # per run, before the cameras start: first ONNX Runtime calls are slow
 WARMUP_CAMERA = "warmup"
 WARMUP_TIMEOUT_S = 30.0  # for each warm-up frame's answer

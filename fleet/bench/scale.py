@@ -20,8 +20,8 @@ from tempfile import mkdtemp
 
 from edvit.broker.local import LocalBroker
 from edvit.bundle import Bundle
+from edvit.fleet.bench import WARMUP_S
 from edvit.fleet.bench.common import (
-    WARMUP_S,
     format_table,
     frame_samples,
     generate_load,
