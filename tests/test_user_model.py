@@ -125,8 +125,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, d
     folder = make_image_folder(root / "images")
     checkpoint = save_checkpoint(root / "finetuned.pth.tar", folder)
     out = root / "bundle"
-    fast = ("--sub-epochs", "1", "--fusion-epochs", "2", "--batch-size", "16", "--prune-steps", "1",
-            "--threads", "1")  # fmt: skip
+    fast = ("--sub-epochs", "1", "--recover-epochs", "4", "--fusion-epochs", "2",
+            "--batch-size", "16", "--prune-steps", "1", "--threads", "1")  # fmt: skip
     assert main(build_argv(folder, checkpoint, out, *fast)) == 0
     return folder, checkpoint, out, json.loads((out / "report.json").read_text())
 
