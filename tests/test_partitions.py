@@ -325,6 +325,14 @@ def test_whole_again_is_when_every_later_frame_is_answered_whole() -> None:
     assert figures["whole_again_s"] == pytest.approx(0.35)
     assert figures["settled_again_s"] == pytest.approx(0.05)
     assert figures["lone_degraded_after"] == 1
+    # The stream's last frame has no successor: degraded after a whole one, it is lone.
+    last = [*lone[:2], _answer(2, 100.2), _answer(3, 100.3), _answer(4, 100.4, degraded=True)]
+    figures = whole_again(last, frames=5, fault=Fault(99.9, 99.95))
+    assert figures["whole_again_s"] is None
+    assert figures["settled_again_s"] == pytest.approx(0.05)
+    assert figures["lone_degraded_after"] == 1
+    twice = [*last[:3], _answer(3, 100.3, degraded=True), last[4]]
+    assert whole_again(twice, frames=5, fault=Fault(99.9, 99.95))["settled_again_s"] is None
 
 
 def test_a_plan_delivered_again_unchanged_is_not_a_publication(three_node_plan: PlanMsg) -> None:

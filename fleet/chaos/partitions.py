@@ -74,10 +74,10 @@ def whole_again(
     every frame was answered, and none degraded (0 when answers never stopped being whole;
     None when they never became whole again); `whole_answer_received_s`: to when that
     frame's answer arrived (later, when a standby answers what it held). `settled_again_s`:
-    the same, but a lone degraded answer between two whole ones does not count (a node late
-    past the deadline once, as happens on a loaded machine, not the fault); those are
-    counted in `lone_degraded_after`. `answers_resumed_s`: to the first answer received
-    after the fault's end."""
+    the same, but a lone degraded answer between two whole ones, or after a whole one as the
+    stream's last frame, does not count (a node late past the deadline once, as happens on a
+    loaded machine, not the fault); those are counted in `lone_degraded_after`.
+    `answers_resumed_s`: to the first answer received after the fault's end."""
     first: dict[int, PredictionMsg] = {}
     for _, p in answers:
         first.setdefault(p.seq, p)
@@ -91,7 +91,8 @@ def whole_again(
 
     def lone(seq: int) -> bool:
         p = first.get(seq)
-        return p is not None and p.degraded and whole(seq - 1) and whole(seq + 1)
+        last = seq == frames - 1
+        return p is not None and p.degraded and whole(seq - 1) and (last or whole(seq + 1))
 
     def run_start(accept: Callable[[int], bool]) -> int:
         start = frames  # the first seq of the run that ends the stream
