@@ -14,12 +14,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import cv2
 import numpy as np
 
 from edvit.bundle import Bundle
 from edvit.inference import ShapeArg, make_session, measure_latency_ms, random_feed
+from edvit.placement.slo import TypeCalibration
 from edvit.preprocess import frame_to_model_input
 from edvit.process import rss_mb
 from edvit.schemas import FrameMsg
@@ -118,6 +120,15 @@ def measure_bundle(bundle: Bundle, runs: int) -> dict[str, object]:
         "latency_ms": latencies,
         **memory,
     }
+
+
+def host_calibration(bundle: Bundle, runs: int) -> TypeCalibration:
+    """``measure_bundle`` on this machine, unlimited, as the calibration's host type."""
+    return TypeCalibration(
+        cpu=1.0, method="host", runs=runs,
+        measured=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **measure_bundle(bundle, runs),  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

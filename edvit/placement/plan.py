@@ -36,7 +36,6 @@ from edvit.placement.slo import (
     Calibration,
     Option,
     Predictor,
-    TypeCalibration,
     fastest,
     format_options,
     load_calibration,
@@ -187,15 +186,9 @@ def calibrate(args: argparse.Namespace, bundle: Bundle, path: Path) -> None:
     if args.boards is not None:
         calibration = args.calibrate_fleet(bundle, args.boards, args.runs, existing)
     else:
-        from datetime import datetime, timezone
+        from edvit.placement.calibrate import host_calibration
 
-        from edvit.placement.calibrate import measure_bundle
-
-        host = TypeCalibration(
-            cpu=1.0, method="host", runs=args.runs,
-            measured=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **measure_bundle(bundle, args.runs),  # type: ignore[arg-type]
-        )  # fmt: skip
+        host = host_calibration(bundle, args.runs)
         calibration = Calibration(board_types={**existing.board_types, HOST_TYPE: host})
     for name, measured in calibration.board_types.items():
         slowest = max(measured.latency_ms[s.file] for s in bundle.manifest.submodels)

@@ -21,8 +21,8 @@ from edvit.bundle import Bundle
 from edvit.errors import EdvitError
 from edvit.fleet.boards import emulation
 from edvit.fleet.boards.boards import PRESETS, BoardSpec, FleetSpec, load_fleet
-from edvit.placement.calibrate import measure_bundle
-from edvit.placement.slo import Board, Calibration, TypeCalibration
+from edvit.placement.calibrate import host_calibration
+from edvit.placement.slo import HOST_TYPE, Board, Calibration, TypeCalibration
 
 CALIBRATE_TIMEOUT_S = 600.0
 CALIBRATE_MEMORY_MB = 1 << 20  # 1 TiB: no limit that binds
@@ -91,8 +91,7 @@ def calibrate_fleet(bundle: Bundle, boards_file: str | Path, runs: int,
     limited = not emulation.missing_features()
     measured = dict(existing.board_types)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    host = measure_bundle(bundle, runs)
-    measured["host"] = TypeCalibration(cpu=1.0, method="host", measured=now, runs=runs, **host)
+    host = measured[HOST_TYPE] = host_calibration(bundle, runs)
     for name, spec in types.items():
         print(f"calibrating {name} ({spec.cpu:g} core, {spec.memory_mb} MB) ...", flush=True)
         if limited:
@@ -100,8 +99,8 @@ def calibrate_fleet(bundle: Bundle, boards_file: str | Path, runs: int,
             method = "cgroup"
         else:
             figures = {
-                "frame_ms": host["frame_ms"] / spec.cpu,
-                "latency_ms": {f: ms / spec.cpu for f, ms in host["latency_ms"].items()},
+                "frame_ms": host.frame_ms / spec.cpu,
+                "latency_ms": {f: ms / spec.cpu for f, ms in host.latency_ms.items()},
             }
             method = "scaled"
         measured[name] = TypeCalibration(
