@@ -438,7 +438,16 @@ def test_config_and_state_are_retained_on_a_real_broker_and_come_back_after_its_
 
             broker.restart()
             assert _retained(broker, f"{ha_prefix}/#", 0.3) == {}  # no persistence
-            wait_until(lambda: aggregator.client.counters["connects"] == 2, 15, "reconnected")
+            # Features sent before the aggregator has subscribed again are lost (QoS 0 to it).
+            wait_until(
+                lambda: (
+                    aggregator.client.counters["connects"] == 2
+                    and aggregator.client.subscribed(topics.all_features())
+                    and sender.connected
+                ),
+                15,
+                "aggregator subscribed again and sender connected",
+            )
             answer(1)
             wait_until(
                 lambda: set(_retained(broker, f"{ha_prefix}/#", 0.3)) == {config_at, state_at}, 5
